@@ -1,0 +1,26 @@
+# Two entry points, each setting up .venv on first use: `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RUN ?= runs/demo
+
+.PHONY: demo test venv browser clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: pip takes it from local files (see README, "Installing")
+	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/wsi-explain demo --out $(RUN)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

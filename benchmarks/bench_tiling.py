@@ -1,0 +1,118 @@
+"""Tiling benchmark: tissue mask + grid time and tile read throughput on a large JPEG slide.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_tiling.py [--size 30000 40000] [--tiles 3000] [--keep]
+
+Writes a generated 40,000 x 30,000 px (0.25 µm/px) JPEG pyramidal TIFF under benchmarks/out/,
+then measures (1) tissue detection + grid at 0.5 µm/px, 224 px and (2) reading and resizing
+tiles with 1 and 2 worker processes, each worker re-opening the slide (one OpenSlide handle per
+worker). Prints a Markdown table to paste into benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+import tiling
+
+OUT = Path(__file__).resolve().parent / "out"
+
+# tissue blobs in fractions of (H, W): centre y, centre x, radius y, radius x
+BLOBS = [(0.3, 0.25, 0.18, 0.15), (0.6, 0.6, 0.25, 0.2), (0.75, 0.2, 0.1, 0.12)]
+
+
+def render(d: int, y0: int, x0: int, h: int, w: int, *, H: int, W: int) -> np.ndarray:
+    rng = np.random.default_rng((y0 * 7919 + x0 * 31 + d) % (2**32))
+    ys = (y0 + (np.arange(h) + 0.5) * d)[:, None] / H
+    xs = (x0 + (np.arange(w) + 0.5) * d)[None, :] / W
+    inside = np.zeros((h, w), bool)
+    for cy, cx, ry, rx in BLOBS:
+        inside |= ((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2 <= 1
+    out = np.empty((h, w, 3), np.uint8)
+    out[:] = (243, 243, 243)
+    if inside.any():
+        tissue = np.array([225, 150, 195], np.int16) + rng.integers(-20, 21, size=(h, w, 1), dtype=np.int16)
+        nuclei = rng.random((h, w)) < 0.01
+        tissue[nuclei] = (90, 50, 140)
+        out[inside] = np.clip(tissue[inside], 0, 255)
+    return out
+
+
+def make_slide(size: tuple[int, int]) -> Path:
+    H, W = size
+    path = OUT / f"bench_{W}x{H}.tif"
+    if not path.exists():
+        t0 = time.perf_counter()
+        tiling.write_tiled_tiff(path, (H, W), lambda d, y, x, h, w: render(d, y, x, h, w, H=H, W=W), mpp=0.25)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s")
+    return path
+
+
+_reader = None
+
+
+def _init(path: str) -> None:
+    global _reader
+    _reader = tiling.OpenSlideReader(path)
+
+
+def _read(rows: list[dict]) -> int:
+    for row in rows:
+        tiling.read_tile(_reader, row)
+    return len(rows)
+
+
+def read_throughput(path: Path, rows: list[dict], workers: int, chunk: int = 32) -> float:
+    chunks = [rows[i : i + chunk] for i in range(0, len(rows), chunk)]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init, initargs=(str(path),)) as pool:
+        pool.map(_read, chunks[: workers * 2])  # warm up (open handles, caches)
+        t0 = time.perf_counter()
+        n = sum(pool.imap_unordered(_read, chunks))
+        return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--size", nargs=2, type=int, default=(30000, 40000), metavar=("H", "W"))
+    ap.add_argument("--tiles", type=int, default=3000, help="tiles read per throughput measurement")
+    ap.add_argument("--keep", action="store_true", help="keep the generated slide")
+    args = ap.parse_args()
+    path = make_slide(tuple(args.size))
+    reader = tiling.OpenSlideReader(path)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        tissue = tiling.detect_tissue(reader)
+        grid = tiling.make_grid(reader, tissue, tiling.GridSpec(tile_px=224, mpp=0.5))
+        times.append(time.perf_counter() - t0)
+    print(f"slide {reader.info.dimensions}, levels {reader.info.level_downsamples}, {len(grid)} tiles at 0.5 µm")
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(grid), size=min(args.tiles, len(grid)), replace=False)
+    rows = grid.iloc[pick].to_dict("records")
+    tput = {w: read_throughput(path, rows, w) for w in (1, 2)}
+    print()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"openslide {__import__('openslide').__library_version__}")
+    print("| measure | value |")
+    print("| --- | --- |")
+    print(f"| tissue mask + grid (224 px at 0.5 µm), best of 3 | {min(times):.3f} s |")
+    print(f"| tiles in grid | {len(grid)} |")
+    for w, v in tput.items():
+        print(f"| tile read + resize, {w} worker process(es) | {v:.0f} tiles/s |")
+    print(f"| speed-up 2 vs 1 workers | {tput[2] / tput[1]:.2f}x |")
+    reader.close()
+    if not args.keep:
+        path.unlink()
+
+
+if __name__ == "__main__":
+    main()

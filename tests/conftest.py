@@ -1,0 +1,92 @@
+"""Shared fixtures: tests generate their own pyramidal slides."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CMU = REPO.parent / "shared" / "data" / "CMU-1-Small-Region.svs"
+
+
+def synthetic_he(h: int, w: int, *, seed: int = 0, blob=(0.5, 0.5, 0.3, 0.35)) -> tuple[np.ndarray, np.ndarray]:
+    """An H&E-like image: a pink/purple elliptical tissue blob with nuclei on glass.
+
+    Returns the (h, w, 3) uint8 image and the (h, w) bool ground-truth tissue mask.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    cy, cx, ry, rx = blob[0] * h, blob[1] * w, blob[2] * h, blob[3] * w
+    mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+    img = np.full((h, w, 3), 243, np.uint8)
+    img = img + rng.integers(-3, 4, size=(h, w, 1)).astype(np.int16)
+    tissue = np.array([225, 150, 195], np.int16) + rng.integers(-15, 16, size=(h, w, 1))
+    nuclei = rng.random((h, w)) < 0.01
+    tissue[nuclei] = (90, 50, 140)
+    img = np.where(mask[..., None], tissue, img)
+    return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+@pytest.fixture(scope="session")
+def slides(tmp_path_factory) -> dict[str, Path]:
+    """A set of generated slides (and broken files) shared by the whole session."""
+    from tiling import write_pyramidal_tiff, write_svs
+
+    d = tmp_path_factory.mktemp("slides")
+    out: dict[str, Path] = {}
+    img, _ = synthetic_he(3072, 4096, seed=1)
+    out["tiff"] = write_pyramidal_tiff(d / "generic.tif", img, mpp=0.25)
+    out["svs"] = write_svs(d / "aperio.svs", img, mpp=0.5, magnification=20)
+    out["nompp"] = write_pyramidal_tiff(d / "nompp.tif", img, mpp=None)
+    blank = np.full((2048, 2048, 3), 245, np.uint8)
+    out["blank"] = write_pyramidal_tiff(d / "blank.tif", blank, mpp=0.5)
+    # truncated copy: the file loses its last 40 %
+    raw = out["tiff"].read_bytes()
+    trunc = d / "truncated.tif"
+    trunc.write_bytes(raw[: int(len(raw) * 0.6)])
+    out["truncated"] = trunc
+    # a slide that opens but whose level-0 tiles fail to decode part way: the JPEG data of the
+    # middle third of the tiles of levels 0 and 1 is zeroed
+    import tifffile
+
+    b = bytearray(raw)
+    with tifffile.TiffFile(out["tiff"]) as tf:
+        for page in tf.pages[:2]:
+            offsets, counts = page.dataoffsets, page.databytecounts
+            n = len(offsets)
+            for off, cnt in zip(offsets[n // 3 : 2 * n // 3], counts[n // 3 : 2 * n // 3]):
+                b[off : off + cnt] = bytes(cnt)
+    corrupt = d / "corrupt_middle.tif"
+    corrupt.write_bytes(bytes(b))
+    out["corrupt_middle"] = corrupt
+    notslide = d / "notaslide.svs"
+    notslide.write_text("this is not a slide\n")
+    out["notaslide"] = notslide
+    return out
+
+
+@pytest.fixture(scope="session")
+def he_image() -> tuple[np.ndarray, np.ndarray]:
+    return synthetic_he(1024, 1536, seed=2)
+
+
+@pytest.fixture()
+def cmu_slide() -> Path:
+    if not CMU.is_file():
+        pytest.skip(f"real Aperio slide not present at {CMU}")
+    return CMU
+
+
+@pytest.fixture()
+def slide_copy(tmp_path):
+    """Copy a generated slide into the test's own folder (for tests that modify files)."""
+
+    def _copy(src: Path, name: str | None = None) -> Path:
+        dst = tmp_path / (name or src.name)
+        shutil.copy2(src, dst)
+        return dst
+
+    return _copy

@@ -1,0 +1,198 @@
+"""The ``wsi-explain`` command line: thin typer commands over library functions.
+
+Heavy imports live inside the commands so that ``wsi-explain --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Explain what a whole-slide classifier has learned.")
+
+logger = logging.getLogger("wsi_explain")
+
+
+def _setup_logging(verbose: bool) -> None:
+    # Configure the application's logger only (never the root logger), for the CLI process.
+    from rich.logging import RichHandler
+
+    log = logging.getLogger("wsi_explain")
+    if not log.handlers:
+        log.addHandler(RichHandler(show_path=False, markup=False))
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name in ("tiling", "clustering", "viz"):
+        lg = logging.getLogger(name)
+        if not lg.handlers:
+            lg.addHandler(RichHandler(show_path=False, markup=False))
+        lg.setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _fail(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold red]error:[/] {msg}", markup=True, highlight=False)
+    raise typer.Exit(2)
+
+
+def _tile_config(**kw):
+    from pydantic import ValidationError
+
+    from .config import TileConfig
+
+    try:
+        return TileConfig(**{k: v for k, v in kw.items() if v is not None})
+    except ValidationError as exc:
+        errs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        _fail(f"invalid tiling parameters: {errs}")
+
+
+def _print_tile_summary(results) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Tiling")
+    for col in ("slide", "status", "tiles", "tissue %", "seconds", "error"):
+        table.add_column(col, overflow="fold")
+    for r in results:
+        colour = {"done": "green", "skipped": "cyan", "failed": "red"}[r.status]
+        table.add_row(
+            r.slide_id,
+            f"[{colour}]{r.status}[/]",
+            str(r.n_tiles),
+            f"{100 * r.tissue_frac:.1f}",
+            f"{r.seconds:.2f}",
+            r.error or "",
+        )
+    Console().print(table)
+    failed = sum(r.status == "failed" for r in results)
+    done = len(results) - failed
+    Console().print(f"{done} slide(s) tiled, {failed} failed; {sum(r.n_tiles for r in results)} tiles in all")
+    return failed
+
+
+def _run_tiling(slides: list[str], out: Path, mpp: Optional[float], cfg) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .errors import RunLockedError, SlideListError
+    from .run import RunFolder
+    from .slides import discover_slides
+    from .tile_stage import run_tile_stage
+
+    try:
+        sources = discover_slides(slides, mpp=mpp)
+    except SlideListError as exc:
+        _fail(str(exc))
+    try:
+        run = RunFolder(out)
+    except RunLockedError as exc:
+        _fail(str(exc))
+    with run, Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+    ) as progress:
+        task = progress.add_task("tiling", total=len(sources))
+
+        def on_slide(res):
+            progress.update(task, advance=1, description=f"tiling {res.slide_id}")
+
+        results = run_tile_stage(run, sources, cfg, on_slide=on_slide)
+    return _print_tile_summary(results)
+
+
+@app.command()
+def tile(
+    slides: list[str] = typer.Argument(..., help="Slide files, folders of slides, or a cohort CSV (column 'path')."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
+    mpp_target: Optional[float] = typer.Option(0.5, help="Target µm per pixel of the tiles."),
+    magnification: Optional[float] = typer.Option(None, help="Target magnification instead of --mpp-target (10/mag µm)."),
+    tile_px: int = typer.Option(224, help="Tile edge in pixels."),
+    overlap: int = typer.Option(0, help="Overlap of neighbouring tiles in pixels."),
+    min_tissue: float = typer.Option(0.5, help="Minimum tissue fraction of a tile."),
+    mpp: Optional[float] = typer.Option(None, help="Level-0 µm per pixel, overriding the files' own."),
+    verify: str = typer.Option("sample", help="Read tiles to catch decode errors: none, sample or all."),
+    label_preset: Optional[str] = typer.Option(None, help="Class names of label masks: panda-radboud or panda-karolinska."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Tile slides into RUN/slides/<id>/tiles.parquet (+ a thumbnail with the grid)."""
+    _setup_logging(verbose)
+    classes = None
+    if label_preset:
+        import tiling
+
+        presets = {"panda-radboud": tiling.PANDA_RADBOUD, "panda-karolinska": tiling.PANDA_KAROLINSKA}
+        if label_preset not in presets:
+            _fail(f"unknown --label-preset {label_preset!r}; choose one of {sorted(presets)}")
+        classes = presets[label_preset]
+    cfg = _tile_config(
+        tile_px=tile_px,
+        mpp_target=None if magnification else mpp_target,
+        magnification=magnification,
+        overlap=overlap,
+        min_tissue=min_tissue,
+        verify=verify,
+        label_classes=classes,
+    )
+    failed = _run_tiling(slides, out, mpp, cfg)
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def status(run: Path = typer.Argument(..., help="Run folder.")) -> None:
+    """Print each stage and slide of a run with its state, counts and errors."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .errors import ManifestError
+    from .run import RunFolder
+
+    try:
+        rf = RunFolder(run, readonly=True)
+    except ManifestError as exc:
+        _fail(str(exc))
+    console = Console()
+    if not rf.manifest["stages"]:
+        console.print(f"{rf.path}: no stage has run yet")
+        return
+    for name, stage in rf.manifest["stages"].items():
+        table = Table(title=f"stage: {name}")
+        for col in ("slide", "status", "tiles", "seconds", "error"):
+            table.add_column(col, overflow="fold")
+        for sid, rec in stage.get("slides", {}).items():
+            table.add_row(sid, rec.get("status", "?"), str(rec.get("n_tiles", "")), str(rec.get("seconds", "")), rec.get("error") or "")
+        console.print(table)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder."),
+    n_slides: int = typer.Option(6, help="Number of demo slides."),
+    seed: int = typer.Option(0),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Build a demo cohort from real H&E (CMU-1 small region) and run the pipeline on it."""
+    _setup_logging(verbose)
+    from rich.console import Console
+
+    from .demo_data import build_demo_cohort, find_demo_source
+
+    console = Console()
+    src = find_demo_source()
+    console.print(f"demo source: {src or 'synthetic H&E-like texture (CMU-1-Small-Region.svs not found)'}")
+    slides_dir = Path(out) / "demo_slides"
+    with console.status("building demo slides"):
+        build_demo_cohort(slides_dir, n_slides=n_slides, seed=seed)
+    cfg = _tile_config()
+    failed = _run_tiling([str(slides_dir / "cohort.csv")], out, None, cfg)
+    console.print(f"run folder: {Path(out).resolve()}  (manifest: {Path(out).resolve() / 'manifest.json'})")
+    raise typer.Exit(1 if failed else 0)
+
+
+def main() -> None:  # console-script entry point
+    app()
+
+
+if __name__ == "__main__":
+    main()

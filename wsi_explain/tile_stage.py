@@ -1,0 +1,216 @@
+"""The tiling stage: slides -> ``slides/<id>/tiles.parquet`` and a grid thumbnail.
+
+Each slide is independent: a failure is recorded in the manifest with its reason and the
+other slides finish. A slide whose params and fingerprint are unchanged is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+import tiling
+
+from .atomic import atomic_path
+from .config import TileConfig
+from .errors import SlideError
+from .run import RunFolder, now_iso, params_hash
+from .slides import SlideSource, slide_fingerprint
+
+__all__ = ["TileResult", "tile_slide", "run_tile_stage", "read_tile_table", "STAGE"]
+
+logger = logging.getLogger(__name__)
+
+STAGE = "tile"
+
+
+@dataclass(frozen=True)
+class TileResult:
+    """Outcome of one slide in the tiling stage.
+
+    ``status`` is ``"done"``, ``"skipped"`` (already done with the same inputs) or ``"failed"``.
+    """
+
+    slide_id: str
+    path: str
+    status: str
+    n_tiles: int = 0
+    tissue_frac: float = 0.0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def _verify(reader: tiling.SlideReader, tiles: pd.DataFrame, cfg: TileConfig) -> None:
+    if cfg.verify == "none" or tiles.empty:
+        return
+    if cfg.verify == "all" or len(tiles) <= cfg.verify_n:
+        idx = np.arange(len(tiles))
+    else:
+        idx = np.unique(np.linspace(0, len(tiles) - 1, cfg.verify_n).round().astype(int))
+    for i in idx:
+        tiling.read_tile(reader, tiles.iloc[int(i)])
+
+
+def tile_slide(source: SlideSource, cfg: TileConfig, out_dir: Path, *, fingerprint: str) -> TileResult:
+    """Tile one slide into ``out_dir`` (``tiles.parquet``, ``thumbnail.png``), atomically.
+
+    Raises
+    ------
+    tiling.SlideError
+        Any per-slide problem (open, mpp, tissue, decode, annotations), naming the slide.
+    """
+    t0 = time.perf_counter()
+    reader = tiling.open_slide(source.path, mpp=source.mpp)
+    try:
+        tissue = tiling.detect_tissue(
+            reader, target_mpp=cfg.tissue_mpp, min_object_um2=cfg.min_object_um2, remove_ink=cfg.remove_ink
+        )
+        try:
+            tiles = tiling.make_grid(reader, tissue, cfg.grid_spec())
+        except ValueError as exc:
+            if isinstance(exc, SlideError):
+                raise
+            raise tiling.GridError(source.path, str(exc)) from exc
+        if tiles.empty:
+            raise tiling.NoTissueError(
+                source.path,
+                f"tissue found ({100 * tissue.tissue_fraction:.1f}% of the slide) but no tile reaches "
+                f"min_tissue={cfg.min_tissue}; lower --min-tissue or the tile size",
+            )
+        if source.annotations is not None:
+            ann = tiling.read_geojson(source.annotations)
+            tiles = pd.concat([tiles, tiling.geojson_label_fractions(tiles, ann)], axis=1)
+        if source.label_mask is not None:
+            mask = tiling.read_label_mask(source.label_mask)
+            fr = tiling.mask_label_fractions(
+                tiles, mask, slide_dimensions=reader.info.dimensions, classes=cfg.label_classes, path=str(source.label_mask)
+            )
+            tiles = pd.concat([tiles, fr], axis=1)
+        _verify(reader, tiles, cfg)
+        thumb = tiling.grid_thumbnail(tissue, tiles)
+        info = reader.info
+    finally:
+        reader.close()
+    _write_outputs(out_dir, tiles, thumb, source, cfg, fingerprint, info, tissue)
+    return TileResult(
+        slide_id=source.slide_id,
+        path=str(source.path),
+        status="done",
+        n_tiles=len(tiles),
+        tissue_frac=tissue.tissue_fraction,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _write_outputs(out_dir, tiles, thumb, source, cfg, fingerprint, info, tissue) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    meta = {
+        "slide_id": source.slide_id,
+        "slide_path": str(source.path),
+        "slide_fingerprint": fingerprint,
+        "tiling_config": cfg.model_dump(mode="json"),
+        "level0_mpp": info.mpp,
+        "level0_dimensions": list(info.dimensions),
+        "vendor": info.vendor,
+        "objective_power": info.objective_power,
+        "tissue_mask_scale": tissue.scale,
+        "meta": source.meta,
+    }
+    table = pa.Table.from_pandas(tiles, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"wsi_explain": json.dumps(meta).encode()})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "thumbnail.png", suffix=".png") as tmp:
+        Image.fromarray(thumb).save(tmp, format="PNG")
+    with atomic_path(out_dir / "tiles.parquet", suffix=".parquet") as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_tile_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """Read a ``tiles.parquet`` and its wsi_explain metadata (slide id, fingerprint, config...)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = json.loads((table.schema.metadata or {}).get(b"wsi_explain", b"{}"))
+    return table.to_pandas(), meta
+
+
+def run_tile_stage(
+    run: RunFolder,
+    sources: list[SlideSource],
+    cfg: TileConfig,
+    *,
+    on_slide: Callable[[TileResult], None] | None = None,
+) -> list[TileResult]:
+    """Tile every slide of the batch into the run folder.
+
+    Parameters
+    ----------
+    run : RunFolder
+    sources : list of SlideSource
+    cfg : TileConfig
+    on_slide : callable, optional
+        Called with each slide's :class:`TileResult` (progress bars).
+
+    Returns
+    -------
+    list of TileResult, one per source, in order. Failures are recorded in the manifest with
+    their message; they never stop the batch.
+    """
+    params = params_hash(cfg.model_dump(mode="json"))
+    run.set_config(STAGE, cfg.model_dump(mode="json"))
+    results = []
+    for src in sources:
+        start = now_iso()
+        t0 = time.perf_counter()
+        rel_dir = Path("slides") / src.slide_id
+        outputs = [str(rel_dir / "tiles.parquet"), str(rel_dir / "thumbnail.png")]
+        fp = None
+        try:
+            if not src.path.exists():
+                raise tiling.SlideNotFoundError(src.path, "no such file")
+            fp = slide_fingerprint(src.path)
+            if src.annotations is not None and src.annotations.exists():
+                fp = fp + ":" + slide_fingerprint(src.annotations)[:8]
+            if src.label_mask is not None and src.label_mask.exists():
+                fp = fp + ":" + slide_fingerprint(src.label_mask)[:8]
+            if run.is_done(STAGE, src.slide_id, params=params, fingerprint=fp):
+                rec = run.slide_record(STAGE, src.slide_id)
+                res = TileResult(src.slide_id, str(src.path), "skipped", n_tiles=rec.get("n_tiles", 0),
+                                 tissue_frac=rec.get("tissue_frac", 0.0))
+            else:
+                res = tile_slide(src, cfg, run.path / rel_dir, fingerprint=fp)
+                run.record(
+                    STAGE, src.slide_id, status="done", path=str(src.path), params=params, fingerprint=fp,
+                    outputs=outputs, n_tiles=res.n_tiles, tissue_frac=res.tissue_frac, start=start, end=now_iso(),
+                    seconds=round(res.seconds, 3), error=None, meta=src.meta,
+                )
+        except (SlideError, OSError) as exc:
+            msg = str(exc) if isinstance(exc, SlideError) else f"{src.path}: {type(exc).__name__}: {exc}"
+            res = _failed(run, src, params, fp, start, t0, msg)
+        except Exception as exc:  # an unexpected bug must not sink the batch; keep the traceback
+            logger.error("%s: unexpected error while tiling\n%s", src.path, traceback.format_exc())
+            res = _failed(run, src, params, fp, start, t0, f"{src.path}: unexpected {type(exc).__name__}: {exc}")
+        results.append(res)
+        if on_slide is not None:
+            on_slide(res)
+    return results
+
+
+def _failed(run, src, params, fp, start, t0, msg) -> TileResult:
+    logger.warning("tiling failed: %s", msg)
+    run.record(
+        STAGE, src.slide_id, status="failed", path=str(src.path), params=params, fingerprint=fp, outputs=[],
+        start=start, end=now_iso(), seconds=round(time.perf_counter() - t0, 3), error=msg, meta=src.meta,
+    )
+    return TileResult(src.slide_id, str(src.path), "failed", seconds=time.perf_counter() - t0, error=msg)
