@@ -139,6 +139,91 @@ def tile(
     raise typer.Exit(1 if failed else 0)
 
 
+def _rate_column():
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class TilesPerSecond(ProgressColumn):
+        def render(self, task):
+            return Text(f"{task.speed:.1f} tiles/s" if task.speed else "- tiles/s")
+
+    return TilesPerSecond()
+
+
+@app.command()
+def extract(
+    run: Path = typer.Argument(..., help="Run folder (tiled)."),
+    model: str = typer.Option("resnet18", "--model", "-m", help="torchvision name, efficientnet_lite0, torchscript, or pkg.module:factory."),
+    weights: Optional[Path] = typer.Option(None, help="Checkpoint (state dict) or TorchScript file."),
+    ensemble: list[Path] = typer.Option([], help="More checkpoints of the same architecture (repeat the option)."),
+    num_classes: Optional[int] = typer.Option(None, help="Number of classes (else from the model card)."),
+    class_names: Optional[str] = typer.Option(None, help="Comma-separated class names."),
+    card: Optional[Path] = typer.Option(None, help="Model card (YAML/JSON); default: beside the weights."),
+    trust_checkpoint: bool = typer.Option(False, help="Allow full unpickling of a checkpoint (runs code from the file!)."),
+    methods: str = typer.Option("gradcam,gradcampp,xgradcam,hirescam,layercam,eigencam", help="Comma-separated methods: fused CAMs and/or captum / grad-cam methods."),
+    target: str = typer.Option("pred", help="Class the maps explain: pred, a class index or a class name."),
+    target_layer: Optional[str] = typer.Option(None, help="CAM layer (module name); default: last conv block."),
+    embedding_layer: Optional[str] = typer.Option(None, help="Layer whose input is the embedding; default: final classifier."),
+    activations: bool = typer.Option(False, help="Store spatial activations (for concepts)."),
+    attr_sample: int = typer.Option(64, help="Tiles per slide for non-fused methods (0 = all)."),
+    batch_size: int = typer.Option(32),
+    workers: int = typer.Option(2, help="Tile-reading worker processes."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    seed: int = typer.Option(0),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the model over every tile: predictions, embeddings and CAMs into slides/<id>/features.zarr."""
+    _setup_logging(verbose)
+    from pydantic import ValidationError
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .config import ExtractConfig
+    from .errors import ManifestError, RunLockedError, WsiExplainError
+    from .extract_stage import run_extract_stage
+    from .run import RunFolder
+
+    try:
+        cfg = ExtractConfig(
+            arch=model, weights=str(weights) if weights else None, ensemble=tuple(str(e) for e in ensemble),
+            num_classes=num_classes, class_names=tuple(class_names.split(",")) if class_names else None,
+            card=str(card) if card else None, trust_checkpoint=trust_checkpoint,
+            methods=tuple(m.strip() for m in methods.split(",") if m.strip()), target=target,
+            target_layer=target_layer, embedding_layer=embedding_layer, activations=activations,
+            attr_sample=attr_sample, batch_size=batch_size, workers=workers, device=device, seed=seed,
+        )
+    except ValidationError as exc:
+        _fail("invalid extraction parameters: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    try:
+        rf = RunFolder(run)
+    except (RunLockedError, ManifestError) as exc:
+        _fail(str(exc))
+    console = Console()
+    with rf:
+        total = sum(r.get("n_tiles", 0) for r in rf.stage("tile")["slides"].values() if r.get("status") == "done")
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _rate_column(), TimeElapsedColumn()) as progress:
+            task = progress.add_task("extracting", total=total)
+            try:
+                results = run_extract_stage(
+                    rf, cfg, on_tiles=lambda k: progress.advance(task, k),
+                    on_slide=lambda r: progress.update(task, description=f"extracting ({r.slide_id} {r.status})"),
+                )
+            except WsiExplainError as exc:
+                _fail(str(exc))
+    from rich.table import Table
+
+    table = Table(title="Extraction")
+    for col in ("slide", "status", "tiles", "decode errors", "non-finite", "tiles/s", "error"):
+        table.add_column(col, overflow="fold")
+    for r in results:
+        table.add_row(r.slide_id, r.status, str(r.n_tiles), str(r.n_read_errors), str(r.n_nonfinite),
+                      f"{r.tiles_per_s:.1f}" if r.tiles_per_s else "", r.error or "")
+    console.print(table)
+    failed = sum(r.status == "failed" for r in results)
+    console.print(f"{len(results) - failed} slide(s) extracted, {failed} failed")
+    raise typer.Exit(1 if failed else 0)
+
+
 @app.command()
 def status(run: Path = typer.Argument(..., help="Run folder.")) -> None:
     """Print each stage and slide of a run with its state, counts and errors."""

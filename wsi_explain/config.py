@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["TileConfig"]
+__all__ = ["TileConfig", "ExtractConfig"]
 
 
 class _Frozen(BaseModel):
@@ -54,7 +54,7 @@ class TileConfig(_Frozen):
     label_classes: dict[int, str] | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> TileConfig:
+    def _check(self) -> "TileConfig":
         if self.overlap >= self.tile_px:
             raise ValueError(f"overlap ({self.overlap}) must be smaller than tile_px ({self.tile_px})")
         if self.mpp_target is None and self.magnification is None:
@@ -69,3 +69,66 @@ class TileConfig(_Frozen):
         return GridSpec(
             tile_px=self.tile_px, mpp=mpp, magnification=self.magnification, overlap=self.overlap, min_tissue=self.min_tissue
         )
+
+
+class ExtractConfig(_Frozen):
+    """Parameters of the extraction stage.
+
+    Attributes
+    ----------
+    arch : str
+        torchvision name, ``efficientnet_lite0``, ``torchscript`` or ``package.module:factory``.
+    weights : str or None
+        Checkpoint (state dict, ``weights_only=True``) or TorchScript file.
+    ensemble : tuple of str
+        More checkpoints of the same architecture (different seeds); run in the same pass.
+    num_classes, class_names, card : model card overrides.
+    trust_checkpoint : bool
+        Allow full unpickling of checkpoints that need it.
+    methods : tuple of str
+        Fused CAMs (gradcam, gradcampp, xgradcam, hirescam, layercam, eigencam).
+    target : str
+        "pred" (predicted class) or a class index / name explained by the CAMs.
+    target_layer, embedding_layer : str or None
+        Module names; default: last conv block, input of the final classifier.
+    activations : bool
+        Store spatial activations for concept discovery (float16, compressed).
+    attr_sample : int
+        Methods outside the fused pass (captum, ScoreCAM...) run on this many tiles per slide,
+        drawn with ``seed`` (0 = every tile).
+    attr_px : int
+        Their maps are stored at this size (area-averaged).
+    attr_max_batch : int
+        Most images their model calls see at once (memory bound), however many steps or samples.
+    batch_size, workers, chunk_tiles, device, amp :
+        Execution settings; they do not change the results, so they are not in the params hash.
+    """
+
+    arch: str = "resnet18"
+    weights: str | None = None
+    ensemble: tuple[str, ...] = ()
+    num_classes: int | None = Field(None, ge=1)
+    class_names: tuple[str, ...] | None = None
+    card: str | None = None
+    trust_checkpoint: bool = False
+    methods: tuple[str, ...] = ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "eigencam")
+    target: str = "pred"
+    target_layer: str | None = None
+    embedding_layer: str | None = None
+    activations: bool = False
+    attr_sample: int = Field(64, ge=0)
+    attr_px: int = Field(56, ge=4, le=1024)
+    attr_max_batch: int = Field(32, ge=1, le=4096)
+    seed: int = 0
+    batch_size: int = Field(32, ge=1, le=4096)
+    workers: int = Field(2, ge=0, le=64)
+    chunk_tiles: int = Field(256, ge=1, le=65536)
+    device: str = "auto"
+    amp: bool = True
+
+    def result_params(self) -> dict:
+        """The fields that determine the results (hashed into the manifest)."""
+        d = self.model_dump(mode="json")
+        for k in ("batch_size", "workers", "chunk_tiles", "device", "attr_max_batch"):
+            d.pop(k, None)
+        return d

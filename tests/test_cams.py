@@ -1,0 +1,111 @@
+"""The fused pass equals pytorch-grad-cam, takes no full backward, and is batch-size invariant."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_explain.cams import FUSED_CAMS
+from wsi_explain.fused import FusedExtractor
+from wsi_explain.models import load_model
+
+METHODS = ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "eigencam")
+
+
+def _reference(module, layer, x, targets, method):
+    import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cls = {"gradcam": pgc.GradCAM, "gradcampp": pgc.GradCAMPlusPlus, "xgradcam": pgc.XGradCAM,
+           "hirescam": pgc.HiResCAM, "layercam": pgc.LayerCAM, "eigencam": pgc.EigenCAM}[method]
+    cam = cls(model=module, target_layers=[layer])
+    try:
+        return cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    finally:
+        cam.activations_and_grads.release()
+
+
+@pytest.fixture(scope="module", params=["resnet18", "efficientnet_lite0", "mobilenet_v3_small"])
+def model_and_batch(request):
+    arch = request.param
+    lm = load_model(arch, num_classes=1000 if arch == "efficientnet_lite0" else 3)
+    px = 128
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, px, px, generator=g)
+    return lm, x, px
+
+
+@pytest.mark.parametrize("target", ["pred", 1])
+def test_fused_cams_equal_pytorch_grad_cam(model_and_batch, target):
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    lm, x, px = model_and_batch
+    fx = FusedExtractor(lm, methods=METHODS, target=target, tile_px=px)
+    with fx:
+        out = fx(x)
+    layer = dict(lm.module.named_modules())[fx.target_layer]
+    for m in METHODS:
+        ref = _reference(lm.module, layer, x, out.targets, m)
+        # the same normalisation as the reference: scale_cam_image with the input size, then again
+        ours = scale_cam_image(scale_cam_image(out.cams[m], (px, px)))
+        diff = np.abs(ours - ref).max()
+        assert diff <= 1e-4, f"{m}: max abs difference {diff}"
+
+
+def test_no_backward_through_trunk_or_weights(model_and_batch):
+    lm, x, px = model_and_batch
+    for p in lm.module.parameters():
+        p.grad = None
+    seen = []
+    fx = FusedExtractor(lm, methods=METHODS, tile_px=px)
+    first_conv = next(m for m in lm.module.modules() if isinstance(m, torch.nn.Conv2d))
+    h = first_conv.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    try:
+        with fx:
+            fx(x)
+    finally:
+        h.remove()
+    assert seen == [False]                       # the trunk ran without autograd
+    assert all(p.grad is None for p in lm.module.parameters())
+    assert not x.requires_grad
+
+
+def test_batch_size_invariance_and_no_mutation(model_and_batch):
+    lm, x, px = model_and_batch
+    before = x.clone()
+    fx = FusedExtractor(lm, methods=METHODS, tile_px=px)
+    with fx:
+        whole = fx(x)
+        parts = [fx(x[i : i + 1]) for i in range(len(x))]
+    torch.testing.assert_close(x, before, rtol=0, atol=0)
+    np.testing.assert_allclose(whole.logits, np.concatenate([p.logits for p in parts]), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(whole.embeddings, np.concatenate([p.embeddings for p in parts]), atol=1e-4, rtol=1e-4)
+    for m in METHODS:
+        a, b = whole.cams[m], np.concatenate([p.cams[m] for p in parts])
+        np.testing.assert_allclose(a, b, atol=1e-4 * max(np.abs(a).max(), 1e-6), rtol=1e-3)
+
+
+def test_hooks_are_removed(model_and_batch):
+    lm, x, px = model_and_batch
+    fx = FusedExtractor(lm, methods=("gradcam",), tile_px=px)
+    with fx:
+        fx(x[:1])
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in lm.module.modules())
+    with pytest.raises(RuntimeError, match="context manager"):
+        fx(x[:1])
+
+
+def test_embedding_is_classifier_input(model_and_batch):
+    lm, x, px = model_and_batch
+    fx = FusedExtractor(lm, methods=("gradcam",), tile_px=px)
+    with fx:
+        out = fx(x)
+    fc = dict(lm.module.named_modules())[fx.embedding_layer]
+    with torch.no_grad():
+        logits = fc(torch.from_numpy(out.embeddings))
+    np.testing.assert_allclose(logits.numpy(), out.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_registry_lists_six_methods():
+    assert set(METHODS) <= set(FUSED_CAMS)

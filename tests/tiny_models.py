@@ -1,0 +1,80 @@
+"""Small models for fast tests (entry points ``tests.tiny_models:<factory>``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """Four conv blocks (each ReLU used once), global pooling and a linear classifier."""
+
+    def __init__(self, num_classes: int = 2, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(3, w, 3, stride=2, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(),
+            nn.Conv2d(4 * w, 4 * w, 3, stride=1, padding=1), nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def tiny_cnn(num_classes: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    m = TinyCNN(num_classes)
+    for bn in m.modules():
+        if isinstance(bn, nn.BatchNorm2d):  # non-trivial running statistics
+            bn.running_mean.uniform_(-0.1, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+class NaNOnBright(TinyCNN):
+    """Outputs NaN logits for tiles whose mean normalised intensity is above ``threshold``."""
+
+    threshold = 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        bright = x.mean((1, 2, 3)) > self.threshold
+        return torch.where(bright[:, None], torch.full_like(out, float("nan")), out)
+
+
+def nan_on_bright(num_classes: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    return NaNOnBright(num_classes)
+
+
+class SlowCNN(TinyCNN):
+    """TinyCNN that sleeps per batch, so a test can kill a run part way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(0.15)
+        return super().forward(x)
+
+
+def slow_cnn(num_classes: int = 2) -> nn.Module:
+    m = tiny_cnn(num_classes)
+    s = SlowCNN(num_classes)
+    s.load_state_dict(m.state_dict())
+    return s
+
+
+class Unsafe:
+    """An arbitrary object inside a checkpoint: loading it needs full unpickling."""
+
+    def __init__(self) -> None:
+        self.note = "trust me"
+
+
+def fixed_two_classes() -> nn.Module:
+    """Always two outputs, whatever num_classes the user claims."""
+    return tiny_cnn(2)

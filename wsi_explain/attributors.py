@@ -1,0 +1,311 @@
+"""Attribution methods beyond the fused CAMs: one small base class, adapters for captum and
+pytorch-grad-cam.
+
+Every :class:`Attributor` takes a normalised batch ``(N, 3, H, W)`` and returns ``(N, H, W)``
+float32 maps at input resolution. ``max_batch`` bounds how many images the model sees in one
+forward, whatever the method's own expansion (IG's steps, GradientShap's samples, Occlusion's
+perturbations, ScoreCAM's masks), so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .fused import resolve_device
+from .models import LoadedModel, ModelError, default_target_layer, find_module
+
+__all__ = [
+    "Attributor",
+    "CaptumAttributor",
+    "GradCamAttributor",
+    "ATTRIBUTORS",
+    "make_attributor",
+    "register_attributor",
+]
+
+logger = logging.getLogger(__name__)
+
+#: name -> factory(model, **options) -> Attributor
+ATTRIBUTORS: dict[str, Callable[..., "Attributor"]] = {}
+
+
+def register_attributor(name: str):
+    def deco(factory):
+        ATTRIBUTORS[name] = factory
+        return factory
+
+    return deco
+
+
+class Attributor(ABC):
+    """Batch in, maps out.
+
+    Parameters
+    ----------
+    model : LoadedModel or nn.Module
+    max_batch : int
+        Most images the model sees in one forward (memory bound).
+    device : str
+    """
+
+    name = "attributor"
+    #: model inputs one image costs at once (subclasses override)
+    expansion = 1
+
+    def __init__(self, model: LoadedModel | nn.Module, *, max_batch: int = 32, device: str = "auto") -> None:
+        self.module = (model.module if isinstance(model, LoadedModel) else model).eval()
+        self.device = resolve_device(device)
+        self.module.to(self.device)
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.max_batch = int(max_batch)
+
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([self.module(x[i : i + self.max_batch]).argmax(1) for i in range(0, len(x), self.max_batch)])
+
+    def attribute(self, inputs: torch.Tensor, *, targets: torch.Tensor | np.ndarray | int | None = None) -> np.ndarray:
+        """Attribution maps of ``inputs`` for ``targets``.
+
+        Parameters
+        ----------
+        inputs : (N, 3, H, W) float tensor, normalised as the model expects; not modified.
+        targets : (N,) ints, one int for all, or None for the predicted class.
+
+        Returns
+        -------
+        (N, H, W) float32 NumPy array.
+        """
+        x = inputs.detach().to(self.device).float()
+        if targets is None:
+            t = self._predict(x)
+        elif isinstance(targets, int):
+            t = torch.full((len(x),), targets, dtype=torch.long, device=self.device)
+        else:
+            t = torch.as_tensor(targets, dtype=torch.long, device=self.device)
+        step = max(1, self.max_batch // max(self.expansion, 1))
+        outs = []
+        for i in range(0, len(x), step):
+            maps = self._attribute(x[i : i + step].clone(), t[i : i + step])
+            outs.append(maps.detach().float().cpu().numpy() if isinstance(maps, torch.Tensor) else np.float32(maps))
+        return np.concatenate(outs).astype(np.float32)
+
+    @abstractmethod
+    def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | np.ndarray:
+        """Maps of a sub-batch that fits the memory bound: (n, H, W)."""
+
+
+class CaptumAttributor(Attributor):
+    """A captum method; channels are reduced by ``channel_reduce`` ("sum" or "abs_sum").
+
+    Parameters
+    ----------
+    method : captum attribution class (Saliency, IntegratedGradients...)
+    attribute_kwargs : dict
+        Passed to ``method.attribute`` (n_steps, sliding_window_shapes...).
+    """
+
+    def __init__(self, model, *, method, name: str, channel_reduce: str = "sum", attribute_kwargs=None,
+                 target_layer=None, tile_px=None, **kw) -> None:
+        # target_layer and tile_px are accepted (and unused) so every attributor takes the same options
+        super().__init__(model, **kw)
+        self.name = name
+        self.method = method
+        self.channel_reduce = channel_reduce
+        self.kwargs = dict(attribute_kwargs or {})
+
+    def _reduce(self, a: torch.Tensor) -> torch.Tensor:
+        return a.abs().sum(1) if self.channel_reduce == "abs_sum" else a.sum(1)
+
+    def _attribute(self, x, targets):
+        algo = self.method(self.module)
+        return self._reduce(algo.attribute(x, target=targets, **self.kwargs))
+
+
+class _IG(CaptumAttributor):
+    def _attribute(self, x, targets):
+        from captum.attr import IntegratedGradients
+
+        # captum splits the n_steps * n scaled inputs into internal batches of max_batch
+        kw = {"n_steps": 50, **self.kwargs, "internal_batch_size": self.max_batch}
+        return self._reduce(IntegratedGradients(self.module).attribute(x, baselines=torch.zeros_like(x), target=targets, **kw))
+
+
+class _GradientShap(CaptumAttributor):
+    def _attribute(self, x, targets):
+        from captum.attr import GradientShap
+
+        n_samples = int(self.kwargs.get("n_samples", 20))
+        stdevs = float(self.kwargs.get("stdevs", 0.0))
+        per_call = max(1, self.max_batch // len(x))
+        gen = torch.Generator(device="cpu").manual_seed(int(self.kwargs.get("seed", 0)))
+        baselines = torch.randn((8,) + tuple(x.shape[1:]), generator=gen).to(x.device) * 0.5
+        total, done = None, 0
+        algo = GradientShap(self.module)
+        # captum samples with torch's and NumPy's global RNGs: seed both, then restore the caller's
+        np_state = np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                while done < n_samples:
+                    k = min(per_call, n_samples - done)
+                    seed = int(self.kwargs.get("seed", 0)) + done
+                    torch.manual_seed(seed)
+                    np.random.seed(seed)
+                    a = algo.attribute(x, baselines=baselines, n_samples=k, stdevs=stdevs, target=targets) * k
+                    total = a if total is None else total + a
+                    done += k
+        finally:
+            np.random.set_state(np_state)
+        return self._reduce(total / n_samples)
+
+
+class _Occlusion(CaptumAttributor):
+    def _attribute(self, x, targets):
+        from captum.attr import Occlusion
+
+        w = int(self.kwargs.get("window", max(x.shape[-1] // 8, 1)))
+        stride = int(self.kwargs.get("stride", w))
+        per_eval = max(1, self.max_batch // len(x))
+        a = Occlusion(self.module).attribute(
+            x, target=targets, sliding_window_shapes=(3, w, w), strides=(3, stride, stride), perturbations_per_eval=per_eval
+        )
+        return self._reduce(a)
+
+
+class _NoiseTunnel(CaptumAttributor):
+    def _attribute(self, x, targets):
+        from captum.attr import NoiseTunnel, Saliency
+
+        nt = NoiseTunnel(Saliency(self.module))
+        n = int(self.kwargs.get("nt_samples", 16))
+        return self._reduce(
+            nt.attribute(
+                x,
+                target=targets,
+                nt_type=self.kwargs.get("nt_type", "smoothgrad"),
+                nt_samples=n,
+                nt_samples_batch_size=max(1, self.max_batch // len(x)),
+                stdevs=float(self.kwargs.get("stdevs", 0.15)),
+            )
+        )
+
+
+class GradCamAttributor(Attributor):
+    """A pytorch-grad-cam method (ScoreCAM, AblationCAM, EigenGradCAM, FullGrad, ...).
+
+    Its maps come min-max normalised per image and resized to the input, as the library makes
+    them. Hooks are released in ``finally`` (the library's ``with`` block swallows IndexError).
+    """
+
+    def __init__(self, model, *, cam_class, name: str, target_layer: str | None = None, tile_px: int = 224, **kw) -> None:
+        super().__init__(model, **kw)
+        self.name = name
+        self.cam_class = cam_class
+        self.target_layer = target_layer or default_target_layer(self.module, tile_px)
+        self.layer = find_module(self.module, self.target_layer)
+        if name in ("scorecam", "ablationcam"):
+            self.expansion = 1  # their internal batch size is set to max_batch below
+
+    def _attribute(self, x, targets):
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        kwargs = {}
+        if self.name == "ablationcam":
+            kwargs["batch_size"] = self.max_batch
+        cam = self.cam_class(model=self.module, target_layers=[self.layer], **kwargs)
+        if hasattr(cam, "batch_size") or self.name == "scorecam":
+            cam.batch_size = self.max_batch
+        try:
+            return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+        finally:
+            cam.activations_and_grads.release()
+
+
+def _captum(cls_name: str, reduce: str, **defaults):
+    def factory(model, *, name: str, attribute_kwargs=None, **kw):
+        import captum.attr as ca
+
+        return CaptumAttributor(model, method=getattr(ca, cls_name), name=name, channel_reduce=reduce,
+                                attribute_kwargs={**defaults, **(attribute_kwargs or {})}, **kw)
+
+    return factory
+
+
+def _gradcam_family(cls_name: str):
+    def factory(model, *, name: str, target_layer=None, tile_px=224, attribute_kwargs=None, **kw):
+        import pytorch_grad_cam as pgc
+
+        return GradCamAttributor(model, cam_class=getattr(pgc, cls_name), name=name, target_layer=target_layer,
+                                 tile_px=tile_px, **kw)
+
+    return factory
+
+
+for _name, _factory in {
+    "saliency": _captum("Saliency", "abs_sum"),
+    "inputxgradient": _captum("InputXGradient", "sum"),
+    "scorecam": _gradcam_family("ScoreCAM"),
+    "ablationcam": _gradcam_family("AblationCAM"),
+    "eigengradcam": _gradcam_family("EigenGradCAM"),
+    "fullgrad": _gradcam_family("FullGrad"),
+    "gradcamelementwise": _gradcam_family("GradCAMElementWise"),
+    "randomcam": _gradcam_family("RandomCAM"),
+}.items():
+    register_attributor(_name)(_factory)
+
+
+@register_attributor("deeplift")
+def _deeplift_factory(model, *, name, attribute_kwargs=None, tile_px=224, **kw):
+    """DeepLift needs each non-linearity module to be called once per forward (captum's rule):
+    checked here, with a clear message, instead of failing in the middle of a run."""
+    from captum.attr import DeepLift
+
+    from .models import _trace
+
+    module = model.module if isinstance(model, LoadedModel) else model
+    counts: dict[str, int] = {}
+    for n, m, _ in _trace(module, tile_px):
+        if isinstance(m, (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh)):
+            counts[n] = counts.get(n, 0) + 1
+    reused = sorted(n for n, c in counts.items() if c > 1)
+    if reused:
+        raise ModelError(
+            f"DeepLift needs every activation module to be used once per forward; {reused[:5]} are reused "
+            "(as in torchvision ResNets). Use integratedgradients or gradientshap instead."
+        )
+    att = CaptumAttributor(model, method=DeepLift, name=name, channel_reduce="sum", attribute_kwargs=attribute_kwargs, **kw)
+    att.expansion = 2  # inputs and baselines go through the model together
+    return att
+
+
+@register_attributor("integratedgradients")
+def _ig_factory(model, *, name, attribute_kwargs=None, **kw):
+    return _IG(model, method=None, name=name, channel_reduce="sum", attribute_kwargs=attribute_kwargs, **kw)
+
+
+@register_attributor("gradientshap")
+def _gs_factory(model, *, name, attribute_kwargs=None, **kw):
+    return _GradientShap(model, method=None, name=name, channel_reduce="sum", attribute_kwargs=attribute_kwargs, **kw)
+
+
+@register_attributor("occlusion")
+def _occ_factory(model, *, name, attribute_kwargs=None, **kw):
+    return _Occlusion(model, method=None, name=name, channel_reduce="sum", attribute_kwargs=attribute_kwargs, **kw)
+
+
+@register_attributor("smoothgrad")
+def _nt_factory(model, *, name, attribute_kwargs=None, **kw):
+    return _NoiseTunnel(model, method=None, name=name, channel_reduce="abs_sum", attribute_kwargs=attribute_kwargs, **kw)
+
+
+def make_attributor(name: str, model: LoadedModel | nn.Module, **options) -> Attributor:
+    """Build the attributor called ``name`` (see :data:`ATTRIBUTORS`)."""
+    if name not in ATTRIBUTORS:
+        raise ModelError(f"unknown attribution method {name!r}; choose from {sorted(ATTRIBUTORS)}")
+    return ATTRIBUTORS[name](model, name=name, **options)

@@ -1,0 +1,409 @@
+"""The extraction stage: tiles + model -> ``slides/<id>/features.zarr``.
+
+Arrays (first axis = ``tile_id``, the row of ``tiles.parquet``):
+
+- ``embeddings`` (n, D) float32, ``logits`` (n, K) float32, ``targets`` (n,) int16 (class the CAMs explain)
+- ``cams/<method>`` (n, h, w) float16 and ``cams_scale/<method>`` (n,) float32: the ReLU'd,
+  unnormalised map at the target layer's resolution is ``cams[i] * cams_scale[i]`` (the float16
+  part is divided by its per-tile maximum, so small raw values keep their precision)
+- ``activations`` (n, C, h, w) float16, when enabled
+- ``ensemble/probs`` (n, M, K), ``ensemble/probs_mean|probs_std`` (n, K) and
+  ``ensemble/cams/<method>_mean|_std`` (n, h, w) float16 (per-model min-max normalised), with M > 1 models
+- ``status`` (n,) int8: 0 pending, 1 ok, 2 decode failed, 3 non-finite output; ``done`` (n,) bool
+
+Results are written per chunk of tiles (batches never cross a chunk), data first and ``done``
+last, so a killed run resumes at the first chunk not done and ends with the same arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .cams import normalise_maps
+from .config import ExtractConfig
+from .errors import SlideError, WsiExplainError
+from .run import RunFolder, now_iso, params_hash
+
+__all__ = ["ExtractResult", "run_extract_stage", "extract_slide", "open_features", "build_extractors", "STAGE"]
+
+logger = logging.getLogger(__name__)
+
+STAGE = "extract"
+STATUS_PENDING, STATUS_OK, STATUS_READ_ERROR, STATUS_NONFINITE = 0, 1, 2, 3
+
+
+@dataclass
+class ExtractResult:
+    slide_id: str
+    status: str  # done | skipped | failed
+    n_tiles: int = 0
+    n_read_errors: int = 0
+    n_nonfinite: int = 0
+    seconds: float = 0.0
+    tiles_per_s: float = 0.0
+    error: str | None = None
+    problems: list = field(default_factory=list)
+
+
+def split_methods(methods) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(fused CAM methods, other attribution methods); unknown names raise ModelError."""
+    from .attributors import ATTRIBUTORS
+    from .cams import FUSED_CAMS
+    from .models import ModelError
+
+    unknown = [m for m in methods if m not in FUSED_CAMS and m not in ATTRIBUTORS]
+    if unknown:
+        raise ModelError(f"unknown method(s) {unknown}; fused CAMs: {sorted(FUSED_CAMS)}; others: {sorted(ATTRIBUTORS)}")
+    return tuple(m for m in methods if m in FUSED_CAMS), tuple(m for m in methods if m not in FUSED_CAMS)
+
+
+def build_extractors(cfg: ExtractConfig, tile_px: int):
+    """Load the model(s) and wrap them in :class:`FusedExtractor` (validates shapes and layers
+    with a dummy forward, before any tile is read)."""
+    from .fused import FusedExtractor
+    from .models import load_model
+
+    fused, _ = split_methods(cfg.methods)
+
+    weights = [cfg.weights] + list(cfg.ensemble) if cfg.ensemble else [cfg.weights]
+    out = []
+    for w in weights:
+        lm = load_model(
+            cfg.arch,
+            weights=w,
+            num_classes=cfg.num_classes,
+            class_names=list(cfg.class_names) if cfg.class_names else None,
+            card=cfg.card,
+            trust_checkpoint=cfg.trust_checkpoint,
+        )
+        out.append(
+            FusedExtractor(
+                lm,
+                methods=fused,
+                target_layer=cfg.target_layer,
+                embedding_layer=cfg.embedding_layer,
+                target=cfg.target,
+                device=cfg.device,
+                keep_activations=cfg.activations,
+                amp=cfg.amp,
+                tile_px=tile_px,
+            )
+        )
+    return out
+
+
+def _probe(fx, tile_px: int):
+    import torch
+
+    with fx:
+        return fx.forward(torch.zeros(1, 3, tile_px, tile_px))
+
+
+def open_features(path: Path, *, n: int, probe, cfg: ExtractConfig, params: str, n_models: int, attrs: dict):
+    """Open (or create afresh when params differ) the slide's Zarr group with all arrays."""
+    import zarr
+
+    if path.exists():
+        try:
+            g = zarr.open_group(str(path), mode="r+")
+            if g.attrs.get("params") == params and g.attrs.get("n_tiles") == n:
+                return g
+        except Exception as exc:  # unreadable store: start again
+            logger.warning("%s: unreadable feature store, recreating (%s)", path, exc)
+        shutil.rmtree(path)
+    g = zarr.open_group(str(path), mode="w")
+    c = cfg.chunk_tiles
+
+    def arr(name, shape, dtype, fill=0):
+        g.create_array(name, shape=shape, chunks=(c,) + tuple(shape[1:]), dtype=dtype, fill_value=fill)
+
+    arr("embeddings", (n, probe.embeddings.shape[1]), "float32")
+    arr("logits", (n, probe.logits.shape[1]), "float32")
+    arr("targets", (n,), "int16", -1)
+    for m, cam in probe.cams.items():
+        arr(f"cams/{m}", (n,) + cam.shape[1:], "float16")
+        arr(f"cams_scale/{m}", (n,), "float32")
+    if probe.activations is not None:
+        arr("activations", (n,) + probe.activations.shape[1:], "float16")
+    if n_models > 1:
+        k = probe.logits.shape[1]
+        arr("ensemble/probs", (n, n_models, k), "float32")
+        arr("ensemble/probs_mean", (n, k), "float32")
+        arr("ensemble/probs_std", (n, k), "float32")
+        for m, cam in probe.cams.items():
+            arr(f"ensemble/cams/{m}_mean", (n,) + cam.shape[1:], "float16")
+            arr(f"ensemble/cams/{m}_std", (n,) + cam.shape[1:], "float16")
+    arr("status", (n,), "int8")
+    arr("done", (n,), "bool", False)
+    g.attrs.update({**attrs, "params": params, "n_tiles": n, "chunk_tiles": c})
+    return g
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _read_done(g) -> np.ndarray:
+    try:
+        return np.asarray(g["done"][:], dtype=bool)
+    except Exception:  # a chunk file cut by a kill: treat everything as not done
+        return np.zeros(g.attrs["n_tiles"], bool)
+
+
+def extract_slide(
+    slide_path: str,
+    tiles,
+    store: Path,
+    extractors: list,
+    cfg: ExtractConfig,
+    *,
+    params: str,
+    mpp: float | None = None,
+    on_tiles: Callable[[int], None] | None = None,
+) -> ExtractResult:
+    """Run the fused pass over one slide's tiles into ``store`` (resumable).
+
+    Parameters
+    ----------
+    slide_path : str
+    tiles : DataFrame (the slide's tile table)
+    store : Path of ``features.zarr``
+    extractors : list of FusedExtractor (several = an ensemble of one architecture)
+    cfg : ExtractConfig
+    params : str
+        Params hash; a store made with other params is rebuilt.
+    on_tiles : callable(int), optional
+        Called with the number of tiles finished after each batch (progress bars).
+    """
+    import torch
+
+    from .tiles_io import TileDataset, chunk_batches, make_loader
+
+    t0 = time.perf_counter()
+    n = len(tiles)
+    tile_px = int(tiles["tile_px"].iloc[0])
+    main = extractors[0]
+    probe = _probe(main, tile_px)
+    attrs = {
+        "model_id": main.model.model_id,
+        "weights_hash": [fx.model.weights_hash for fx in extractors],
+        "target_layer": main.target_layer,
+        "embedding_layer": main.embedding_layer,
+        "normalisation": {"mean": list(main.model.card.mean), "std": list(main.model.card.std)},
+        "class_names": list(main.model.card.class_names),
+        "methods": list(main.methods),
+        "target": cfg.target,
+        "cam_shape": list(next(iter(probe.cams.values())).shape[1:]) if probe.cams else [],
+    }
+    g = open_features(store, n=n, probe=probe, cfg=cfg, params=params, n_models=len(extractors), attrs=attrs)
+    done = _read_done(g)
+    pending = np.flatnonzero(~done)
+    dataset = TileDataset(slide_path, tiles, mpp=mpp)
+    chunks = chunk_batches(pending, chunk=cfg.chunk_tiles, batch=cfg.batch_size)
+    problems: list[str] = []
+    n_new = 0
+    contexts = [fx.__enter__() for fx in extractors]
+    try:
+        for batches in chunks:
+            idx_all = np.array([i for b in batches for i in b])
+            buf: dict[str, list] = {}
+            loader = make_loader(dataset, batches, workers=cfg.workers, pin=main.device.type == "cuda")
+            for ids, imgs, ok, errs in loader:
+                ok = ok.numpy().astype(bool)
+                x = main.normalise(imgs)
+                outs = [fx.forward(x) for fx in contexts]
+                _collect(buf, outs, ok, list(errs), ids.numpy(), problems)
+                n_new += len(ids)
+                if on_tiles is not None:
+                    on_tiles(len(ids))
+            _write_chunk(g, idx_all, buf)
+    finally:
+        for fx in contexts:
+            fx.__exit__(None, None, None)
+    status = np.asarray(g["status"][:])
+    secs = time.perf_counter() - t0
+    return ExtractResult(
+        slide_id="",
+        status="done",
+        n_tiles=n,
+        n_read_errors=int((status == STATUS_READ_ERROR).sum()),
+        n_nonfinite=int((status == STATUS_NONFINITE).sum()),
+        seconds=secs,
+        tiles_per_s=n_new / secs if secs > 0 else 0.0,
+        problems=problems[:20],
+    )
+
+
+def _collect(buf: dict, outs: list, ok: np.ndarray, errs: list, ids: np.ndarray, problems: list) -> None:
+    main = outs[0]
+    finite = np.isfinite(main.logits).all(1) & np.isfinite(main.embeddings).all(1)
+    for cam in main.cams.values():
+        finite &= np.isfinite(cam).all((1, 2))
+    status = np.where(~ok, STATUS_READ_ERROR, np.where(finite, STATUS_OK, STATUS_NONFINITE)).astype(np.int8)
+    for i, e in zip(ids[~ok], np.array(errs, dtype=object)[~ok]):
+        problems.append(f"tile {int(i)}: {e}")
+    for i in ids[ok & ~finite]:
+        problems.append(f"tile {int(i)}: non-finite model output (NaN or inf)")
+    add = buf.setdefault
+    add("embeddings", []).append(main.embeddings)
+    add("logits", []).append(main.logits)
+    add("targets", []).append(main.targets.astype(np.int16))
+    add("status", []).append(status)
+    for m, cam in main.cams.items():
+        scale = cam.max(axis=(1, 2)) if cam.size else np.zeros(len(cam), np.float32)
+        safe = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+        add(f"cams/{m}", []).append(cam / safe[:, None, None])
+        add(f"cams_scale/{m}", []).append(scale.astype(np.float32))
+    if main.activations is not None:
+        add("activations", []).append(main.activations)
+    if len(outs) > 1:
+        probs = np.stack([_softmax(o.logits) for o in outs], axis=1)  # (B, M, K)
+        add("ensemble/probs", []).append(probs)
+        add("ensemble/probs_mean", []).append(probs.mean(1))
+        add("ensemble/probs_std", []).append(probs.std(1))
+        for m in main.cams:
+            stack = np.stack([normalise_maps(o.cams[m]) for o in outs], axis=1)  # (B, M, h, w)
+            add(f"ensemble/cams/{m}_mean", []).append(stack.mean(1))
+            add(f"ensemble/cams/{m}_std", []).append(stack.std(1))
+
+
+def _write_chunk(g, idx: np.ndarray, buf: dict) -> None:
+    if len(idx) == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max()) + 1
+    contiguous = hi - lo == len(idx) and (np.diff(idx) == 1).all()
+    for name, parts in buf.items():
+        data = np.concatenate(parts)
+        arr = g[name]
+        data = data.astype(arr.dtype, copy=False)
+        if contiguous:
+            arr[lo:hi] = data
+        else:
+            arr.oindex[idx] = data
+    # done last: a kill before this line leaves the chunk pending
+    if contiguous:
+        g["done"][lo:hi] = True
+    else:
+        g["done"].oindex[idx] = np.ones(len(idx), bool)
+
+
+def _input_fingerprint(tile_rec: dict, tiles_path: Path, weights_hashes: list[str]) -> str:
+    st = tiles_path.stat()
+    blob = json.dumps([tile_rec.get("fingerprint"), tile_rec.get("params"), st.st_size, weights_hashes])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def run_extract_stage(
+    run: RunFolder,
+    cfg: ExtractConfig,
+    *,
+    slide_ids: list[str] | None = None,
+    on_tiles: Callable[[int], None] | None = None,
+    on_slide: Callable[[ExtractResult], None] | None = None,
+) -> list[ExtractResult]:
+    """Extract features for every tiled slide of the run (or ``slide_ids``).
+
+    The model is loaded and checked (output size, layer names) once, before any tile is read;
+    model errors raise :class:`wsi_explain.models.ModelError`. Per-slide failures are recorded in
+    the manifest and the other slides go on; decode failures and non-finite outputs are per tile
+    (``status`` array) and reported in the manifest.
+    """
+    from .tile_stage import STAGE as TILE_STAGE
+    from .tile_stage import read_tile_table
+
+    tile_stage = run.stage(TILE_STAGE)["slides"]
+    ids = slide_ids or [s for s, r in tile_stage.items() if r.get("status") == "done"]
+    if not ids:
+        raise WsiExplainError(f"{run.path}: no tiled slide to extract; run `wsi-explain tile` first")
+    first_tiles, _ = read_tile_table(run.slide_dir(ids[0]) / "tiles.parquet")
+    tile_px = int(first_tiles["tile_px"].iloc[0])
+    extractors = build_extractors(cfg, tile_px)  # raises before any tile is read
+    attributors = _build_attributors(cfg, extractors[0], tile_px)
+    params = params_hash(cfg.result_params())
+    run.set_config(STAGE, cfg.model_dump(mode="json"))
+    weights_hashes = [fx.model.weights_hash for fx in extractors]
+    results = []
+    for sid in ids:
+        start, t0 = now_iso(), time.perf_counter()
+        rel = Path("slides") / sid / "features.zarr"
+        tiles_path = run.slide_dir(sid) / "tiles.parquet"
+        fp = None
+        try:
+            rec = tile_stage.get(sid)
+            if not rec or rec.get("status") != "done" or not tiles_path.exists():
+                raise WsiExplainError(f"slide {sid}: not tiled (run `wsi-explain tile` first)")
+            fp = _input_fingerprint(rec, tiles_path, weights_hashes)
+            if run.is_done(STAGE, sid, params=params, fingerprint=fp):
+                old = run.slide_record(STAGE, sid)
+                res = ExtractResult(sid, "skipped", n_tiles=old.get("n_tiles", 0), n_read_errors=old.get("n_read_errors", 0),
+                                    n_nonfinite=old.get("n_nonfinite", 0))
+            else:
+                tiles, meta = read_tile_table(tiles_path)
+                res = extract_slide(meta["slide_path"], tiles, run.path / rel, extractors, cfg, params=params,
+                                    mpp=meta.get("level0_mpp"), on_tiles=on_tiles)
+                res.slide_id = sid
+                _run_attributors(meta, tiles, run.path / rel, extractors[0], cfg, params, attributors)
+                run.record(STAGE, sid, status="done", params=params, fingerprint=fp, outputs=[str(rel)],
+                           n_tiles=res.n_tiles, n_read_errors=res.n_read_errors, n_nonfinite=res.n_nonfinite,
+                           problems=res.problems, tiles_per_s=round(res.tiles_per_s, 2), start=start, end=now_iso(),
+                           seconds=round(res.seconds, 3), error=None)
+        except (SlideError, WsiExplainError, OSError) as exc:
+            res = _failed(run, sid, params, fp, start, t0, str(exc))
+        except Exception as exc:  # a bug must not sink the batch: record it with its traceback in the log
+            logger.error("slide %s: unexpected error during extraction\n%s", sid, traceback.format_exc())
+            res = _failed(run, sid, params, fp, start, t0, f"slide {sid}: unexpected {type(exc).__name__}: {exc}")
+        results.append(res)
+        if on_slide is not None:
+            on_slide(res)
+    return results
+
+
+def _build_attributors(cfg: ExtractConfig, fx, tile_px: int) -> list:
+    from .attributors import make_attributor
+
+    _, others = split_methods(cfg.methods)
+    return [
+        make_attributor(m, fx.model, max_batch=cfg.attr_max_batch, device=cfg.device,
+                        target_layer=fx.target_layer, tile_px=tile_px)
+        for m in others
+    ]
+
+
+def _run_attributors(meta: dict, tiles, store: Path, fx, cfg: ExtractConfig, params: str, attributors: list) -> None:
+    """Methods outside the fused pass, on a seeded sample of tiles, explaining the same targets."""
+    from .features import add_attributions, attribute_tiles, open_store
+
+    if not attributors:
+        return
+    g = open_store(store, mode="r")
+    ok = np.flatnonzero(np.asarray(g["status"][:]) == STATUS_OK)
+    targets_all = np.asarray(g["targets"][:], np.int64)
+    rng = np.random.default_rng(cfg.seed)
+    ids = ok if cfg.attr_sample == 0 or cfg.attr_sample >= len(ok) else np.sort(rng.choice(ok, cfg.attr_sample, replace=False))
+    for att in attributors:
+        name = f"attributions/{att.name}"
+        if name in g and g[name].attrs.get("params") == params:
+            continue  # already done in an earlier (killed) run
+        maps = attribute_tiles(meta["slide_path"], tiles, att, tile_ids=ids, normalise=fx.normalise,
+                               batch_size=cfg.batch_size, out_px=cfg.attr_px, mpp=meta.get("level0_mpp"),
+                               targets=targets_all[ids])
+        add_attributions(store, att.name, ids, maps)
+        open_store(store, mode="r+")[name].attrs.update({"params": params, "out_px": cfg.attr_px})
+
+
+def _failed(run, sid, params, fp, start, t0, msg) -> ExtractResult:
+    logger.warning("extraction failed: %s", msg)
+    run.record(STAGE, sid, status="failed", params=params, fingerprint=fp, outputs=[], start=start, end=now_iso(),
+               seconds=round(time.perf_counter() - t0, 3), error=msg)
+    return ExtractResult(sid, "failed", seconds=time.perf_counter() - t0, error=msg)

@@ -1,0 +1,218 @@
+"""One forward pass per batch giving logits, embeddings, target-layer activations and CAMs.
+
+The trunk (everything up to the target layer) runs under ``no_grad``; the target layer's
+output becomes a leaf that requires grad, only the head (the layers after it) runs with grad,
+and ``torch.autograd.grad`` of the target scores to that leaf gives the gradient: no backward
+through the trunk, the input or the weights. This costs about one forward pass in all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cams import FUSED_CAMS, fused_cams, needs_grad
+from .models import LoadedModel, ModelError, default_classifier, default_target_layer, find_module
+
+__all__ = ["FusedExtractor", "FusedOutput", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"``: CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class FusedOutput:
+    """Outputs of one batch (NumPy, on the CPU).
+
+    Attributes
+    ----------
+    logits : (N, K) float32
+    embeddings : (N, D) float32
+    targets : (N,) int64, the class each CAM explains
+    cams : dict name -> (N, h, w) float32, ReLU'd, unnormalised, at the target layer's resolution
+    activations : (N, C, h, w) float32 or None (post-ReLU when the layer's output can be negative)
+    """
+
+    logits: np.ndarray
+    embeddings: np.ndarray
+    targets: np.ndarray
+    cams: dict
+    activations: np.ndarray | None = None
+
+
+class FusedExtractor:
+    """Fused forward pass over a model (use as a context manager: hooks are always removed).
+
+    Parameters
+    ----------
+    model : LoadedModel
+    methods : sequence of str
+        Fused CAMs to compute (:data:`wsi_explain.cams.FUSED_CAMS`).
+    target_layer : str, optional
+        Dotted module name; default :func:`default_target_layer`.
+    embedding_layer : str, optional
+        Module whose *input* is the embedding; default: the final classifier layer.
+    target : "pred" or int
+        Class explained by the CAMs: the predicted class per tile, or a fixed class index.
+    device : str
+        "auto", "cpu", "cuda", "cuda:1"...
+    keep_activations : bool
+        Return the target-layer activations (for concept discovery).
+    amp : bool
+        On CUDA, run the forward under autocast (bf16 when supported, else fp16); CAMs are
+        computed in float32 from the autocast activations.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        methods: tuple[str, ...] = ("gradcam",),
+        target_layer: str | None = None,
+        embedding_layer: str | None = None,
+        target: str | int = "pred",
+        device: str = "auto",
+        keep_activations: bool = False,
+        amp: bool = True,
+        tile_px: int = 224,
+    ) -> None:
+        unknown = [m for m in methods if m not in FUSED_CAMS]
+        if unknown:
+            raise ModelError(f"unknown fused CAM method(s) {unknown}; choose from {sorted(FUSED_CAMS)}")
+        self.model = model
+        self.methods = tuple(methods)
+        self.device = resolve_device(device)
+        self.module = model.module.to(self.device).eval()
+        if self.device.type == "cpu" or self.device.type == "cuda":
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.tile_px = tile_px
+        self.target_layer = target_layer or default_target_layer(self.module, tile_px)
+        self.embedding_layer = embedding_layer or default_classifier(self.module)
+        self._layer = find_module(self.module, self.target_layer)
+        self._emb = find_module(self.module, self.embedding_layer)
+        if isinstance(target, str) and target != "pred":
+            if target in model.card.class_names:
+                target = model.card.class_names.index(target)
+            else:
+                try:
+                    target = int(target)
+                except ValueError:
+                    raise ModelError(f"target {target!r} is neither 'pred', a class index nor a class name") from None
+        if isinstance(target, int) and not 0 <= target < model.card.num_classes:
+            raise ModelError(f"target class {target} out of range for {model.card.num_classes} classes")
+        self.target = target
+        self.keep_activations = keep_activations
+        self.amp = amp and self.device.type == "cuda"
+        self._amp_dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+        self._handles: list = []
+        self._state: dict = {}
+        self._check_shapes()
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _layer_hook(self, module: nn.Module, inp, out):
+        if "leaf" in self._state:
+            raise ModelError(f"target layer {self.target_layer!r} is called more than once per forward; name another")
+        if not isinstance(out, torch.Tensor) or out.ndim != 4:
+            raise ModelError(f"target layer {self.target_layer!r} must output an (N, C, h, w) tensor")
+        leaf = out.detach().requires_grad_(self._grad)
+        self._state["leaf"] = leaf
+        torch.set_grad_enabled(self._grad)  # the head runs with grad; restored after the forward
+        # a clone, so that in-place ops of the head (DenseNet's relu_) do not touch the leaf
+        return leaf.clone()
+
+    def _emb_hook(self, module: nn.Module, inp):
+        self._state["emb"] = inp[0].detach()
+
+    def __enter__(self) -> FusedExtractor:
+        self._handles = [
+            self._layer.register_forward_hook(self._layer_hook),
+            self._emb.register_forward_pre_hook(self._emb_hook),
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _check_shapes(self) -> None:
+        """A dummy forward: the output must be (1, num_classes) and both layers must fire."""
+        with self:
+            x = torch.zeros(1, 3, self.tile_px, self.tile_px, device=self.device)
+            out = self.forward(x)
+        k = self.model.card.num_classes
+        if out.logits.shape != (1, k):
+            raise ModelError(
+                f"{self.model.model_id}: the model outputs shape {tuple(out.logits.shape)}, "
+                f"but num_classes is {k}; fix --num-classes or the model card"
+            )
+
+    # -- forward ---------------------------------------------------------------------------------
+    @property
+    def _grad(self) -> bool:
+        return needs_grad(self.methods)
+
+    def forward(self, x: torch.Tensor) -> FusedOutput:
+        """Run the fused pass on a normalised batch ``x`` (N, 3, H, W) float (any device)."""
+        if not self._handles:
+            raise RuntimeError("use FusedExtractor as a context manager (with ...:)")
+        self._state = {}
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        prev = torch.is_grad_enabled()
+        amp = torch.autocast("cuda", dtype=self._amp_dtype) if self.amp else contextlib.nullcontext()
+        try:
+            with amp:
+                torch.set_grad_enabled(False)
+                logits = self.module(x)
+        finally:
+            torch.set_grad_enabled(prev)
+        if "leaf" not in self._state:
+            raise ModelError(f"target layer {self.target_layer!r} was not called in the forward pass")
+        if "emb" not in self._state:
+            raise ModelError(f"embedding layer {self.embedding_layer!r} was not called in the forward pass")
+        leaf = self._state["leaf"]
+        logits_f = logits.float()
+        if self.target == "pred":
+            targets = logits_f.detach().argmax(1)
+        else:
+            targets = torch.full((x.shape[0],), int(self.target), device=logits.device, dtype=torch.long)
+        grads = None
+        if self._grad:
+            score = logits_f.gather(1, targets[:, None]).sum()
+            (grads,) = torch.autograd.grad(score, leaf)
+        with torch.no_grad():
+            cams = fused_cams(leaf.detach(), grads, self.methods)
+            acts = None
+            if self.keep_activations:
+                a = leaf.detach().float()
+                acts = (a.clamp(min=0) if a.min() < 0 else a).cpu().numpy()
+            out = FusedOutput(
+                logits=logits_f.detach().cpu().numpy(),
+                embeddings=self._state["emb"].float().flatten(1).cpu().numpy(),
+                targets=targets.cpu().numpy(),
+                cams={k: v.cpu().numpy() for k, v in cams.items()},
+                activations=acts,
+            )
+        self._state = {}
+        return out
+
+    __call__ = forward
+
+    def normalise(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W, 3) images -> normalised float (N, 3, H, W) channels_last on the device."""
+        t = torch.as_tensor(images).to(self.device, non_blocking=True)
+        t = t.permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.model.card.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.model.card.std, device=self.device).view(1, 3, 1, 1)
+        return ((t - mean) / std).contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,96 @@
+"""Reading a slide's tiles in DataLoader worker processes (one slide handle per worker)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import tiling
+
+__all__ = ["TileDataset", "chunk_batches", "make_loader"]
+
+logger = logging.getLogger(__name__)
+
+
+class TileDataset(Dataset):
+    """Tiles of one slide, read and resized on demand.
+
+    Each item is ``(tile_id, image, ok, error)`` with image (tile_px, tile_px, 3) uint8; a tile
+    that fails to decode gives a zero image, ``ok=False`` and the error text (the reader is
+    re-opened, since OpenSlide handles stay in error after a failure).
+
+    Parameters
+    ----------
+    path : str
+        Slide file (re-opened in each worker process).
+    tiles : DataFrame
+        The slide's tile table (x, y, level, read_w, read_h, tile_px).
+    mpp : float, optional
+        Level-0 µm per pixel override used at tiling time.
+    """
+
+    def __init__(self, path: str, tiles: pd.DataFrame, *, mpp: float | None = None) -> None:
+        self.path = str(path)
+        self.mpp = mpp
+        cols = ["x", "y", "level", "read_w", "read_h", "tile_px"]
+        self._rows = tiles[cols].to_numpy(np.int64)
+        self._reader = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _get_reader(self):
+        if self._reader is None or self._pid != os.getpid():
+            self._reader = tiling.open_slide(self.path, mpp=self.mpp)
+            self._pid = os.getpid()
+        return self._reader
+
+    def __getitem__(self, i: int):
+        x, y, level, rw, rh, px = (int(v) for v in self._rows[i])
+        try:
+            img = tiling.read_tile(self._get_reader(), {"x": x, "y": y, "level": level, "read_w": rw, "read_h": rh, "tile_px": px})
+            return i, torch.from_numpy(np.ascontiguousarray(img)), True, ""
+        except tiling.SlideError as exc:
+            if self._reader is not None:
+                self._reader.close()
+            self._reader = None
+            return i, torch.zeros((px, px, 3), dtype=torch.uint8), False, str(exc)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_reader"] = None
+        return state
+
+
+def chunk_batches(pending: np.ndarray, *, chunk: int, batch: int) -> list[list[list[int]]]:
+    """Group pending tile indices by chunk (``index // chunk``), then into batches.
+
+    Batches never cross a chunk boundary, so a chunk's results can be written (and marked done)
+    as soon as its last batch is processed.
+
+    Returns
+    -------
+    list (one per chunk) of lists of batches (lists of tile indices).
+    """
+    out = []
+    if len(pending) == 0:
+        return out
+    keys = pending // chunk
+    for k in np.unique(keys):
+        idx = pending[keys == k].tolist()
+        out.append([idx[i : i + batch] for i in range(0, len(idx), batch)])
+    return out
+
+
+def make_loader(dataset: TileDataset, batches: list[list[int]], *, workers: int, pin: bool) -> DataLoader:
+    """A DataLoader yielding the given batches in order, read by ``workers`` processes."""
+    kwargs = {}
+    if workers > 0:
+        kwargs = {"prefetch_factor": 4, "persistent_workers": False, "multiprocessing_context": "fork" if os.name == "posix" else None}
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin, **kwargs)
