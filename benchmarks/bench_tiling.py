@@ -46,12 +46,13 @@ def render(d: int, y0: int, x0: int, h: int, w: int, *, H: int, W: int) -> np.nd
     return out
 
 
-def make_slide(size: tuple[int, int]) -> Path:
+def make_slide(size: tuple[int, int], *, mpp: float = 0.25) -> Path:
+    """The benchmark slide (cached under benchmarks/out/): JPEG, levels 1, 4, 16..."""
     H, W = size
-    path = OUT / f"bench_{W}x{H}.tif"
+    path = OUT / f"bench_{W}x{H}_{mpp:g}.tif"
     if not path.exists():
         t0 = time.perf_counter()
-        tiling.write_tiled_tiff(path, (H, W), lambda d, y, x, h, w: render(d, y, x, h, w, H=H, W=W), mpp=0.25)
+        tiling.write_tiled_tiff(path, (H, W), lambda d, y, x, h, w: render(d, y, x, h, w, H=H, W=W), mpp=mpp)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s")
     return path
 

@@ -1,6 +1,40 @@
-"""Cohort clustering: FAISS neighbours, UMAP, HDBSCAN, NMF concepts, cluster summaries.
+"""Cohort clustering: FAISS neighbours, UMAP, HDBSCAN / k-means, NMF concepts, cluster summaries.
 
-Not yet implemented (see the clustering issue); the package exists so the layout is fixed.
+Works on arrays and DataFrames only (no torch, no wsi_explain): the application reads the
+feature stores and writes the cohort tables.
 """
 
-__all__: list[str] = []
+from .cluster import ClusterResult, hdbscan_cluster, kmeans_cluster
+from .concepts import (
+    ConceptModel,
+    concept_cam_correlation,
+    concept_maps,
+    concept_prediction_association,
+    fit_concepts,
+    sample_positions,
+)
+from .neighbors import KnnGraph, faiss_gpus, knn_graph
+from .reduce import l2_normalise, pca_reduce, umap_embed
+from .summary import FLAG_NAMES, FlagRules, off_tissue_fraction, summarize_clusters
+
+__all__ = [
+    "ClusterResult",
+    "ConceptModel",
+    "FLAG_NAMES",
+    "FlagRules",
+    "KnnGraph",
+    "concept_cam_correlation",
+    "concept_maps",
+    "concept_prediction_association",
+    "faiss_gpus",
+    "fit_concepts",
+    "hdbscan_cluster",
+    "kmeans_cluster",
+    "knn_graph",
+    "l2_normalise",
+    "off_tissue_fraction",
+    "pca_reduce",
+    "sample_positions",
+    "summarize_clusters",
+    "umap_embed",
+]

@@ -90,3 +90,39 @@ def slide_copy(tmp_path):
         return dst
 
     return _copy
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A private copy of a run folder (session fixtures stay untouched)."""
+    shutil.copytree(src, dst)
+    (dst / ".lock").unlink(missing_ok=True)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiled(tmp_path_factory, slides):
+    """A run folder with two slides tiled at 32 px, 1 µm/px (one with corrupt tiles)."""
+    from wsi_explain import RunFolder, TileConfig, discover_slides, run_tile_stage
+
+    d = tmp_path_factory.mktemp("tiled")
+    cfg = TileConfig(tile_px=32, mpp_target=1.0, min_tissue=0.5, verify="none")
+    with RunFolder(d / "run") as run:
+        res = run_tile_stage(run, discover_slides([slides["tiff"], slides["corrupt_middle"]]), cfg)
+    assert [r.status for r in res] == ["done", "done"]
+    return d / "run"
+
+
+@pytest.fixture(scope="session")
+def extracted(tiled, tmp_path_factory):
+    """The tiled run, extracted with the tiny CNN (gradcam, activations kept)."""
+    from wsi_explain import RunFolder
+    from wsi_explain.config import ExtractConfig
+    from wsi_explain.extract_stage import run_extract_stage
+
+    run_dir = copy_run(tiled, tmp_path_factory.mktemp("extracted") / "run")
+    cfg = ExtractConfig(arch="tests.tiny_models:tiny_cnn", num_classes=2, methods=("gradcam",), activations=True,
+                        workers=0, batch_size=64, chunk_tiles=128)
+    with RunFolder(run_dir) as run:
+        res = run_extract_stage(run, cfg)
+    assert all(r.status == "done" for r in res)
+    return run_dir

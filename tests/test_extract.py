@@ -15,6 +15,7 @@ import pytest
 import torch
 import zarr
 
+from tests.conftest import copy_run
 from tests.tiny_models import tiny_cnn
 from wsi_explain import RunFolder, TileConfig, discover_slides, read_tile_table, run_tile_stage
 from wsi_explain.config import ExtractConfig
@@ -26,23 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = "tests.tiny_models:tiny_cnn"
 
 
-@pytest.fixture(scope="module")
-def tiled(tmp_path_factory, slides):
-    """A run folder with two slides tiled at 32 px, 1 µm/px (one with corrupt tiles)."""
-    d = tmp_path_factory.mktemp("tiled")
-    cfg = TileConfig(tile_px=32, mpp_target=1.0, min_tissue=0.5, verify="none")
-    with RunFolder(d / "run") as run:
-        res = run_tile_stage(run, discover_slides([slides["tiff"], slides["corrupt_middle"]]), cfg)
-    assert [r.status for r in res] == ["done", "done"]
-    return d / "run"
-
-
 @pytest.fixture()
 def run_dir(tiled, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(tiled, dst)
-    (dst / ".lock").unlink(missing_ok=True)
-    return dst
+    return copy_run(tiled, tmp_path / "run")
 
 
 def _cfg(**kw):
@@ -174,10 +161,13 @@ def test_ensemble_mean_and_spread(run_dir, tmp_path):
     np.testing.assert_allclose(e / e.sum(1, keepdims=True), probs[:, 0], atol=1e-5)
 
 
-def test_activations_and_other_methods(run_dir):
+def test_activations_and_other_methods(run_dir, caplog):
+    import logging
+
     cfg = _cfg(activations=True, methods=("gradcam", "saliency", "integratedgradients"), attr_sample=6, attr_px=8)
-    with RunFolder(run_dir) as run:
+    with caplog.at_level(logging.INFO, logger="wsi_explain.extract_stage"), RunFolder(run_dir) as run:
         run_extract_stage(run, cfg, slide_ids=["generic"])
+    assert "GB before compression" in caplog.text   # the size is said before the run
     g = zarr.open_group(str(run_dir / "slides/generic/features.zarr"), mode="r")
     assert g["activations"].shape[1:] == (64, 4, 4) and g["activations"].dtype == np.float16
     assert np.asarray(g["activations"][:5]).min() >= 0

@@ -20,7 +20,7 @@ from .tissue import TissueMask, choose_level_for_mpp
 __all__ = ["GridSpec", "make_grid", "read_tile", "tile_boxes", "TILE_COLUMNS"]
 
 #: Columns of the tile table, in order (label fractions are appended as ``label_<name>``).
-TILE_COLUMNS = ("tile_id", "x", "y", "size0", "level", "read_w", "read_h", "tile_px", "mpp", "tissue_frac")
+TILE_COLUMNS = ("tile_id", "x", "y", "size0", "level", "read_w", "read_h", "tile_px", "mpp", "tissue_frac", "ink_frac")
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ def make_grid(reader: SlideReader, tissue: TissueMask, spec: GridSpec) -> pd.Dat
     Returns
     -------
     DataFrame with :data:`TILE_COLUMNS`; ``x, y, size0`` in level-0 pixels (int64), ``read_w``,
-    ``read_h`` in pixels of ``level``, ``mpp`` in µm per output pixel, ``tissue_frac`` in [0, 1]
-    (float32). Rows in raster order (row-major by y then x); ``tile_id`` is the row index.
+    ``read_h`` in pixels of ``level``, ``mpp`` in µm per output pixel, ``tissue_frac`` and
+    ``ink_frac`` (share of the footprint that is pen ink) in [0, 1] (float32). Rows in raster order (row-major by y then x); ``tile_id`` is the row index.
 
     Raises
     ------
@@ -130,9 +130,10 @@ def make_grid(reader: SlideReader, tissue: TissueMask, spec: GridSpec) -> pd.Dat
     ys = np.rint(y_lo + np.arange(ny) * stride0_f).astype(np.int64)
     gx, gy = np.meshgrid(xs, ys)
     gx, gy = gx.ravel(), gy.ravel()
-    frac = _tissue_fraction(tissue, gx, gy, size0)
+    frac = _mask_fraction(tissue.mask, tissue.scale, gx, gy, size0)
     keep = frac >= spec.min_tissue if spec.min_tissue > 0 else np.ones_like(frac, bool)
     gx, gy, frac = gx[keep], gy[keep], frac[keep]
+    ink = _mask_fraction(tissue.ink, tissue.scale, gx, gy, size0)
     level = _level_for(reader, spec.mpp)
     d = info.level_downsamples[level]
     read = int(round(size0_f / d))
@@ -149,19 +150,17 @@ def make_grid(reader: SlideReader, tissue: TissueMask, spec: GridSpec) -> pd.Dat
             "tile_px": np.full(n, spec.tile_px, np.int32),
             "mpp": np.full(n, spec.mpp, np.float64),
             "tissue_frac": frac.astype(np.float32),
+            "ink_frac": ink.astype(np.float32),
         }
     )
 
 
-def _tissue_fraction(tissue: TissueMask, xs: np.ndarray, ys: np.ndarray, size0: int) -> np.ndarray:
-    """Fraction of each tile's footprint covered by the mask, with a summed-area table.
-
-    Footprints are snapped to mask pixels (``tissue.scale`` level-0 px each).
-    """
-    m = tissue.mask.astype(np.int32)
+def _mask_fraction(mask: np.ndarray, s: float, xs: np.ndarray, ys: np.ndarray, size0: int) -> np.ndarray:
+    """Fraction of each tile's footprint covered by ``mask`` (``s`` level-0 px per mask pixel),
+    with a summed-area table; footprints are snapped to mask pixels."""
+    m = mask.astype(np.int32)
     sat = np.zeros((m.shape[0] + 1, m.shape[1] + 1), np.int64)
     sat[1:, 1:] = m.cumsum(0).cumsum(1)
-    s = tissue.scale
     x0 = np.clip(np.floor(xs / s).astype(np.int64), 0, m.shape[1])
     y0 = np.clip(np.floor(ys / s).astype(np.int64), 0, m.shape[0])
     x1 = np.clip(np.ceil((xs + size0) / s).astype(np.int64), 0, m.shape[1])

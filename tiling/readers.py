@@ -117,6 +117,8 @@ def _float_or_none(value: object) -> float | None:
 
 def _rgba_to_rgb_white(rgba: np.ndarray) -> np.ndarray:
     """Composite OpenSlide's premultiplied RGBA on white (transparent = outside the slide)."""
+    if rgba[..., 3].min() == 255:  # fully inside the slide: nothing to composite
+        return np.ascontiguousarray(rgba[..., :3])
     rgb = rgba[..., :3].astype(np.uint16)
     alpha = rgba[..., 3:4].astype(np.uint16)
     # premultiplied: colour + (255 - alpha) gives white where alpha == 0

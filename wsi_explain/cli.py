@@ -225,6 +225,62 @@ def extract(
 
 
 @app.command()
+def cluster(
+    run: Path = typer.Argument(..., help="Run folder (extracted)."),
+    method: str = typer.Option("hdbscan", help="hdbscan or kmeans."),
+    k: int = typer.Option(8, "-k", help="Clusters for k-means."),
+    min_cluster_size: Optional[int] = typer.Option(None, help="HDBSCAN min_cluster_size (default: n/50 within 5-100)."),
+    pca: int = typer.Option(50, help="PCA dimensions before the k-NN (0 = none)."),
+    n_neighbors: int = typer.Option(15, help="UMAP neighbours (the k of the FAISS graph)."),
+    concepts: int = typer.Option(0, help="NMF concept prototypes (needs extract --activations)."),
+    positive_labels: Optional[str] = typer.Option(None, help="Comma-separated annotation classes that are positive."),
+    seed: int = typer.Option(0),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Cluster every tile of the cohort: cohort/tiles.parquet, cohort/clusters.parquet, concepts."""
+    _setup_logging(verbose)
+    from pydantic import ValidationError
+    from rich.console import Console
+    from rich.table import Table
+
+    from .cluster_stage import run_cluster_stage
+    from .config import ClusterConfig
+    from .errors import ManifestError, RunLockedError, WsiExplainError
+    from .run import RunFolder
+
+    try:
+        cfg = ClusterConfig(method=method, k=k, min_cluster_size=min_cluster_size, pca=pca, n_neighbors=n_neighbors,
+                            concepts=concepts, seed=seed,
+                            positive_labels=tuple(p.strip() for p in positive_labels.split(",")) if positive_labels else ())
+    except ValidationError as exc:
+        _fail("invalid clustering parameters: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    try:
+        rf = RunFolder(run)
+    except (RunLockedError, ManifestError) as exc:
+        _fail(str(exc))
+    console = Console()
+    with rf, console.status("clustering") as st:
+        try:
+            out = run_cluster_stage(rf, cfg, on_step=lambda name: st.update(f"clustering: {name}"))
+        except WsiExplainError as exc:
+            _fail(str(exc))
+    if out.status == "skipped":
+        console.print("clustering already done with the same inputs and parameters (skipped)")
+    import pandas as pd
+
+    summary = pd.read_parquet(rf.path / "cohort" / "clusters.parquet")
+    table = Table(title=f"{out.n_tiles} tiles, {out.n_clusters} clusters, {out.n_noise} noise, {out.flagged} flagged")
+    for col in ("cluster", "size", "slides", "positive rate", "confidence", "flags"):
+        table.add_column(col, overflow="fold")
+    for _, r in summary.iterrows():
+        table.add_row(str(r["cluster"]), str(r["size"]), str(r["n_slides"]), f"{r['positive_rate']:.2f}",
+                      f"{r['mean_confidence']:.2f}", "; ".join(r["flag_reasons"]))
+    console.print(table)
+    if out.timings:
+        console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in out.timings.items()))
+
+
+@app.command()
 def status(run: Path = typer.Argument(..., help="Run folder.")) -> None:
     """Print each stage and slide of a run with its state, counts and errors."""
     from rich.console import Console

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["TileConfig", "ExtractConfig"]
+__all__ = ["TileConfig", "ExtractConfig", "ClusterConfig"]
 
 
 class _Frozen(BaseModel):
@@ -132,3 +132,59 @@ class ExtractConfig(_Frozen):
         for k in ("batch_size", "workers", "chunk_tiles", "device", "attr_max_batch"):
             d.pop(k, None)
         return d
+
+
+class ClusterConfig(_Frozen):
+    """Parameters of the cohort clustering stage.
+
+    Attributes
+    ----------
+    method : {"hdbscan", "kmeans"}
+    k : int
+        Clusters for k-means.
+    min_cluster_size : int or None
+        HDBSCAN's; None = max(5, min(100, n // 50)).
+    min_samples : int or None
+    pca : int
+        PCA dimensions before the k-NN (0 = none).
+    l2 : bool
+        L2-normalise embeddings (after PCA).
+    n_neighbors, min_dist : UMAP's.
+    cluster_dims : int
+        UMAP dimensions HDBSCAN clusters in (the 2-D one is for display).
+    knn_method : {"auto", "exact", "ivf", "hnsw"}
+    exact_max : int
+        Cohorts up to this size get an exact k-NN.
+    fit_max : int
+        HDBSCAN is fitted on at most this many tiles, the rest assigned.
+    concepts : int
+        NMF concept prototypes (0 = none; needs ``extract --activations``).
+    concept_positions : int
+        Spatial positions sampled over the cohort to fit NMF.
+    cam_method : str or None
+        CAM used for attribution summaries (default: the first extracted).
+    positive_class : int
+        Model class that counts as "positive" (predicted positive rate, flags).
+    positive_labels : tuple of str
+        Annotation classes that are positive (tile labels); else a numeric slide ``label`` > 0.
+    seed : int
+    """
+
+    method: Literal["hdbscan", "kmeans"] = "hdbscan"
+    k: int = Field(8, ge=1)
+    min_cluster_size: int | None = Field(None, ge=2)
+    min_samples: int | None = Field(None, ge=1)
+    pca: int = Field(50, ge=0)
+    l2: bool = True
+    n_neighbors: int = Field(15, ge=2, le=200)
+    min_dist: float = Field(0.0, ge=0.0, le=1.0)
+    cluster_dims: int = Field(5, ge=2, le=50)
+    knn_method: Literal["auto", "exact", "ivf", "hnsw"] = "auto"
+    exact_max: int = Field(200_000, ge=1)
+    fit_max: int = Field(200_000, ge=100)
+    concepts: int = Field(0, ge=0, le=64)
+    concept_positions: int = Field(20_000, ge=100)
+    cam_method: str | None = None
+    positive_class: int = Field(1, ge=0)
+    positive_labels: tuple[str, ...] = ()
+    seed: int = 0

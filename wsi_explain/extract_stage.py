@@ -215,19 +215,23 @@ def extract_slide(
     n_new = 0
     contexts = [fx.__enter__() for fx in extractors]
     try:
-        for batches in chunks:
-            idx_all = np.array([i for b in batches for i in b])
-            buf: dict[str, list] = {}
-            loader = make_loader(dataset, batches, workers=cfg.workers, pin=main.device.type == "cuda")
-            for ids, imgs, ok, errs in loader:
-                ok = ok.numpy().astype(bool)
-                x = main.normalise(imgs)
-                outs = [fx.forward(x) for fx in contexts]
-                _collect(buf, outs, ok, list(errs), ids.numpy(), problems)
-                n_new += len(ids)
-                if on_tiles is not None:
-                    on_tiles(len(ids))
-            _write_chunk(g, idx_all, buf)
+        # one loader for the whole slide (workers start once); a chunk is written when its last batch is in
+        flat = [(c, b) for c, batches in enumerate(chunks) for b in batches]
+        last_of_chunk = {c: len(batches) for c, batches in enumerate(chunks)}
+        seen: dict[int, int] = {}
+        bufs: dict[int, dict] = {}
+        loader = make_loader(dataset, [b for _, b in flat], workers=cfg.workers, pin=main.device.type == "cuda")
+        for (c, _), (ids, imgs, ok, errs) in zip(flat, loader):
+            ok = ok.numpy().astype(bool)
+            x = main.normalise(imgs)
+            outs = [fx.forward(x) for fx in contexts]
+            _collect(bufs.setdefault(c, {}), outs, ok, list(errs), ids.numpy(), problems)
+            n_new += len(ids)
+            if on_tiles is not None:
+                on_tiles(len(ids))
+            seen[c] = seen.get(c, 0) + 1
+            if seen[c] == last_of_chunk[c]:
+                _write_chunk(g, np.array([i for b in chunks[c] for i in b]), bufs.pop(c))
     finally:
         for fx in contexts:
             fx.__exit__(None, None, None)
@@ -329,9 +333,18 @@ def run_extract_stage(
     first_tiles, _ = read_tile_table(run.slide_dir(ids[0]) / "tiles.parquet")
     tile_px = int(first_tiles["tile_px"].iloc[0])
     extractors = build_extractors(cfg, tile_px)  # raises before any tile is read
+    if extractors[0].device.type == "cpu":
+        from .perf import tune_malloc
+
+        tune_malloc()
     attributors = _build_attributors(cfg, extractors[0], tile_px)
     params = params_hash(cfg.result_params())
     run.set_config(STAGE, cfg.model_dump(mode="json"))
+    if cfg.activations:
+        n_total = sum(tile_stage[s].get("n_tiles", 0) for s in ids if s in tile_stage)
+        shape = _probe(extractors[0], tile_px).activations.shape[1:]
+        gb = n_total * int(np.prod(shape)) * 2 / 1e9
+        logger.info("spatial activations: %d tiles x %s float16 = %.2f GB before compression", n_total, tuple(shape), gb)
     weights_hashes = [fx.model.weights_hash for fx in extractors]
     results = []
     for sid in ids:

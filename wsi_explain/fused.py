@@ -117,6 +117,7 @@ class FusedExtractor:
         self._amp_dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
         self._handles: list = []
         self._state: dict = {}
+        self._norm: tuple | None = None
         self._check_shapes()
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -210,9 +211,15 @@ class FusedExtractor:
     __call__ = forward
 
     def normalise(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """uint8 (N, H, W, 3) images -> normalised float (N, 3, H, W) channels_last on the device."""
+        """uint8 (N, H, W, 3) images -> normalised float (N, 3, H, W) channels_last on the device.
+
+        One fused multiply-add on the NHWC data (already the channels_last layout): no copies.
+        """
         t = torch.as_tensor(images).to(self.device, non_blocking=True)
-        t = t.permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.model.card.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.model.card.std, device=self.device).view(1, 3, 1, 1)
-        return ((t - mean) / std).contiguous(memory_format=torch.channels_last)
+        if self._norm is None or self._norm[0].device != t.device:
+            std = torch.tensor(self.model.card.std, device=t.device)
+            mean = torch.tensor(self.model.card.mean, device=t.device)
+            self._norm = (1.0 / (255.0 * std), -mean / std)
+        scale, shift = self._norm
+        out = torch.addcmul(shift, t.float(), scale)  # (N, H, W, 3)
+        return out.permute(0, 3, 1, 2)  # a channels_last view

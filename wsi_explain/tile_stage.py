@@ -60,7 +60,7 @@ def _verify(reader: tiling.SlideReader, tiles: pd.DataFrame, cfg: TileConfig) ->
 
 
 def tile_slide(source: SlideSource, cfg: TileConfig, out_dir: Path, *, fingerprint: str) -> TileResult:
-    """Tile one slide into ``out_dir`` (``tiles.parquet``, ``thumbnail.png``), atomically.
+    """Tile one slide into ``out_dir`` (``tiles.parquet``, ``thumbnail.png``, ``tissue.png``), atomically.
 
     Raises
     ------
@@ -132,6 +132,10 @@ def _write_outputs(out_dir, tiles, thumb, source, cfg, fingerprint, info, tissue
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "thumbnail.png", suffix=".png") as tmp:
         Image.fromarray(thumb).save(tmp, format="PNG")
+    # the tissue mask (0 background, 1 tissue, 2 pen ink) at tissue_mask_scale level-0 px per pixel
+    coded = np.where(tissue.ink, 2, np.where(tissue.mask, 1, 0)).astype(np.uint8)
+    with atomic_path(out_dir / "tissue.png", suffix=".png") as tmp:
+        Image.fromarray(coded).save(tmp, format="PNG")
     with atomic_path(out_dir / "tiles.parquet", suffix=".parquet") as tmp:
         pq.write_table(table, tmp)
 
@@ -174,7 +178,7 @@ def run_tile_stage(
         start = now_iso()
         t0 = time.perf_counter()
         rel_dir = Path("slides") / src.slide_id
-        outputs = [str(rel_dir / "tiles.parquet"), str(rel_dir / "thumbnail.png")]
+        outputs = [str(rel_dir / "tiles.parquet"), str(rel_dir / "thumbnail.png"), str(rel_dir / "tissue.png")]
         fp = None
         try:
             if not src.path.exists():

@@ -55,7 +55,8 @@ class TileDataset(Dataset):
         x, y, level, rw, rh, px = (int(v) for v in self._rows[i])
         try:
             img = tiling.read_tile(self._get_reader(), {"x": x, "y": y, "level": level, "read_w": rw, "read_h": rh, "tile_px": px})
-            return i, torch.from_numpy(np.ascontiguousarray(img)), True, ""
+            img = np.require(img, requirements=("C", "W"))  # PIL's arrays can be read-only
+            return i, torch.from_numpy(img), True, ""
         except tiling.SlideError as exc:
             if self._reader is not None:
                 self._reader.close()

@@ -1,0 +1,121 @@
+"""k-nearest neighbours with FAISS: exact for small cohorts, HNSW or IVF beyond a threshold,
+on the GPU when faiss has GPUs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["KnnGraph", "knn_graph", "faiss_gpus"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KnnGraph:
+    """k-NN of every point, itself included first (as UMAP expects).
+
+    Attributes
+    ----------
+    indices : (n, k) int64
+    distances : (n, k) float32, Euclidean (not squared)
+    method : str
+        "exact", "hnsw" or "ivf" (+ "-gpu").
+    """
+
+    indices: np.ndarray
+    distances: np.ndarray
+    method: str
+
+
+def faiss_gpus() -> int:
+    import faiss
+
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get else 0
+
+
+def knn_graph(
+    X: np.ndarray,
+    k: int,
+    *,
+    method: str = "auto",
+    exact_max: int = 200_000,
+    use_gpu: str | bool = "auto",
+    seed: int = 0,
+    nprobe: int = 16,
+    hnsw_m: int = 32,
+    batch: int = 65_536,
+) -> KnnGraph:
+    """The k-NN graph of the rows of ``X``.
+
+    Parameters
+    ----------
+    X : (n, d) float32
+        Not modified.
+    k : int
+        Neighbours per point, the point itself included.
+    method : {"auto", "exact", "hnsw", "ivf"}
+        "auto": exact up to ``exact_max`` points, IVF beyond (deterministic for a seed; HNSW is
+        faster to search but its multithreaded build depends on thread scheduling).
+    use_gpu : "auto" or bool
+        GPU index when faiss was built with GPUs and some are visible.
+    seed : int
+        Seeds IVF's k-means training and HNSW's level draws.
+
+    Returns
+    -------
+    KnnGraph
+    """
+    import faiss
+
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    n, d = X.shape
+    if n < 2:
+        raise ValueError(f"need at least 2 points for a k-NN graph, got {n}")
+    k = int(min(k, n))
+    gpu = faiss_gpus() > 0 if use_gpu == "auto" else bool(use_gpu)
+    if method == "auto":
+        method = "exact" if n <= exact_max else "ivf"
+    if method == "exact":
+        index = faiss.IndexFlatL2(d)
+    elif method == "hnsw":
+        index = faiss.IndexHNSWFlat(d, hnsw_m)
+        index.hnsw.efConstruction = 80
+        index.hnsw.efSearch = max(64, 2 * k)
+    elif method == "ivf":
+        nlist = int(max(16, min(65_536, 4 * np.sqrt(n))))
+        quantizer = faiss.IndexFlatL2(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist)
+        index.cp.seed = seed
+        train = X if n <= 50 * nlist else X[np.random.default_rng(seed).choice(n, 50 * nlist, replace=False)]
+        index.train(train)
+        index.nprobe = nprobe
+    else:
+        raise ValueError(f"unknown k-NN method {method!r}; use auto, exact, hnsw or ivf")
+    if gpu:
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, 0, index)
+        method += "-gpu"
+    index.add(X)
+    D = np.empty((n, k), np.float32)
+    I = np.empty((n, k), np.int64)
+    for s in range(0, n, batch):
+        D[s : s + batch], I[s : s + batch] = index.search(X[s : s + batch], k)
+    # make every point its own first neighbour at distance 0 (approximate indexes may miss it)
+    rows = np.arange(n)
+    first_is_self = I[:, 0] == rows
+    if not first_is_self.all():
+        bad = ~first_is_self
+        I[bad, 1:] = I[bad, :-1]
+        D[bad, 1:] = D[bad, :-1]
+        I[bad, 0], D[bad, 0] = rows[bad], 0.0
+    missing = I < 0  # IVF may find fewer than k: point those slots at the point itself
+    if missing.any():
+        I[missing] = np.broadcast_to(rows[:, None], I.shape)[missing]
+        D[missing] = 0.0
+    D = np.sqrt(np.maximum(D, 0.0), dtype=np.float32)
+    logger.debug("k-NN graph: %d points, k=%d, %s", n, k, method)
+    return KnnGraph(indices=I, distances=D, method=method)

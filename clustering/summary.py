@@ -1,0 +1,223 @@
+"""Per-cluster summaries and the flags an auditor uses to find shortcuts.
+
+Input is the cohort tile table (one row per tile) with these columns, the optional ones used
+when present:
+
+- ``slide_id``, ``tile_id``, ``cluster`` (-1 = noise), ``membership``, ``outlier_score``
+- ``pred`` (int), ``confidence`` (max probability), ``prob_pos`` (probability of the positive class)
+- optional: ``tissue_frac``, ``ink_frac``, ``cam_off_tissue`` (share of attribution mass off tissue),
+  ``label_pos`` (1/0/NaN: tile or slide label, positive or not), ``site``, ``concept_<k>``
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["FlagRules", "summarize_clusters", "off_tissue_fraction", "FLAG_NAMES"]
+
+FLAG_NAMES = {
+    "dominated": "dominated by one slide or site",
+    "artefact_positive": "high positive rate on low-tissue or artefact-like tiles",
+    "off_tissue": "attribution mass mostly off tissue",
+    "label_disagreement": "labels disagree with predictions",
+}
+
+
+@dataclass(frozen=True)
+class FlagRules:
+    """Thresholds of the cluster flags (all fractions in [0, 1]).
+
+    Attributes
+    ----------
+    slide_dominance : a cluster is dominated when its largest slide holds at least this share...
+    min_slides : ...and the cohort has at least this many slides.
+    site_dominance : or when its largest site holds this share while the cohort has 2+ sites and
+        that site's cohort share is at least ``site_excess`` lower.
+    positive_rate, positive_excess : artefact flag when the positive rate is at least
+        ``positive_rate`` and exceeds the cohort's by ``positive_excess``...
+    low_tissue, ink : ...and the mean tissue fraction is below ``low_tissue`` or the mean ink
+        fraction at least ``ink``.
+    off_tissue : attribution flag when the mean share of attribution off tissue is at least this.
+    agreement : label flag when fewer than this share of labelled tiles agree with predictions...
+    min_labelled : ...among at least this many labelled tiles.
+    min_size : clusters smaller than this get no flag.
+    """
+
+    slide_dominance: float = 0.8
+    min_slides: int = 3
+    site_dominance: float = 0.9
+    site_excess: float = 0.3
+    positive_rate: float = 0.5
+    positive_excess: float = 0.2
+    low_tissue: float = 0.6
+    ink: float = 0.05
+    off_tissue: float = 0.5
+    agreement: float = 0.5
+    min_labelled: int = 10
+    min_size: int = 10
+
+
+def off_tissue_fraction(cams: np.ndarray, on_tissue: np.ndarray) -> np.ndarray:
+    """Share of each map's (non-negative) mass on cells that are not tissue.
+
+    Parameters
+    ----------
+    cams : (n, h, w) >= 0
+    on_tissue : (n, h, w) bool, tissue at the same cells
+
+    Returns
+    -------
+    (n,) float32; NaN for an all-zero map.
+    """
+    c = np.clip(np.asarray(cams, np.float64), 0, None)
+    total = c.sum((1, 2))
+    off = (c * ~np.asarray(on_tissue, bool)).sum((1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, off / total, np.nan).astype(np.float32)
+
+
+def _ref(df: pd.DataFrame, idx) -> list[str]:
+    return [f"{s}:{int(t)}" for s, t in zip(df.loc[idx, "slide_id"], df.loc[idx, "tile_id"])]
+
+
+def _representatives(g: pd.DataFrame, space: np.ndarray | None, n: int) -> dict:
+    out = {}
+    if space is not None:
+        pts = space[g.index.to_numpy()]
+        d = np.linalg.norm(pts - pts.mean(0), axis=1)
+        out["medoid"] = _ref(g, g.index[np.argsort(d, kind="stable")[:n]])
+    out["most_member"] = _ref(g, g.sort_values("membership", ascending=False, kind="stable").index[:n])
+    out["most_confident"] = _ref(g, g.sort_values("confidence", ascending=False, kind="stable").index[:n])
+    border = (g["prob_pos"] - 0.5).abs() if "prob_pos" in g else g["confidence"]
+    out["borderline"] = _ref(g, border.sort_values(kind="stable").index[:n])
+    out["outliers"] = _ref(g, g.sort_values("outlier_score", ascending=False, kind="stable").index[:n])
+    return out
+
+
+def summarize_clusters(
+    tiles: pd.DataFrame,
+    *,
+    space: np.ndarray | None = None,
+    rules: FlagRules = FlagRules(),
+    n_representatives: int = 8,
+    positive_name: str = "positive",
+) -> pd.DataFrame:
+    """One row per cluster (noise, -1, last) with composition, representatives and flags.
+
+    Parameters
+    ----------
+    tiles : cohort tile table (see the module docstring); not modified.
+    space : (n, d), optional
+        Coordinates the clustering used (row-aligned with ``tiles``), for the medoid tiles.
+    rules : FlagRules
+    n_representatives : int
+        Tiles listed per kind of representative.
+
+    Returns
+    -------
+    DataFrame with ``cluster, size, n_slides, top_slide, slide_dominance, top_site, site_dominance,
+    pred_mix (JSON), positive_rate, mean_confidence, mean_membership, mean_tissue, mean_ink,
+    mean_cam_off_tissue, n_labelled, label_purity, label_agreement, concept_mix (JSON), top_concept,
+    representatives (JSON of "slide:tile" lists), flags (list of keys), flag_reasons (list of
+    sentences)``.
+    """
+    df = tiles.reset_index(drop=True)
+    n_slides_cohort = df["slide_id"].nunique()
+    cohort_pos = float((df["pred"] == 1).mean()) if "pred" in df else float("nan")
+    has_site = "site" in df and df["site"].nunique() > 1
+    site_share = df["site"].value_counts(normalize=True) if has_site else None
+    concept_cols = [c for c in df.columns if c.startswith("concept_")]
+    rows = []
+    for cl, g in df.groupby("cluster", sort=True):
+        size = len(g)
+        slides = g["slide_id"].value_counts()
+        row = {
+            "cluster": int(cl),
+            "size": size,
+            "n_slides": int(len(slides)),
+            "top_slide": str(slides.index[0]),
+            "slide_dominance": float(slides.iloc[0] / size),
+            "pred_mix": json.dumps({str(k): round(float(v), 4) for k, v in g["pred"].value_counts(normalize=True).sort_index().items()}),
+            "positive_rate": float((g["pred"] == 1).mean()),
+            "mean_confidence": float(g["confidence"].mean()),
+            "mean_membership": float(g["membership"].mean()),
+            "mean_tissue": float(g["tissue_frac"].mean()) if "tissue_frac" in g else float("nan"),
+            "mean_ink": float(g["ink_frac"].mean()) if "ink_frac" in g else float("nan"),
+            "mean_cam_off_tissue": float(g["cam_off_tissue"].mean()) if "cam_off_tissue" in g else float("nan"),
+            "top_site": None,
+            "site_dominance": float("nan"),
+        }
+        if has_site:
+            sites = g["site"].value_counts()
+            row["top_site"], row["site_dominance"] = str(sites.index[0]), float(sites.iloc[0] / size)
+        lab = g["label_pos"].dropna() if "label_pos" in g else pd.Series(dtype=float)
+        row["n_labelled"] = int(len(lab))
+        if len(lab):
+            row["label_purity"] = float(max(lab.mean(), 1 - lab.mean()))
+            row["label_agreement"] = float(((g.loc[lab.index, "pred"] == 1).astype(int) == lab.astype(int)).mean())
+        else:
+            row["label_purity"] = row["label_agreement"] = float("nan")
+        if concept_cols:
+            mix = g[concept_cols].mean()
+            total = mix.sum()
+            mix = mix / total if total > 0 else mix
+            row["concept_mix"] = json.dumps({c.removeprefix("concept_"): round(float(v), 4) for c, v in mix.items()})
+            row["top_concept"] = int(mix.values.argmax())
+        else:
+            row["concept_mix"], row["top_concept"] = "{}", -1
+        row["representatives"] = json.dumps(_representatives(g, space, n_representatives))
+        flags, reasons = ([], []) if cl < 0 or size < rules.min_size else _flags(row, rules, n_slides_cohort, cohort_pos, site_share, positive_name)
+        row["flags"], row["flag_reasons"] = flags, reasons
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if len(out):
+        out = pd.concat([out[out["cluster"] >= 0], out[out["cluster"] < 0]], ignore_index=True)
+    return out
+
+
+def _flags(row, rules: FlagRules, n_slides_cohort, cohort_pos, site_share, positive_name):
+    flags, reasons = [], []
+    if n_slides_cohort >= rules.min_slides and row["slide_dominance"] >= rules.slide_dominance:
+        flags.append("dominated")
+        reasons.append(
+            f"{100 * row['slide_dominance']:.0f}% of its {row['size']} tiles come from slide {row['top_slide']} "
+            f"(the cohort has {n_slides_cohort} slides)"
+        )
+    elif site_share is not None and row["site_dominance"] >= rules.site_dominance:
+        cohort = float(site_share.get(row["top_site"], 0.0))
+        if row["site_dominance"] - cohort >= rules.site_excess:
+            flags.append("dominated")
+            reasons.append(
+                f"{100 * row['site_dominance']:.0f}% of its tiles come from site {row['top_site']} "
+                f"(which holds {100 * cohort:.0f}% of the cohort's tiles)"
+            )
+    pos = row["positive_rate"]
+    if pos >= rules.positive_rate and pos - cohort_pos >= rules.positive_excess:
+        why = []
+        if row["mean_tissue"] < rules.low_tissue:
+            why.append(f"its mean tissue fraction is only {row['mean_tissue']:.2f}")
+        if row["mean_ink"] >= rules.ink:
+            why.append(f"{100 * row['mean_ink']:.0f}% of its area is pen ink on average")
+        if why:
+            flags.append("artefact_positive")
+            reasons.append(
+                f"{100 * pos:.0f}% of its tiles are predicted {positive_name} (cohort: {100 * cohort_pos:.0f}%) "
+                f"while {' and '.join(why)}"
+            )
+    if row["mean_cam_off_tissue"] >= rules.off_tissue:
+        flags.append("off_tissue")
+        reasons.append(
+            f"on average {100 * row['mean_cam_off_tissue']:.0f}% of the attribution mass lies on background or ink, "
+            "not on tissue"
+        )
+    if row["n_labelled"] >= rules.min_labelled and row["label_agreement"] < rules.agreement:
+        flags.append("label_disagreement")
+        reasons.append(
+            f"only {100 * row['label_agreement']:.0f}% of its {row['n_labelled']} labelled tiles agree with "
+            "the model's prediction"
+        )
+    return flags, reasons

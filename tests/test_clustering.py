@@ -1,0 +1,193 @@
+"""The clustering package on planted data: mixtures are recovered, prototypes found, shortcuts flagged."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import adjusted_rand_score
+
+import clustering as C
+
+
+@pytest.fixture(scope="session")
+def mixture():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=6.0, size=(6, 64))
+    truth = np.repeat(np.arange(6), 250)
+    X = (centres[truth] + rng.normal(size=(len(truth), 64))).astype(np.float32)
+    return X, truth
+
+
+@pytest.fixture(scope="session")
+def umap5(mixture):
+    X, _ = mixture
+    knn = C.knn_graph(X, 15)
+    return C.umap_embed(X, knn, n_components=5, n_neighbors=15, min_dist=0.0, seed=0), knn
+
+
+def test_exact_knn_matches_brute_force(mixture):
+    X, _ = mixture
+    before = X.copy()
+    g = C.knn_graph(X[:400], 10, method="exact")
+    d2 = ((X[:400, None] - X[None, :400]) ** 2).sum(-1)
+    ref = np.argsort(d2, axis=1, kind="stable")[:, :10]
+    assert (g.indices[:, 0] == np.arange(400)).all() and (g.distances[:, 0] == 0).all()
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(g.indices, ref)]) > 0.99
+    np.testing.assert_allclose(g.distances[:, 1], np.sqrt(np.sort(d2, 1)[:, 1]), rtol=1e-3)
+    np.testing.assert_array_equal(X, before)
+
+
+def test_ivf_and_hnsw_recall(mixture):
+    X, _ = mixture
+    exact = C.knn_graph(X, 10, method="exact")
+    for method in ("ivf", "hnsw"):
+        g = C.knn_graph(X, 10, method=method, seed=0)
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(g.indices, exact.indices)])
+        assert recall > 0.9, (method, recall)
+        assert (g.indices[:, 0] == np.arange(len(X))).all()
+
+
+def test_umap_uses_our_knn_and_hdbscan_recovers_mixture(mixture, umap5, monkeypatch):
+    X, truth = mixture
+    Y, knn = umap5
+    assert Y.shape == (len(X), 5) and np.isfinite(Y).all()
+    res = C.hdbscan_cluster(Y, min_cluster_size=50)
+    assert adjusted_rand_score(truth, res.labels) >= 0.9
+    assert ((res.outlier_scores >= 0) & (res.outlier_scores <= 1)).all()
+    assert ((res.probabilities >= 0) & (res.probabilities <= 1)).all()
+    sizes = np.bincount(res.labels[res.labels >= 0])
+    assert (np.diff(sizes) <= 0).all()  # renumbered by size
+    # UMAP must not redo the neighbour search: make umap's own search fail loudly
+    import umap.umap_ as U
+
+    def boom(*a, **k):
+        raise AssertionError("umap ran its own nearest-neighbour search")
+
+    monkeypatch.setattr(U, "nearest_neighbors", boom)
+    Y2 = C.umap_embed(X, knn, n_components=5, n_neighbors=15, min_dist=0.0, seed=0)
+    np.testing.assert_array_equal(Y, Y2)  # and with the same seed it is deterministic
+
+
+def test_hdbscan_fitted_on_a_sample(umap5, mixture):
+    Y, _ = umap5
+    _, truth = mixture
+    full = C.hdbscan_cluster(Y, min_cluster_size=50)
+    sampled = C.hdbscan_cluster(Y, min_cluster_size=30, fit_max=600, seed=1)
+    assert sampled.n_fitted == 600 and (sampled.labels >= -1).all()
+    assert adjusted_rand_score(truth, sampled.labels) >= 0.9
+    again = C.hdbscan_cluster(Y, min_cluster_size=30, fit_max=600, seed=1)
+    np.testing.assert_array_equal(sampled.labels, again.labels)
+    assert full.n_fitted == len(Y)
+
+
+def test_kmeans(mixture):
+    X, truth = mixture
+    a = C.kmeans_cluster(X, 6, seed=0)
+    b = C.kmeans_cluster(X, 6, seed=0)
+    assert adjusted_rand_score(truth, a.labels) >= 0.9
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.method == "kmeans" and (a.probabilities <= 1).all() and (a.outlier_scores <= 1).all()
+
+
+def test_pca_and_normalise(mixture):
+    X, _ = mixture
+    Z = C.pca_reduce(X, 8)
+    assert Z.shape == (len(X), 8)
+    N = C.l2_normalise(X)
+    np.testing.assert_allclose(np.linalg.norm(N, axis=1), 1, rtol=1e-5)
+
+
+@pytest.fixture(scope="session")
+def planted_concepts():
+    rng = np.random.default_rng(1)
+    K, Cc, h, w, n = 4, 32, 6, 6, 120
+    H = rng.random((K, Cc)) * (rng.random((K, Cc)) < 0.35)
+    H /= np.linalg.norm(H, axis=1, keepdims=True)
+    maps = rng.gamma(0.5, 1.0, size=(n, K, h, w))
+    acts = np.einsum("nkhw,kc->nchw", maps, H) + 0.001 * rng.random((n, Cc, h, w))
+    return H.astype(np.float32), maps.astype(np.float32), acts.astype(np.float32)
+
+
+def test_nmf_recovers_planted_prototypes(planted_concepts):
+    H, maps, acts = planted_concepts
+    before = acts.copy()
+    pos = C.sample_positions(acts, 3000, np.random.default_rng(0))
+    model = C.fit_concepts(pos, 4, seed=0)
+    cos = model.components @ H.T  # both unit-norm
+    r, c = linear_sum_assignment(-cos)
+    assert cos[r, c].min() >= 0.95, cos[r, c]
+    got = C.concept_maps(acts, model)
+    assert got.shape == (len(acts), 4, 6, 6) and (got >= 0).all()
+    for i, j in zip(r, c):
+        corr = np.corrcoef(got[:, i].ravel(), maps[:, j].ravel())[0, 1]
+        assert corr > 0.95
+    np.testing.assert_array_equal(acts, before)
+
+
+def test_concept_association_and_cam_correlation(planted_concepts):
+    H, maps, acts = planted_concepts
+    weights = maps.mean((2, 3))
+    pred = (weights[:, 2] > np.median(weights[:, 2])).astype(int)
+    assoc = C.concept_prediction_association(weights, pred)
+    assert assoc["auc"][2] == pytest.approx(1.0) and np.argmax(np.abs(assoc["coef"])) == 2
+    assert assoc["auc_all"] > 0.95
+    corr = C.concept_cam_correlation(maps, maps[:, 1])
+    assert corr[1] == pytest.approx(1.0) and np.nanmax(np.delete(corr, 1)) < 0.5
+
+
+def test_off_tissue_fraction():
+    cams = np.array([[[1.0, 3.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    tissue = np.array([[[True, False], [True, True]], [[True, True], [True, True]]])
+    out = C.off_tissue_fraction(cams, tissue)
+    assert out[0] == pytest.approx(0.75) and np.isnan(out[1])
+
+
+def _cohort(rng, n_slides=6, per_slide=60):
+    rows = []
+    for s in range(n_slides):
+        for t in range(per_slide):
+            cl = t % 3  # three clean clusters spread over all slides
+            rows.append({"slide_id": f"s{s}", "tile_id": t, "cluster": cl, "pred": int(rng.random() < 0.3),
+                         "site": f"site{s % 2}", "label_pos": float(rng.random() < 0.3)})
+    df = pd.DataFrame(rows)
+    df["pred"] = np.where(df["label_pos"] == 1, 1, df["pred"] * 0)  # clean clusters: predictions follow labels
+    df["membership"], df["outlier_score"] = rng.random(len(df)), rng.random(len(df)) * 0.3
+    df["prob_pos"] = np.where(df["pred"] == 1, 0.9, 0.1)
+    df["confidence"] = np.maximum(df["prob_pos"], 1 - df["prob_pos"])
+    df["tissue_frac"], df["ink_frac"], df["cam_off_tissue"] = 0.9, 0.0, 0.1
+    return df
+
+
+def test_planted_shortcut_raises_every_flag():
+    rng = np.random.default_rng(2)
+    df = _cohort(rng)
+    ink = pd.DataFrame({"slide_id": "s5", "tile_id": np.arange(1000, 1040), "cluster": 3, "pred": 1, "site": "site1",
+                        "label_pos": 0.0, "membership": 0.9, "outlier_score": 0.1, "prob_pos": 0.97, "confidence": 0.97,
+                        "tissue_frac": 0.45, "ink_frac": 0.35, "cam_off_tissue": 0.8})
+    df = pd.concat([df, ink], ignore_index=True)
+    before = df.copy()
+    out = C.summarize_clusters(df, space=np.random.default_rng(0).normal(size=(len(df), 2)))
+    pd.testing.assert_frame_equal(df, before)
+    row = out.set_index("cluster").loc[3]
+    assert set(row["flags"]) == {"dominated", "artefact_positive", "off_tissue", "label_disagreement"}
+    text = " ".join(row["flag_reasons"])
+    assert "slide s5" in text and "pen ink" in text and "background or ink" in text and "labelled tiles agree" in text
+    assert row["size"] == 40 and row["slide_dominance"] == 1.0 and row["positive_rate"] == 1.0
+    reps = json.loads(row["representatives"])
+    assert set(reps) == {"medoid", "most_member", "most_confident", "borderline", "outliers"}
+    assert all(r.startswith("s5:") for r in reps["medoid"])
+    for cl in (0, 1, 2):
+        assert out.set_index("cluster").loc[cl, "flags"] == []
+
+
+def test_site_dominance_flag():
+    rng = np.random.default_rng(3)
+    df = _cohort(rng)
+    df.loc[df["cluster"] == 2, "site"] = "scannerB"   # all of cluster 2 from one site (a third of the cohort)
+    out = C.summarize_clusters(df).set_index("cluster")
+    assert out.loc[2, "flags"] == ["dominated"] and "site scannerB" in out.loc[2, "flag_reasons"][0]
+    assert out.loc[0, "flags"] == []

@@ -1,0 +1,270 @@
+"""The cohort clustering stage: every slide's features -> ``cohort/tiles.parquet``,
+``cohort/clusters.parquet`` and (with concepts) ``cohort/concepts.zarr``.
+
+Embeddings are read from each slide's Zarr store in chunks (tile images are never loaded); only
+tiles with status ok are clustered. The stage is one unit in the manifest (slide id ``cohort``),
+skipped when its params and the extraction records of its slides are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+import clustering
+
+from .atomic import atomic_path
+from .config import ClusterConfig
+from .errors import WsiExplainError
+from .run import RunFolder, now_iso, params_hash
+
+__all__ = ["ClusterOutcome", "run_cluster_stage", "load_cohort", "STAGE"]
+
+logger = logging.getLogger(__name__)
+
+STAGE = "cluster"
+COHORT = "cohort"
+
+
+@dataclass
+class ClusterOutcome:
+    status: str  # done | skipped
+    n_tiles: int = 0
+    n_clusters: int = 0
+    n_noise: int = 0
+    flagged: int = 0
+    seconds: float = 0.0
+    timings: dict | None = None
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _tissue_cells(tiles: pd.DataFrame, tissue_png: Path, scale: float, h: int, w: int) -> np.ndarray:
+    """(n, h, w) bool: is the centre of each CAM cell on tissue (1 in the coded mask)?"""
+    from PIL import Image
+
+    coded = np.asarray(Image.open(tissue_png))
+    H, W = coded.shape
+    fy = (np.arange(h) + 0.5) / h
+    fx = (np.arange(w) + 0.5) / w
+    x = tiles["x"].to_numpy(np.float64)[:, None, None] + fx[None, None, :] * tiles["size0"].to_numpy(np.float64)[:, None, None]
+    y = tiles["y"].to_numpy(np.float64)[:, None, None] + fy[None, :, None] * tiles["size0"].to_numpy(np.float64)[:, None, None]
+    xi = np.clip((x / scale).astype(int), 0, W - 1)
+    yi = np.clip((y / scale).astype(int), 0, H - 1)
+    xi, yi = np.broadcast_arrays(xi, yi)
+    return coded[yi, xi] == 1
+
+
+def _label_pos(df: pd.DataFrame, meta: dict, cfg: ClusterConfig) -> np.ndarray:
+    """1 / 0 / NaN per tile: positive label from annotation fractions, else from the slide label."""
+    n = len(df)
+    cols = [c for c in df.columns if c.startswith("label_")]
+    if cols and cfg.positive_labels:
+        from tiling import label_column
+
+        pos_cols = [label_column(p) for p in cfg.positive_labels if label_column(p) in df.columns]
+        neg_cols = [c for c in cols if c not in pos_cols]
+        pos = df[pos_cols].sum(1).to_numpy() if pos_cols else np.zeros(n)
+        neg = df[neg_cols].sum(1).to_numpy() if neg_cols else np.zeros(n)
+        return np.where(pos >= 0.5, 1.0, np.where(neg >= 0.5, 0.0, np.nan))
+    label = (meta.get("meta") or {}).get("label")
+    try:
+        return np.full(n, float(float(label) > 0))
+    except (TypeError, ValueError):
+        return np.full(n, np.nan)
+
+
+def load_cohort(run: RunFolder, slide_ids: list[str], cfg: ClusterConfig, *, chunk: int = 65_536):
+    """Read the cohort: the tile table (ok tiles only), embeddings, the CAM and activations.
+
+    Returns
+    -------
+    tiles : DataFrame (one row per clustered tile)
+    X : (n, D) float32 embeddings
+    cams : (n, h, w) float32 raw CAM of ``cfg.cam_method`` (or None)
+    acts : list of (slide_id, store, row indices) for concept discovery (read lazily)
+    class_names : list of str
+    """
+    from .features import open_store, read_cams
+    from .tile_stage import read_tile_table
+
+    frames, embs, cams_all, acts = [], [], [], []
+    class_names: list[str] = []
+    cam_method = cfg.cam_method
+    for sid in slide_ids:
+        sdir = run.slide_dir(sid)
+        tiles, meta = read_tile_table(sdir / "tiles.parquet")
+        g = open_store(sdir / "features.zarr")
+        ok = np.flatnonzero(np.asarray(g["status"][:]) == 1)
+        if len(ok) == 0:
+            logger.warning("slide %s: no tile with usable features; left out of the cohort", sid)
+            continue
+        class_names = list(g.attrs.get("class_names", []))
+        cam_method = cam_method or (list(g.attrs.get("methods", [])) or [None])[0]
+        emb = np.concatenate([np.asarray(g["embeddings"][s : s + chunk], np.float32) for s in range(0, len(tiles), chunk)])[ok]
+        logits = np.asarray(g["logits"][:], np.float32)[ok]
+        probs = _softmax(logits)
+        df = tiles.iloc[ok].reset_index(drop=True)
+        df.insert(0, "slide_id", sid)
+        df["pred"] = probs.argmax(1)
+        for j in range(probs.shape[1]):
+            df[f"prob_{j}"] = probs[:, j]
+        df["confidence"] = probs.max(1)
+        pc = min(cfg.positive_class, probs.shape[1] - 1)
+        df["prob_pos"] = probs[:, pc]
+        df["pred"] = (df["pred"] == pc).astype(int) if probs.shape[1] == 2 else df["pred"]
+        for k, v in (meta.get("meta") or {}).items():
+            df[f"slide_{k}" if k in df.columns else k] = v
+        df["label_pos"] = _label_pos(df, meta, cfg)
+        if cam_method and f"cams/{cam_method}" in g:
+            cam = read_cams(g, cam_method, ok)
+            cells = _tissue_cells(df, sdir / "tissue.png", float(meta["tissue_mask_scale"]), *cam.shape[1:])
+            df["cam_off_tissue"] = clustering.off_tissue_fraction(cam, cells)
+            cams_all.append(cam)
+        if "activations" in g:
+            acts.append((sid, g, ok))
+        frames.append(df)
+        embs.append(emb)
+    if not frames:
+        raise WsiExplainError(f"{run.path}: no slide has extracted features; run `wsi-explain extract` first")
+    tiles = pd.concat(frames, ignore_index=True)
+    cams = np.concatenate(cams_all) if cams_all and len(cams_all) == len(frames) else None
+    return tiles, np.concatenate(embs), cams, acts, class_names, cam_method
+
+
+def _concepts(acts, tiles: pd.DataFrame, cams, cfg: ClusterConfig, out: Path, timings: dict) -> pd.DataFrame:
+    """Fit NMF prototypes on positions sampled over the cohort; write concepts.zarr; return weights."""
+    import zarr
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(cfg.seed)
+    n_total = sum(len(ok) for _, _, ok in acts)
+    sample = []
+    for sid, g, ok in acts:
+        take = max(1, int(round(cfg.concept_positions * len(ok) / n_total)))
+        rows = np.sort(rng.choice(ok, size=min(len(ok), max(1, take // 4 + 1)), replace=False))
+        a = np.asarray(g["activations"].oindex[rows], np.float32)
+        sample.append(clustering.sample_positions(a, take, rng))
+    model = clustering.fit_concepts(np.concatenate(sample), cfg.concepts, seed=cfg.seed)
+    maps = []
+    for sid, g, ok in acts:
+        for s in range(0, len(ok), 4096):
+            a = np.asarray(g["activations"].oindex[ok[s : s + 4096]], np.float32)
+            maps.append(clustering.concept_maps(a, model))
+    maps = np.concatenate(maps)
+    weights = maps.mean((2, 3))
+    assoc = clustering.concept_prediction_association(weights, tiles["pred"].to_numpy(), seed=cfg.seed)
+    corr = clustering.concept_cam_correlation(maps, cams) if cams is not None and cams.shape[1:] == maps.shape[2:] else np.full(cfg.concepts, np.nan)
+    top = {str(k): np.argsort(-weights[:, k], kind="stable")[:16].tolist() for k in range(cfg.concepts)}
+    with atomic_path(out) as tmp:
+        z = zarr.open_group(str(tmp), mode="w")
+        z.create_array("components", data=model.components)
+        z.create_array("weights", data=weights.astype(np.float32))
+        z.create_array("maps", data=maps.astype(np.float16), chunks=(min(len(maps), 4096),) + maps.shape[1:])
+        z.attrs.update({
+            "reconstruction_error": model.reconstruction_error,
+            "n_positions": model.n_positions,
+            "auc": [None if np.isnan(v) else float(v) for v in assoc["auc"]],
+            "coef": [None if np.isnan(v) else float(v) for v in assoc["coef"]],
+            "auc_all": None if np.isnan(assoc["auc_all"]) else assoc["auc_all"],
+            "cam_correlation": [None if np.isnan(v) else float(v) for v in corr],
+            "top_tiles": top,
+            "rows": "cohort/tiles.parquet row order",
+        })
+    timings["concepts"] = round(time.perf_counter() - t0, 3)
+    return pd.DataFrame(weights, columns=[f"concept_{k}" for k in range(cfg.concepts)])
+
+
+def _fingerprint(run: RunFolder, ids: list[str]) -> str:
+    recs = run.stage("extract")["slides"]
+    blob = json.dumps([[s, recs[s].get("fingerprint"), recs[s].get("params"), recs[s].get("end")] for s in ids])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def run_cluster_stage(run: RunFolder, cfg: ClusterConfig, *, on_step: Callable[[str], None] | None = None) -> ClusterOutcome:
+    """Cluster the whole cohort of the run (every slide whose extraction is done)."""
+    t_start = time.perf_counter()
+    ids = sorted(s for s, r in run.stage("extract")["slides"].items() if r.get("status") == "done")
+    if not ids:
+        raise WsiExplainError(f"{run.path}: no extracted slide; run `wsi-explain extract` first")
+    params = params_hash(cfg.model_dump(mode="json"))
+    fp = _fingerprint(run, ids)
+    run.set_config(STAGE, cfg.model_dump(mode="json"))
+    outputs = ["cohort/tiles.parquet", "cohort/clusters.parquet"] + (["cohort/concepts.zarr"] if cfg.concepts else [])
+    if run.is_done(STAGE, COHORT, params=params, fingerprint=fp):
+        rec = run.slide_record(STAGE, COHORT)
+        return ClusterOutcome("skipped", rec.get("n_tiles", 0), rec.get("n_clusters", 0), rec.get("n_noise", 0), rec.get("flagged", 0))
+    step = on_step or (lambda s: None)
+    timings: dict[str, float] = {}
+    start = now_iso()
+
+    def timed(name, fn, *a, **k):
+        step(name)
+        t0 = time.perf_counter()
+        out = fn(*a, **k)
+        timings[name] = round(time.perf_counter() - t0, 3)
+        return out
+
+    tiles, X, cams, acts, class_names, cam_method = timed("read", load_cohort, run, ids, cfg)
+    n = len(tiles)
+    if n < max(cfg.n_neighbors + 1, 10):
+        raise WsiExplainError(f"{run.path}: only {n} usable tiles in the cohort; clustering needs at least {max(cfg.n_neighbors + 1, 10)}")
+    Z = timed("pca", clustering.pca_reduce, X, cfg.pca, seed=cfg.seed) if cfg.pca else X
+    if cfg.l2:
+        Z = clustering.l2_normalise(Z)
+    knn = timed("knn", clustering.knn_graph, Z, cfg.n_neighbors, method=cfg.knn_method, exact_max=cfg.exact_max, seed=cfg.seed)
+    umap2 = timed("umap_2d", clustering.umap_embed, Z, knn, n_components=2, n_neighbors=cfg.n_neighbors, min_dist=0.1, seed=cfg.seed)
+    if cfg.method == "hdbscan":
+        space = timed("umap_nd", clustering.umap_embed, Z, knn, n_components=cfg.cluster_dims, n_neighbors=cfg.n_neighbors,
+                      min_dist=cfg.min_dist, seed=cfg.seed)
+        mcs = cfg.min_cluster_size or max(5, min(100, n // 50))
+        res = timed("cluster", clustering.hdbscan_cluster, space, min_cluster_size=mcs, min_samples=cfg.min_samples,
+                    fit_max=cfg.fit_max, seed=cfg.seed)
+    else:
+        space = Z
+        res = timed("cluster", clustering.kmeans_cluster, Z, min(cfg.k, n), seed=cfg.seed)
+    tiles["cluster"], tiles["membership"], tiles["outlier_score"] = res.labels, res.probabilities, res.outlier_scores
+    tiles["umap_x"], tiles["umap_y"] = umap2[:, 0], umap2[:, 1]
+    cohort_dir = run.path / "cohort"
+    cohort_dir.mkdir(exist_ok=True)
+    if cfg.concepts:
+        if len(acts) != len(set(tiles["slide_id"])):
+            raise WsiExplainError(
+                f"{run.path}: --concepts needs spatial activations for every slide; rerun extract with --activations"
+            )
+        tiles = pd.concat([tiles, _concepts(acts, tiles, cams, cfg, cohort_dir / "concepts.zarr", timings)], axis=1)
+    elif (cohort_dir / "concepts.zarr").exists():
+        shutil.rmtree(cohort_dir / "concepts.zarr")
+    names = class_names[cfg.positive_class] if len(class_names) > cfg.positive_class else "positive"
+    summary = timed("summary", clustering.summarize_clusters, tiles, space=space, positive_name=names)
+    _write_parquet(tiles, cohort_dir / "tiles.parquet", {"cam_method": cam_method, "class_names": class_names, "config": cfg.model_dump(mode="json")})
+    _write_parquet(summary, cohort_dir / "clusters.parquet", {"flag_names": clustering.FLAG_NAMES})
+    n_clusters = int((summary["cluster"] >= 0).sum())
+    flagged = int(sum(bool(f) for f in summary["flags"]))
+    outcome = ClusterOutcome("done", n, n_clusters, int((res.labels < 0).sum()), flagged, time.perf_counter() - t_start, timings)
+    run.record(STAGE, COHORT, status="done", params=params, fingerprint=fp, outputs=outputs, slides=ids, n_tiles=n,
+               n_clusters=n_clusters, n_noise=outcome.n_noise, flagged=flagged, knn=knn.method, timings=timings,
+               start=start, end=now_iso(), seconds=round(outcome.seconds, 3), error=None)
+    return outcome
+
+
+def _write_parquet(df: pd.DataFrame, path: Path, meta: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"wsi_explain": json.dumps(meta, default=str).encode()})
+    with atomic_path(path, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp)
