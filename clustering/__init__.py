@@ -13,8 +13,8 @@ from .concepts import (
     fit_concepts,
     sample_positions,
 )
-from .neighbors import KnnGraph, faiss_gpus, knn_graph
-from .reduce import l2_normalise, pca_reduce, umap_embed
+from .neighbors import KnnGraph, faiss_gpus, knn_graph, knn_query
+from .reduce import l2_normalise, pca_reduce, umap_cohort, umap_embed
 from .summary import FLAG_NAMES, FlagRules, off_tissue_fraction, summarize_clusters
 
 __all__ = [
@@ -31,10 +31,12 @@ __all__ = [
     "hdbscan_cluster",
     "kmeans_cluster",
     "knn_graph",
+    "knn_query",
     "l2_normalise",
     "off_tissue_fraction",
     "pca_reduce",
     "sample_positions",
     "summarize_clusters",
+    "umap_cohort",
     "umap_embed",
 ]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["KnnGraph", "knn_graph", "faiss_gpus"]
+__all__ = ["KnnGraph", "knn_graph", "knn_query", "faiss_gpus"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,62 @@ class KnnGraph:
     method: str
 
 
+def _build_index(X: np.ndarray, *, method: str, exact_max: int, use_gpu, seed: int, nprobe: int, hnsw_m: int, k: int):
+    import faiss
+
+    n, d = X.shape
+    gpu = faiss_gpus() > 0 if use_gpu == "auto" else bool(use_gpu)
+    if method == "auto":
+        method = "exact" if n <= exact_max else "ivf"
+    if method == "exact":
+        index = faiss.IndexFlatL2(d)
+    elif method == "hnsw":
+        index = faiss.IndexHNSWFlat(d, hnsw_m)
+        index.hnsw.efConstruction = 80
+        index.hnsw.efSearch = max(64, 2 * k)
+    elif method == "ivf":
+        nlist = int(max(16, min(65_536, 4 * np.sqrt(n))))
+        quantizer = faiss.IndexFlatL2(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist)
+        index.cp.seed = seed
+        train = X if n <= 50 * nlist else X[np.random.default_rng(seed).choice(n, 50 * nlist, replace=False)]
+        index.train(train)
+        index.nprobe = nprobe
+    else:
+        raise ValueError(f"unknown k-NN method {method!r}; use auto, exact, hnsw or ivf")
+    if gpu:
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, 0, index)
+        method += "-gpu"
+    index.add(X)
+    return index, method
+
+
+def _search(index, Q: np.ndarray, k: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    n = len(Q)
+    D = np.empty((n, k), np.float32)
+    I = np.empty((n, k), np.int64)
+    for s in range(0, n, batch):
+        D[s : s + batch], I[s : s + batch] = index.search(Q[s : s + batch], k)
+    return D, I
+
+
+def knn_query(
+    base: np.ndarray, queries: np.ndarray, k: int, *, method: str = "auto", exact_max: int = 50_000,
+    use_gpu: str | bool = "auto", seed: int = 0, batch: int = 65_536,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest rows of ``base`` for each row of ``queries``.
+
+    Returns
+    -------
+    indices (m, k) int64 into ``base`` (-1 where fewer were found), distances (m, k) float32 (Euclidean).
+    """
+    base = np.ascontiguousarray(base, np.float32)
+    index, _ = _build_index(base, method=method, exact_max=exact_max, use_gpu=use_gpu, seed=seed, nprobe=16, hnsw_m=32, k=k)
+    D, I = _search(index, np.ascontiguousarray(queries, np.float32), int(min(k, len(base))), batch)
+    return I, np.sqrt(np.maximum(D, 0.0), dtype=np.float32)
+
+
 def faiss_gpus() -> int:
     import faiss
 
@@ -42,7 +98,7 @@ def knn_graph(
     k: int,
     *,
     method: str = "auto",
-    exact_max: int = 200_000,
+    exact_max: int = 50_000,
     use_gpu: str | bool = "auto",
     seed: int = 0,
     nprobe: int = 16,
@@ -69,41 +125,14 @@ def knn_graph(
     -------
     KnnGraph
     """
-    import faiss
-
     X = np.ascontiguousarray(X, dtype=np.float32)
-    n, d = X.shape
+    n = len(X)
     if n < 2:
         raise ValueError(f"need at least 2 points for a k-NN graph, got {n}")
     k = int(min(k, n))
-    gpu = faiss_gpus() > 0 if use_gpu == "auto" else bool(use_gpu)
-    if method == "auto":
-        method = "exact" if n <= exact_max else "ivf"
-    if method == "exact":
-        index = faiss.IndexFlatL2(d)
-    elif method == "hnsw":
-        index = faiss.IndexHNSWFlat(d, hnsw_m)
-        index.hnsw.efConstruction = 80
-        index.hnsw.efSearch = max(64, 2 * k)
-    elif method == "ivf":
-        nlist = int(max(16, min(65_536, 4 * np.sqrt(n))))
-        quantizer = faiss.IndexFlatL2(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist)
-        index.cp.seed = seed
-        train = X if n <= 50 * nlist else X[np.random.default_rng(seed).choice(n, 50 * nlist, replace=False)]
-        index.train(train)
-        index.nprobe = nprobe
-    else:
-        raise ValueError(f"unknown k-NN method {method!r}; use auto, exact, hnsw or ivf")
-    if gpu:
-        res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, 0, index)
-        method += "-gpu"
-    index.add(X)
-    D = np.empty((n, k), np.float32)
-    I = np.empty((n, k), np.int64)
-    for s in range(0, n, batch):
-        D[s : s + batch], I[s : s + batch] = index.search(X[s : s + batch], k)
+    index, method = _build_index(X, method=method, exact_max=exact_max, use_gpu=use_gpu, seed=seed, nprobe=nprobe,
+                                 hnsw_m=hnsw_m, k=k)
+    D, I = _search(index, X, k, batch)
     # make every point its own first neighbour at distance 0 (approximate indexes may miss it)
     rows = np.arange(n)
     first_is_self = I[:, 0] == rows

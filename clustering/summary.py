@@ -6,7 +6,8 @@ when present:
 - ``slide_id``, ``tile_id``, ``cluster`` (-1 = noise), ``membership``, ``outlier_score``
 - ``pred`` (int), ``confidence`` (max probability), ``prob_pos`` (probability of the positive class)
 - optional: ``tissue_frac``, ``ink_frac``, ``cam_off_tissue`` (share of attribution mass off tissue),
-  ``label_pos`` (1/0/NaN: tile or slide label, positive or not), ``site``, ``concept_<k>``
+  ``label_pos`` (1/0/NaN: tile or slide label, positive or not), a site column (``site``,
+  ``provider``, ``data_provider``, ``scanner`` or ``center``: the first present), ``concept_<k>``
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["FlagRules", "summarize_clusters", "off_tissue_fraction", "FLAG_NAMES"]
+__all__ = ["FlagRules", "summarize_clusters", "off_tissue_fraction", "FLAG_NAMES", "SITE_COLUMNS"]
+
+#: cohort CSV columns that name where a slide comes from (checked in this order)
+SITE_COLUMNS = ("site", "provider", "data_provider", "scanner", "center", "centre")
 
 FLAG_NAMES = {
     "dominated": "dominated by one slide or site",
@@ -128,8 +132,9 @@ def summarize_clusters(
     df = tiles.reset_index(drop=True)
     n_slides_cohort = df["slide_id"].nunique()
     cohort_pos = float((df["pred"] == 1).mean()) if "pred" in df else float("nan")
-    has_site = "site" in df and df["site"].nunique() > 1
-    site_share = df["site"].value_counts(normalize=True) if has_site else None
+    site_col = next((c for c in SITE_COLUMNS if c in df.columns), None)
+    has_site = site_col is not None and df[site_col].nunique() > 1
+    site_share = df[site_col].value_counts(normalize=True) if has_site else None
     concept_cols = [c for c in df.columns if c.startswith("concept_")]
     rows = []
     for cl, g in df.groupby("cluster", sort=True):
@@ -150,9 +155,10 @@ def summarize_clusters(
             "mean_cam_off_tissue": float(g["cam_off_tissue"].mean()) if "cam_off_tissue" in g else float("nan"),
             "top_site": None,
             "site_dominance": float("nan"),
+            "site_column": site_col,
         }
         if has_site:
-            sites = g["site"].value_counts()
+            sites = g[site_col].value_counts()
             row["top_site"], row["site_dominance"] = str(sites.index[0]), float(sites.iloc[0] / size)
         lab = g["label_pos"].dropna() if "label_pos" in g else pd.Series(dtype=float)
         row["n_labelled"] = int(len(lab))
@@ -192,7 +198,7 @@ def _flags(row, rules: FlagRules, n_slides_cohort, cohort_pos, site_share, posit
         if row["site_dominance"] - cohort >= rules.site_excess:
             flags.append("dominated")
             reasons.append(
-                f"{100 * row['site_dominance']:.0f}% of its tiles come from site {row['top_site']} "
+                f"{100 * row['site_dominance']:.0f}% of its tiles come from {row['site_column']} {row['top_site']} "
                 f"(which holds {100 * cohort:.0f}% of the cohort's tiles)"
             )
     pos = row["positive_rate"]

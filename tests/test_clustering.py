@@ -191,3 +191,24 @@ def test_site_dominance_flag():
     out = C.summarize_clusters(df).set_index("cluster")
     assert out.loc[2, "flags"] == ["dominated"] and "site scannerB" in out.loc[2, "flag_reasons"][0]
     assert out.loc[0, "flags"] == []
+    scanners = df.rename(columns={"site": "scanner"})
+    out = C.summarize_clusters(scanners).set_index("cluster")
+    assert out.loc[2, "flags"] == ["dominated"] and "scanner scannerB" in out.loc[2, "flag_reasons"][0]
+
+
+def test_umap_on_a_sample_places_the_rest(mixture):
+    X, truth = mixture
+    embs, info = C.umap_cohort(X, n_components=(2, 5), min_dist=(0.1, 0.0), n_neighbors=15, fit_max=600, seed=0)
+    assert info["n_fitted"] == 600 and embs[2].shape == (len(X), 2) and embs[5].shape == (len(X), 5)
+    res = C.hdbscan_cluster(embs[5], min_cluster_size=30)
+    assert adjusted_rand_score(truth, res.labels) >= 0.9
+    again, _ = C.umap_cohort(X, n_components=(2,), min_dist=(0.1,), n_neighbors=15, fit_max=600, seed=0)
+    np.testing.assert_array_equal(embs[2], again[2])
+
+
+def test_knn_query(mixture):
+    X, _ = mixture
+    I, D = C.knn_query(X[:1000], X[1000:1100], 5)
+    d2 = ((X[1000:1100, None] - X[None, :1000]) ** 2).sum(-1)
+    np.testing.assert_array_equal(I[:, 0], d2.argmin(1))
+    np.testing.assert_allclose(D[:, 0], np.sqrt(d2.min(1)), rtol=1e-3)

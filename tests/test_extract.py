@@ -17,7 +17,7 @@ import zarr
 
 from tests.conftest import copy_run
 from tests.tiny_models import tiny_cnn
-from wsi_explain import RunFolder, TileConfig, discover_slides, read_tile_table, run_tile_stage
+from wsi_explain import RunFolder, read_tile_table
 from wsi_explain.config import ExtractConfig
 from wsi_explain.extract_stage import STATUS_NONFINITE, STATUS_OK, STATUS_READ_ERROR, run_extract_stage
 from wsi_explain.features import read_cams

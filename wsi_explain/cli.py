@@ -38,16 +38,32 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def _tile_config(**kw):
+def _config(cls, what: str, **kw):
+    """Build a validated config, or exit 2 with every problem listed."""
     from pydantic import ValidationError
 
-    from .config import TileConfig
-
     try:
-        return TileConfig(**{k: v for k, v in kw.items() if v is not None})
+        return cls(**kw)
     except ValidationError as exc:
         errs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
-        _fail(f"invalid tiling parameters: {errs}")
+        _fail(f"invalid {what} parameters: {errs}")
+
+
+def _open_run(path: Path):
+    """The run folder opened for writing, or exit 2 with the reason (locked, bad manifest)."""
+    from .errors import ManifestError, RunLockedError
+    from .run import RunFolder
+
+    try:
+        return RunFolder(path)
+    except (RunLockedError, ManifestError) as exc:
+        _fail(str(exc))
+
+
+def _tile_config(**kw):
+    from .config import TileConfig
+
+    return _config(TileConfig, "tiling", **{k: v for k, v in kw.items() if v is not None})
 
 
 def _print_tile_summary(results) -> int:
@@ -77,8 +93,7 @@ def _print_tile_summary(results) -> int:
 def _run_tiling(slides: list[str], out: Path, mpp: Optional[float], cfg) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .errors import RunLockedError, SlideListError
-    from .run import RunFolder
+    from .errors import SlideListError
     from .slides import discover_slides
     from .tile_stage import run_tile_stage
 
@@ -86,10 +101,7 @@ def _run_tiling(slides: list[str], out: Path, mpp: Optional[float], cfg) -> int:
         sources = discover_slides(slides, mpp=mpp)
     except SlideListError as exc:
         _fail(str(exc))
-    try:
-        run = RunFolder(out)
-    except RunLockedError as exc:
-        _fail(str(exc))
+    run = _open_run(out)
     with run, Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
     ) as progress:
@@ -174,30 +186,23 @@ def extract(
 ) -> None:
     """Run the model over every tile: predictions, embeddings and CAMs into slides/<id>/features.zarr."""
     _setup_logging(verbose)
-    from pydantic import ValidationError
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .config import ExtractConfig
-    from .errors import ManifestError, RunLockedError, WsiExplainError
+    from .errors import WsiExplainError
     from .extract_stage import run_extract_stage
-    from .run import RunFolder
 
-    try:
-        cfg = ExtractConfig(
+    cfg = _config(
+            ExtractConfig, "extraction",
             arch=model, weights=str(weights) if weights else None, ensemble=tuple(str(e) for e in ensemble),
             num_classes=num_classes, class_names=tuple(class_names.split(",")) if class_names else None,
             card=str(card) if card else None, trust_checkpoint=trust_checkpoint,
             methods=tuple(m.strip() for m in methods.split(",") if m.strip()), target=target,
             target_layer=target_layer, embedding_layer=embedding_layer, activations=activations,
             attr_sample=attr_sample, batch_size=batch_size, workers=workers, device=device, seed=seed,
-        )
-    except ValidationError as exc:
-        _fail("invalid extraction parameters: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
-    try:
-        rf = RunFolder(run)
-    except (RunLockedError, ManifestError) as exc:
-        _fail(str(exc))
+    )
+    rf = _open_run(run)
     console = Console()
     with rf:
         total = sum(r.get("n_tiles", 0) for r in rf.stage("tile")["slides"].values() if r.get("status") == "done")
@@ -239,25 +244,17 @@ def cluster(
 ) -> None:
     """Cluster every tile of the cohort: cohort/tiles.parquet, cohort/clusters.parquet, concepts."""
     _setup_logging(verbose)
-    from pydantic import ValidationError
     from rich.console import Console
     from rich.table import Table
 
     from .cluster_stage import run_cluster_stage
     from .config import ClusterConfig
-    from .errors import ManifestError, RunLockedError, WsiExplainError
-    from .run import RunFolder
+    from .errors import WsiExplainError
 
-    try:
-        cfg = ClusterConfig(method=method, k=k, min_cluster_size=min_cluster_size, pca=pca, n_neighbors=n_neighbors,
-                            concepts=concepts, seed=seed,
-                            positive_labels=tuple(p.strip() for p in positive_labels.split(",")) if positive_labels else ())
-    except ValidationError as exc:
-        _fail("invalid clustering parameters: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
-    try:
-        rf = RunFolder(run)
-    except (RunLockedError, ManifestError) as exc:
-        _fail(str(exc))
+    cfg = _config(ClusterConfig, "clustering", method=method, k=k, min_cluster_size=min_cluster_size, pca=pca,
+                  n_neighbors=n_neighbors, concepts=concepts, seed=seed,
+                  positive_labels=tuple(p.strip() for p in positive_labels.split(",")) if positive_labels else ())
+    rf = _open_run(run)
     console = Console()
     with rf, console.status("clustering") as st:
         try:

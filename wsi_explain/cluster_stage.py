@@ -25,6 +25,7 @@ import clustering
 from .atomic import atomic_path
 from .config import ClusterConfig
 from .errors import WsiExplainError
+from .extract_stage import softmax
 from .run import RunFolder, now_iso, params_hash
 
 __all__ = ["ClusterOutcome", "run_cluster_stage", "load_cohort", "STAGE"]
@@ -44,11 +45,6 @@ class ClusterOutcome:
     flagged: int = 0
     seconds: float = 0.0
     timings: dict | None = None
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _tissue_cells(tiles: pd.DataFrame, tissue_png: Path, scale: float, h: int, w: int) -> np.ndarray:
@@ -115,7 +111,7 @@ def load_cohort(run: RunFolder, slide_ids: list[str], cfg: ClusterConfig, *, chu
         cam_method = cam_method or (list(g.attrs.get("methods", [])) or [None])[0]
         emb = np.concatenate([np.asarray(g["embeddings"][s : s + chunk], np.float32) for s in range(0, len(tiles), chunk)])[ok]
         logits = np.asarray(g["logits"][:], np.float32)[ok]
-        probs = _softmax(logits)
+        probs = softmax(logits)
         df = tiles.iloc[ok].reset_index(drop=True)
         df.insert(0, "slide_id", sid)
         df["pred"] = probs.argmax(1)
@@ -224,11 +220,15 @@ def run_cluster_stage(run: RunFolder, cfg: ClusterConfig, *, on_step: Callable[[
     Z = timed("pca", clustering.pca_reduce, X, cfg.pca, seed=cfg.seed) if cfg.pca else X
     if cfg.l2:
         Z = clustering.l2_normalise(Z)
-    knn = timed("knn", clustering.knn_graph, Z, cfg.n_neighbors, method=cfg.knn_method, exact_max=cfg.exact_max, seed=cfg.seed)
-    umap2 = timed("umap_2d", clustering.umap_embed, Z, knn, n_components=2, n_neighbors=cfg.n_neighbors, min_dist=0.1, seed=cfg.seed)
+    dims = (2, cfg.cluster_dims) if cfg.method == "hdbscan" else (2,)
+    sub: dict[str, float] = {}
+    embs, info = timed("knn_umap", clustering.umap_cohort, Z, n_components=dims, min_dist=(0.1, cfg.min_dist)[: len(dims)],
+                       n_neighbors=cfg.n_neighbors, fit_max=cfg.umap_fit_max, seed=cfg.seed, knn_method=cfg.knn_method,
+                       exact_max=cfg.exact_max, timings=sub)
+    timings.update(sub)
+    umap2 = embs[2]
     if cfg.method == "hdbscan":
-        space = timed("umap_nd", clustering.umap_embed, Z, knn, n_components=cfg.cluster_dims, n_neighbors=cfg.n_neighbors,
-                      min_dist=cfg.min_dist, seed=cfg.seed)
+        space = embs[cfg.cluster_dims]
         mcs = cfg.min_cluster_size or max(5, min(100, n // 50))
         res = timed("cluster", clustering.hdbscan_cluster, space, min_cluster_size=mcs, min_samples=cfg.min_samples,
                     fit_max=cfg.fit_max, seed=cfg.seed)
@@ -255,7 +255,7 @@ def run_cluster_stage(run: RunFolder, cfg: ClusterConfig, *, on_step: Callable[[
     flagged = int(sum(bool(f) for f in summary["flags"]))
     outcome = ClusterOutcome("done", n, n_clusters, int((res.labels < 0).sum()), flagged, time.perf_counter() - t_start, timings)
     run.record(STAGE, COHORT, status="done", params=params, fingerprint=fp, outputs=outputs, slides=ids, n_tiles=n,
-               n_clusters=n_clusters, n_noise=outcome.n_noise, flagged=flagged, knn=knn.method, timings=timings,
+               n_clusters=n_clusters, n_noise=outcome.n_noise, flagged=flagged, knn=info["knn"], umap_fitted=info["n_fitted"], timings=timings,
                start=start, end=now_iso(), seconds=round(outcome.seconds, 3), error=None)
     return outcome
 

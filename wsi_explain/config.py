@@ -157,6 +157,8 @@ class ClusterConfig(_Frozen):
         Cohorts up to this size get an exact k-NN.
     fit_max : int
         HDBSCAN is fitted on at most this many tiles, the rest assigned.
+    umap_fit_max : int
+        UMAP is fitted on at most this many tiles; the rest are placed from their FAISS neighbours.
     concepts : int
         NMF concept prototypes (0 = none; needs ``extract --activations``).
     concept_positions : int
@@ -180,8 +182,9 @@ class ClusterConfig(_Frozen):
     min_dist: float = Field(0.0, ge=0.0, le=1.0)
     cluster_dims: int = Field(5, ge=2, le=50)
     knn_method: Literal["auto", "exact", "ivf", "hnsw"] = "auto"
-    exact_max: int = Field(200_000, ge=1)
+    exact_max: int = Field(50_000, ge=1)
     fit_max: int = Field(200_000, ge=100)
+    umap_fit_max: int = Field(200_000, ge=100)
     concepts: int = Field(0, ge=0, le=64)
     concept_positions: int = Field(20_000, ge=100)
     cam_method: str | None = None

@@ -149,7 +149,8 @@ def open_features(path: Path, *, n: int, probe, cfg: ExtractConfig, params: str,
     return g
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits (n, K), numerically stable."""
     e = np.exp(x - x.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
 
@@ -186,8 +187,6 @@ def extract_slide(
     on_tiles : callable(int), optional
         Called with the number of tiles finished after each batch (progress bars).
     """
-    import torch
-
     from .tiles_io import TileDataset, chunk_batches, make_loader
 
     t0 = time.perf_counter()
@@ -272,7 +271,7 @@ def _collect(buf: dict, outs: list, ok: np.ndarray, errs: list, ids: np.ndarray,
     if main.activations is not None:
         add("activations", []).append(main.activations)
     if len(outs) > 1:
-        probs = np.stack([_softmax(o.logits) for o in outs], axis=1)  # (B, M, K)
+        probs = np.stack([softmax(o.logits) for o in outs], axis=1)  # (B, M, K)
         add("ensemble/probs", []).append(probs)
         add("ensemble/probs_mean", []).append(probs.mean(1))
         add("ensemble/probs_std", []).append(probs.std(1))
