@@ -307,14 +307,21 @@ def status(run: Path = typer.Argument(..., help="Run folder.")) -> None:
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder."),
     n_slides: int = typer.Option(6, help="Number of demo slides."),
+    workers: int = typer.Option(2, help="Tile-reading worker processes."),
     seed: int = typer.Option(0),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Build a demo cohort from real H&E (CMU-1 small region) and run the pipeline on it."""
+    """Build a demo cohort from real H&E (CMU-1 small region) and run the pipeline on it:
+    tile, fit a 2-class head on EfficientNet-Lite0 (ImageNet), extract CAMs, cluster."""
     _setup_logging(verbose)
+    import pandas as pd
     from rich.console import Console
 
+    from .cluster_stage import run_cluster_stage
+    from .config import ClusterConfig, ExtractConfig
     from .demo_data import build_demo_cohort, find_demo_source
+    from .demo_model import train_demo_model
+    from .extract_stage import run_extract_stage
 
     console = Console()
     src = find_demo_source()
@@ -322,10 +329,28 @@ def demo(
     slides_dir = Path(out) / "demo_slides"
     with console.status("building demo slides"):
         build_demo_cohort(slides_dir, n_slides=n_slides, seed=seed)
-    cfg = _tile_config()
-    failed = _run_tiling([str(slides_dir / "cohort.csv")], out, None, cfg)
-    console.print(f"run folder: {Path(out).resolve()}  (manifest: {Path(out).resolve() / 'manifest.json'})")
-    raise typer.Exit(1 if failed else 0)
+    failed = _run_tiling([str(slides_dir / "cohort.csv")], out, None, _tile_config())
+    with _open_run(out) as run:
+        with console.status("fitting the demo head on EfficientNet-Lite0 features"):
+            weights = train_demo_model(run, Path(out) / "model", seed=seed, workers=workers)
+        cfg = _config(ExtractConfig, "extraction", arch="efficientnet_lite0", weights=str(weights), activations=True,
+                      workers=workers, seed=seed, attr_sample=8, methods=("gradcam", "gradcampp", "hirescam", "layercam",
+                                                                           "eigencam", "integratedgradients"))
+        with console.status("extracting predictions, embeddings and CAMs"):
+            ext = run_extract_stage(run, cfg)
+        console.print(f"extraction: {sum(r.status != 'failed' for r in ext)} slide(s) done, "
+                      f"{sum(r.status == 'failed' for r in ext)} failed")
+        with console.status("clustering the cohort"):
+            res = run_cluster_stage(run, _config(ClusterConfig, "clustering", concepts=4, seed=seed))
+    summary = pd.read_parquet(Path(out) / "cohort" / "clusters.parquet")
+    console.print(f"clustering: {res.n_tiles} tiles, {res.n_clusters} clusters, {res.n_noise} noise, {res.flagged} flagged")
+    for _, r in summary.iterrows():
+        flags = "; ".join(r["flag_reasons"]) or "-"
+        console.print(f"  cluster {r['cluster']:>2}: {r['size']:>4} tiles from {r['n_slides']} slide(s), "
+                      f"positive rate {r['positive_rate']:.2f}, mean ink {r['mean_ink']:.2f}; flags: {flags}", highlight=False)
+    console.print(f"run folder: {Path(out).resolve()}  (manifest: {Path(out).resolve() / 'manifest.json'}; "
+                  "per-tile table: cohort/tiles.parquet, clusters: cohort/clusters.parquet)")
+    raise typer.Exit(1 if failed or any(r.status == "failed" for r in ext) else 0)
 
 
 def main() -> None:  # console-script entry point

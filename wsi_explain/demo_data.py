@@ -145,7 +145,7 @@ def build_demo_cohort(
     *,
     n_slides: int = 6,
     size: tuple[int, int] = (3072, 4096),
-    ink_slides: tuple[int, ...] = (0, 2),
+    ink_slides: tuple[int, ...] = (1, 5),
     seed: int = 0,
     source: str | Path | None = None,
     patch: int = 256,
