@@ -104,11 +104,11 @@ def pgc(module, layer, x: torch.Tensor, reps: int) -> float:
     return reps * len(x) / (time.perf_counter() - t0)
 
 
-def pipeline(arch: str, slide: Path, tiles, methods, workers: int, repeats: int = 2) -> float:
+def pipeline(arch: str, slide: Path, tiles, methods, workers: int, repeats: int = 2, reader: str = "auto") -> float:
     """tiles/s of the whole extraction of ``tiles`` (best of ``repeats``; includes worker start-up,
     the probe forward and the Zarr writes)."""
     cfg = ExtractConfig(arch=arch, num_classes=1000 if arch == "efficientnet_lite0" else 2, methods=methods,
-                        batch_size=BATCH, workers=workers, chunk_tiles=1024, device="cpu")
+                        batch_size=BATCH, workers=workers, chunk_tiles=1024, device="cpu", reader=reader)
     [fx] = build_extractors(cfg, 224)
     rates = []
     for _ in range(repeats):

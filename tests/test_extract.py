@@ -234,3 +234,18 @@ def test_cli_extract(run_dir, tmp_path):
     torch.save({"state_dict": tiny_cnn().state_dict(), "x": Unsafe()}, unsafe)
     res = subprocess.run(cmd[:7] + ["--weights", str(unsafe), "--num-classes", "2"], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 2 and "--trust-checkpoint" in res.stderr
+
+
+def test_readers_give_identical_results(tiled, tmp_path):
+    """Threads, worker processes and the calling thread read the same tiles into the same arrays."""
+    out = {}
+    for reader, workers in (("threads", 2), ("processes", 2), ("threads", 0)):
+        d = copy_run(tiled, tmp_path / f"{reader}{workers}")
+        with RunFolder(d) as run:
+            run_extract_stage(run, _cfg(reader=reader, workers=workers), slide_ids=["corrupt_middle"])
+        out[(reader, workers)] = _arrays(d / "slides/corrupt_middle/features.zarr")
+    ref = out[("threads", 0)]
+    assert (ref["status"] == STATUS_READ_ERROR).any()   # decode failures included
+    for key, arrs in out.items():
+        for k in ref:
+            np.testing.assert_array_equal(arrs[k], ref[k], err_msg=f"{key} {k}")

@@ -77,19 +77,32 @@ def _eigencam(A: torch.Tensor, G: torch.Tensor | None) -> torch.Tensor:
     Computed with NumPy's SVD on float32, as the reference does, so that the arbitrary sign of
     the singular vector is the same as pytorch-grad-cam's.
     """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
     from threadpoolctl import threadpool_limits
 
     a = A.detach().float().cpu().numpy()
     a = np.nan_to_num(a, nan=0.0)
     n, c, h, w = a.shape
     out = np.empty((n, h, w), np.float32)
-    # small SVDs: BLAS threads only spin against torch's (measured 2x faster with one thread)
+
+    def one(i: int) -> None:
+        flat = a[i].reshape(c, -1).T
+        flat = flat - flat.mean(axis=0)
+        _, _, vt = np.linalg.svd(flat, full_matrices=False)
+        out[i] = (flat @ vt[0]).reshape(h, w)
+
+    # many small SVDs: one BLAS thread each (BLAS threads only spin here), tiles spread over the
+    # cores with threads (LAPACK releases the GIL); the model's threads are idle at this point
     with threadpool_limits(limits=1, user_api="blas"):
-        for i in range(n):
-            flat = a[i].reshape(c, -1).T
-            flat = flat - flat.mean(axis=0)
-            _, _, vt = np.linalg.svd(flat, full_matrices=False)
-            out[i] = (flat @ vt[0]).reshape(h, w)
+        workers = min(os.cpu_count() or 1, n)
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(one, range(n)))
+        else:
+            for i in range(n):
+                one(i)
     return torch.from_numpy(out).to(A.device)
 
 

@@ -179,7 +179,8 @@ def extract(
     activations: bool = typer.Option(False, help="Store spatial activations (for concepts)."),
     attr_sample: int = typer.Option(64, help="Tiles per slide for non-fused methods (0 = all)."),
     batch_size: int = typer.Option(32),
-    workers: int = typer.Option(2, help="Tile-reading worker processes."),
+    workers: int = typer.Option(2, help="Tile-reading threads or processes (0: read in the main thread)."),
+    reader: str = typer.Option("auto", help="auto (threads on CPU, processes on CUDA), threads or processes."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     seed: int = typer.Option(0),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -200,7 +201,7 @@ def extract(
             card=str(card) if card else None, trust_checkpoint=trust_checkpoint,
             methods=tuple(m.strip() for m in methods.split(",") if m.strip()), target=target,
             target_layer=target_layer, embedding_layer=embedding_layer, activations=activations,
-            attr_sample=attr_sample, batch_size=batch_size, workers=workers, device=device, seed=seed,
+            attr_sample=attr_sample, batch_size=batch_size, workers=workers, reader=reader, device=device, seed=seed,
     )
     rf = _open_run(run)
     console = Console()
@@ -307,7 +308,7 @@ def status(run: Path = typer.Argument(..., help="Run folder.")) -> None:
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder."),
     n_slides: int = typer.Option(6, help="Number of demo slides."),
-    workers: int = typer.Option(2, help="Tile-reading worker processes."),
+    workers: int = typer.Option(2, help="Tile-reading threads."),
     seed: int = typer.Option(0),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:

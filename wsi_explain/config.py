@@ -100,6 +100,10 @@ class ExtractConfig(_Frozen):
         Their maps are stored at this size (area-averaged).
     attr_max_batch : int
         Most images their model calls see at once (memory bound), however many steps or samples.
+    reader : {"auto", "threads", "processes"}
+        How tiles are read: background threads in the main process, or DataLoader worker
+        processes; "auto" = threads on CPU (worker processes cost throughput on small CPUs),
+        processes on CUDA (the CPU is then free to decode).
     batch_size, workers, chunk_tiles, device, amp :
         Execution settings; they do not change the results, so they are not in the params hash.
     """
@@ -122,6 +126,7 @@ class ExtractConfig(_Frozen):
     seed: int = 0
     batch_size: int = Field(32, ge=1, le=4096)
     workers: int = Field(2, ge=0, le=64)
+    reader: Literal["auto", "threads", "processes"] = "auto"
     chunk_tiles: int = Field(256, ge=1, le=65536)
     device: str = "auto"
     amp: bool = True
@@ -129,7 +134,7 @@ class ExtractConfig(_Frozen):
     def result_params(self) -> dict:
         """The fields that determine the results (hashed into the manifest)."""
         d = self.model_dump(mode="json")
-        for k in ("batch_size", "workers", "chunk_tiles", "device", "attr_max_batch"):
+        for k in ("batch_size", "workers", "chunk_tiles", "device", "attr_max_batch", "reader"):
             d.pop(k, None)
         return d
 

@@ -31,7 +31,7 @@ def train_demo_model(run, out_dir: Path, *, seed: int = 0, workers: int = 2, bat
     from .fused import FusedExtractor
     from .models import load_model
     from .tile_stage import read_tile_table
-    from .tiles_io import TileDataset, make_loader
+    from .tiles_io import TileDataset, tile_batches
 
     out_dir = Path(out_dir)
     weights = out_dir / "demo_effnet.pt"
@@ -50,7 +50,7 @@ def train_demo_model(run, out_dir: Path, *, seed: int = 0, workers: int = 2, bat
         ds = TileDataset(meta["slide_path"], tiles, mpp=meta.get("level0_mpp"))
         batches = [list(range(i, min(i + batch_size, len(tiles)))) for i in range(0, len(tiles), batch_size)]
         with fx:
-            for _, imgs, ok, _ in make_loader(ds, batches, workers=workers, pin=False):
+            for _, imgs, ok, _ in tile_batches(ds, batches, reader="threads", workers=workers, pin=False):
                 out = fx(fx.normalise(imgs))
                 X.append(out.embeddings[ok.numpy().astype(bool)])
                 y.append(np.full(int(ok.sum()), int(float(label))))

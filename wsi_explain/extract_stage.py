@@ -187,7 +187,7 @@ def extract_slide(
     on_tiles : callable(int), optional
         Called with the number of tiles finished after each batch (progress bars).
     """
-    from .tiles_io import TileDataset, chunk_batches, make_loader
+    from .tiles_io import TileDataset, chunk_batches, tile_batches
 
     t0 = time.perf_counter()
     n = len(tiles)
@@ -219,7 +219,8 @@ def extract_slide(
         last_of_chunk = {c: len(batches) for c, batches in enumerate(chunks)}
         seen: dict[int, int] = {}
         bufs: dict[int, dict] = {}
-        loader = make_loader(dataset, [b for _, b in flat], workers=cfg.workers, pin=main.device.type == "cuda")
+        reader = cfg.reader if cfg.reader != "auto" else ("processes" if main.device.type == "cuda" else "threads")
+        loader = tile_batches(dataset, [b for _, b in flat], reader=reader, workers=cfg.workers, pin=main.device.type == "cuda")
         for (c, _), (ids, imgs, ok, errs) in zip(flat, loader):
             ok = ok.numpy().astype(bool)
             x = main.normalise(imgs)
