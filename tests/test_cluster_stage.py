@@ -99,11 +99,13 @@ def test_needs_extraction_and_activations(tiled, tmp_path):
 
 def test_cli_cluster(extracted, tmp_path):
     run_dir = copy_run(extracted, tmp_path / "run")
-    cmd = [sys.executable, "-m", "wsi_explain.cli", "cluster", str(run_dir), "--method", "kmeans", "-k", "3", "--pca", "8"]
+    cmd = [sys.executable, "-m", "wsi_explain.cli", "cluster", str(run_dir), "--method", "kmeans", "-k", "3", "--pca", "8", "--no-l2"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "3 clusters" in res.stdout and "timings" in res.stdout
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert "skipped" in res.stdout
+    cfg = json.loads((run_dir / "manifest.json").read_text())["config"]["cluster"]
+    assert cfg["l2"] is False and cfg["pca"] == 8 and cfg["k"] == 3
     bad = subprocess.run(cmd[:5] + ["--method", "dbscan"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "method" in bad.stderr

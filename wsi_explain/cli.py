@@ -237,6 +237,7 @@ def cluster(
     k: int = typer.Option(8, "-k", help="Clusters for k-means."),
     min_cluster_size: Optional[int] = typer.Option(None, help="HDBSCAN min_cluster_size (default: n/50 within 5-100)."),
     pca: int = typer.Option(50, help="PCA dimensions before the k-NN (0 = none)."),
+    l2: bool = typer.Option(True, "--l2/--no-l2", help="L2-normalise embeddings (after PCA)."),
     n_neighbors: int = typer.Option(15, help="UMAP neighbours (the k of the FAISS graph)."),
     concepts: int = typer.Option(0, help="NMF concept prototypes (needs extract --activations)."),
     positive_labels: Optional[str] = typer.Option(None, help="Comma-separated annotation classes that are positive."),
@@ -252,7 +253,7 @@ def cluster(
     from .config import ClusterConfig
     from .errors import WsiExplainError
 
-    cfg = _config(ClusterConfig, "clustering", method=method, k=k, min_cluster_size=min_cluster_size, pca=pca,
+    cfg = _config(ClusterConfig, "clustering", method=method, k=k, min_cluster_size=min_cluster_size, pca=pca, l2=l2,
                   n_neighbors=n_neighbors, concepts=concepts, seed=seed,
                   positive_labels=tuple(p.strip() for p in positive_labels.split(",")) if positive_labels else ())
     rf = _open_run(run)
