@@ -1,6 +1,8 @@
-"""Bokeh views and HTML reports.
+"""Views and exports of a run: GeoJSON for QuPath (the Bokeh explorer and reports are to come).
 
-Not yet implemented (see the explorer/report issue); the package exists so the layout is fixed.
+Works on DataFrames only (no torch, no wsi_explain).
 """
 
-__all__: list[str] = []
+from .geojson import cluster_colours, tiles_to_geojson, write_geojson
+
+__all__ = ["cluster_colours", "tiles_to_geojson", "write_geojson"]

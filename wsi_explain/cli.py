@@ -280,6 +280,23 @@ def cluster(
 
 
 @app.command()
+def export(run: Path = typer.Argument(..., help="Run folder (clustered).")) -> None:
+    """Write exports/<slide>.geojson (tiles as QuPath detections, classified by cluster) and
+    exports/cohort_tiles.csv."""
+    from rich.console import Console
+
+    from .errors import WsiExplainError
+    from .export import export_run
+
+    with _open_run(run) as rf:
+        try:
+            paths = export_run(rf)
+        except WsiExplainError as exc:
+            _fail(str(exc))
+    Console().print(f"wrote {len(paths) - 1} GeoJSON file(s) and {paths[-1]}")
+
+
+@app.command()
 def status(run: Path = typer.Argument(..., help="Run folder.")) -> None:
     """Print each stage and slide of a run with its state, counts and errors."""
     from rich.console import Console

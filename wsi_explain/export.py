@@ -1,0 +1,54 @@
+"""Exports of a clustered run: one QuPath GeoJSON per slide and the cohort tile table as CSV."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from .atomic import atomic_path
+from .errors import WsiExplainError
+from .run import RunFolder
+
+__all__ = ["export_run", "cluster_names"]
+
+logger = logging.getLogger(__name__)
+
+
+def cluster_names(run: RunFolder) -> dict[int, str]:
+    """Names pathologists gave to clusters (``cohort/cluster_names.json``: {"3": "pen ink", ...})."""
+    p = run.path / "cohort" / "cluster_names.json"
+    if not p.exists():
+        return {}
+    try:
+        doc = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise WsiExplainError(f"{p}: not valid JSON ({exc})") from exc
+    names = doc.get("names", doc) if isinstance(doc, dict) else {}
+    return {int(k): str(v) for k, v in names.items()}
+
+
+def export_run(run: RunFolder) -> list[Path]:
+    """Write ``exports/<slide>.geojson`` for every slide and ``exports/cohort_tiles.csv``.
+
+    Returns the written paths. Needs the clustering stage's ``cohort/tiles.parquet``.
+    """
+    from viz import tiles_to_geojson, write_geojson
+
+    src = run.path / "cohort" / "tiles.parquet"
+    if not src.exists():
+        raise WsiExplainError(f"{run.path}: no cohort/tiles.parquet; run `wsi-explain cluster` first")
+    tiles = pd.read_parquet(src)
+    names = cluster_names(run)
+    out_dir = run.path / "exports"
+    written = []
+    for sid, g in tiles.groupby("slide_id", sort=True):
+        written.append(write_geojson(tiles_to_geojson(g, names=names), out_dir / f"{sid}.geojson"))
+    table = tiles.copy()
+    table["cluster_name"] = [names.get(int(c)) or ("noise" if c < 0 else f"cluster {c}") for c in table["cluster"]]
+    with atomic_path(out_dir / "cohort_tiles.csv", suffix=".csv") as tmp:
+        table.to_csv(tmp, index=False)
+    written.append(out_dir / "cohort_tiles.csv")
+    return written
