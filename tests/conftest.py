@@ -62,6 +62,9 @@ def slides(tmp_path_factory) -> dict[str, Path]:
     corrupt = d / "corrupt_middle.tif"
     corrupt.write_bytes(bytes(b))
     out["corrupt_middle"] = corrupt
+    empty = d / "empty.svs"
+    empty.write_bytes(b"")
+    out["empty"] = empty
     notslide = d / "notaslide.svs"
     notslide.write_text("this is not a slide\n")
     out["notaslide"] = notslide

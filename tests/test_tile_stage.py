@@ -15,6 +15,7 @@ from wsi_explain import RunFolder, TileConfig, discover_slides, read_tile_table,
 BAD = {
     "missing": "no such file",
     "notaslide": "OpenSlide cannot open it",
+    "empty": "OpenSlide cannot open it",
     "truncated": "OpenSlide cannot open it",
     "corrupt_middle": "failed to decode region",
     "blank": "no tissue found",
@@ -48,7 +49,7 @@ def test_bad_input_is_recorded_and_the_batch_finishes(slides, tmp_path):
         res = run_tile_stage(run, discover_slides(paths), cfg)
     by_id = {r.slide_id: r for r in res}
     assert by_id["generic"].status == "done" and by_id["aperio"].status == "done"
-    names = {"missing": "missing", "notaslide": "notaslide", "truncated": "truncated",
+    names = {"missing": "missing", "notaslide": "notaslide", "empty": "empty", "truncated": "truncated",
              "corrupt_middle": "corrupt_middle", "blank": "blank", "nompp": "nompp"}
     manifest = json.loads((tmp_path / "run/manifest.json").read_text())
     for key, sid in names.items():
