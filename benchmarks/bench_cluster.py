@@ -27,14 +27,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def peak_mb() -> float:
     """Peak resident memory of this process (VmHWM; ru_maxrss would include the parent's at exec)."""
     with open("/proc/self/status") as fh:

@@ -284,24 +284,22 @@ def _deeplift_factory(model, *, name, attribute_kwargs=None, tile_px=224, **kw):
     return att
 
 
-@register_attributor("integratedgradients")
-def _ig_factory(model, *, name, attribute_kwargs=None, **kw):
-    return _IG(model, method=None, name=name, channel_reduce="sum", attribute_kwargs=attribute_kwargs, **kw)
+def _own_class(cls, reduce: str):
+    """Factory for the adapters above that subclass CaptumAttributor (their method is built inside)."""
+
+    def factory(model, *, name, attribute_kwargs=None, **kw):
+        return cls(model, method=None, name=name, channel_reduce=reduce, attribute_kwargs=attribute_kwargs, **kw)
+
+    return factory
 
 
-@register_attributor("gradientshap")
-def _gs_factory(model, *, name, attribute_kwargs=None, **kw):
-    return _GradientShap(model, method=None, name=name, channel_reduce="sum", attribute_kwargs=attribute_kwargs, **kw)
-
-
-@register_attributor("occlusion")
-def _occ_factory(model, *, name, attribute_kwargs=None, **kw):
-    return _Occlusion(model, method=None, name=name, channel_reduce="sum", attribute_kwargs=attribute_kwargs, **kw)
-
-
-@register_attributor("smoothgrad")
-def _nt_factory(model, *, name, attribute_kwargs=None, **kw):
-    return _NoiseTunnel(model, method=None, name=name, channel_reduce="abs_sum", attribute_kwargs=attribute_kwargs, **kw)
+for _name, _factory in {
+    "integratedgradients": _own_class(_IG, "sum"),
+    "gradientshap": _own_class(_GradientShap, "sum"),
+    "occlusion": _own_class(_Occlusion, "sum"),
+    "smoothgrad": _own_class(_NoiseTunnel, "abs_sum"),
+}.items():
+    register_attributor(_name)(_factory)
 
 
 def make_attributor(name: str, model: LoadedModel | nn.Module, **options) -> Attributor:

@@ -93,9 +93,7 @@ class FusedExtractor:
         self.model = model
         self.methods = tuple(methods)
         self.device = resolve_device(device)
-        self.module = model.module.to(self.device).eval()
-        if self.device.type == "cpu" or self.device.type == "cuda":
-            self.module = self.module.to(memory_format=torch.channels_last)
+        self.module = model.module.to(self.device).eval().to(memory_format=torch.channels_last)
         self.tile_px = tile_px
         self.target_layer = target_layer or default_target_layer(self.module, tile_px)
         self.embedding_layer = embedding_layer or default_classifier(self.module)
