@@ -26,6 +26,8 @@ __all__ = [
     "GradCamAttributor",
     "ATTRIBUTORS",
     "make_attributor",
+    "make_explainer",
+    "FusedCamAttributor",
     "register_attributor",
 ]
 
@@ -307,3 +309,37 @@ def make_attributor(name: str, model: LoadedModel | nn.Module, **options) -> Att
     if name not in ATTRIBUTORS:
         raise ModelError(f"unknown attribution method {name!r}; choose from {sorted(ATTRIBUTORS)}")
     return ATTRIBUTORS[name](model, name=name, **options)
+
+
+class FusedCamAttributor(Attributor):
+    """One fused CAM (gradcam, gradcampp, ...) as an :class:`Attributor`: maps for explicit targets,
+    bilinearly upsampled from the layer's resolution to the input size (unnormalised, ReLU'd).
+
+    Used where maps of perturbed inputs are needed (metrics, sanity checks); the extraction itself
+    keeps the layer-resolution maps.
+    """
+
+    def __init__(self, model, *, name: str, target_layer=None, tile_px: int = 224, **kw) -> None:
+        from .fused import FusedExtractor
+
+        super().__init__(model, **kw)
+        self.name = name
+        lm = model if isinstance(model, LoadedModel) else LoadedModel.wrap(self.module)
+        self._fx = FusedExtractor(lm, methods=(name,), target_layer=target_layer, device=str(self.device),
+                                  amp=False, tile_px=tile_px)
+
+    def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        with self._fx:
+            cam = torch.from_numpy(self._fx.forward(x, targets=targets).cams[self.name])
+        return F.interpolate(cam[:, None].float(), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+
+
+def make_explainer(name: str, model: LoadedModel | nn.Module, **options) -> Attributor:
+    """An :class:`Attributor` for any method name: fused CAMs and the registered attributors."""
+    from .cams import FUSED_CAMS
+
+    if name in FUSED_CAMS:
+        return FusedCamAttributor(model, name=name, **options)
+    return make_attributor(name, model, **options)

@@ -162,8 +162,11 @@ class FusedExtractor:
     def _grad(self) -> bool:
         return needs_grad(self.methods)
 
-    def forward(self, x: torch.Tensor) -> FusedOutput:
-        """Run the fused pass on a normalised batch ``x`` (N, 3, H, W) float (any device)."""
+    def forward(self, x: torch.Tensor, *, targets: torch.Tensor | np.ndarray | None = None) -> FusedOutput:
+        """Run the fused pass on a normalised batch ``x`` (N, 3, H, W) float (any device).
+
+        ``targets`` (N,) int, when given, are the classes the CAMs explain (instead of ``target``).
+        """
         if not self._handles:
             raise RuntimeError("use FusedExtractor as a context manager (with ...:)")
         self._state = {}
@@ -182,7 +185,9 @@ class FusedExtractor:
             raise ModelError(f"embedding layer {self.embedding_layer!r} was not called in the forward pass")
         leaf = self._state["leaf"]
         logits_f = logits.float()
-        if self.target == "pred":
+        if targets is not None:
+            targets = torch.as_tensor(np.asarray(targets), dtype=torch.long, device=logits.device)
+        elif self.target == "pred":
             targets = logits_f.detach().argmax(1)
         else:
             targets = torch.full((x.shape[0],), int(self.target), device=logits.device, dtype=torch.long)

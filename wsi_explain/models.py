@@ -126,6 +126,15 @@ class LoadedModel:
     weights_hash: str = ""
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def wrap(cls, module: nn.Module, *, tile_px: int = 224) -> LoadedModel:
+        """A bare module (ImageNet normalisation; classes counted with one dummy forward)."""
+        module.eval()
+        p = next(module.parameters(), None)
+        with torch.no_grad():
+            k = module(torch.zeros(1, 3, tile_px, tile_px, device=p.device if p is not None else "cpu")).shape[-1]
+        return cls(module, ModelCard(num_classes=int(k), tile_px=tile_px), f"module:{type(module).__name__}")
+
 
 def _file_hash(path: Path) -> str:
     h = hashlib.sha256()

@@ -1,0 +1,55 @@
+"""Helpers shared by the metrics: map resizing and normalisation, batched target probabilities."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["as_tensor_maps", "minmax", "target_probs", "as_targets"]
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def as_tensor_maps(maps: np.ndarray | torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Maps ``(N, h, w)`` (any float dtype) -> ``(N, H, W)`` float32, bilinearly resized to ``size``.
+
+    The input is not modified (a resized copy, or a float32 copy when the size already matches).
+    """
+    t = torch.as_tensor(np.asarray(maps, np.float32) if not isinstance(maps, torch.Tensor) else maps).float()
+    if t.ndim != 3:
+        raise ValueError(f"maps must be (N, h, w), got shape {tuple(t.shape)}")
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t.clone()
+    return F.interpolate(t[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def minmax(maps: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Per-map min-max normalisation to [0, 1] (as pytorch-grad-cam's ``scale_cam_image``)."""
+    flat = maps.flatten(1)
+    lo = flat.min(1).values[:, None, None]
+    hi = flat.max(1).values[:, None, None]
+    return (maps - lo) / (hi - lo + eps)
+
+
+def as_targets(targets, n: int) -> torch.Tensor:
+    """(n,) int64 tensor of target classes from an int, a sequence or an array."""
+    if isinstance(targets, (int, np.integer)):
+        return torch.full((n,), int(targets), dtype=torch.long)
+    t = torch.as_tensor(np.asarray(targets), dtype=torch.long).reshape(-1)
+    if len(t) != n:
+        raise ValueError(f"{len(t)} targets for {n} inputs")
+    return t
+
+
+@torch.no_grad()
+def target_probs(model: Forward, x: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 32) -> np.ndarray:
+    """Softmax probability of ``targets`` (N,) for inputs ``x`` (N, 3, H, W), in batches -> (N,) float32."""
+    dev = next(iter(getattr(model, "parameters", lambda: iter(()))()), torch.empty(0)).device
+    out = []
+    for s in range(0, len(x), batch_size):
+        p = torch.softmax(model(x[s : s + batch_size].to(dev)).float(), 1)
+        out.append(p.gather(1, targets[s : s + batch_size, None].to(p.device))[:, 0].cpu())
+    return torch.cat(out).numpy().astype(np.float32)

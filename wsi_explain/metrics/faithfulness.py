@@ -1,0 +1,228 @@
+"""Faithfulness: does removing what the map points at change the prediction?
+
+Plain functions of a model, a batch of normalised inputs ``(N, 3, H, W)``, attribution maps
+``(N, h, w)`` (any resolution; resized bilinearly to the input) and the target classes ``(N,)``.
+Inputs and maps are never modified. All scores are per input, so a caller aggregates them as it
+likes (per cluster, with bootstrap intervals).
+
+- :func:`perturbation_curve` / :func:`curve_auc`: deletion (most relevant pixels replaced first by
+  a baseline; a faithful map makes the target probability fall fast, low AUC) and insertion (start
+  from the baseline and reveal the most relevant pixels first; high AUC is good), with a blurred
+  or a constant baseline (Petsiuk et al., RISE, 2018).
+- :func:`confidence_change`: Drop in Confidence and Increase in Confidence (Chattopadhay et al.,
+  Grad-CAM++, 2018) as used in the SaliencyCNNAnalysis study, with the image either darkened by the
+  heat map or zeroed outside a binary mask thresholded from it.
+- :func:`road`: ROAD (Rong et al., 2022), most- and least-relevant first, through
+  pytorch-grad-cam's implementation (noisy linear imputation).
+- :func:`infidelity_score`: captum's ``infidelity`` with Gaussian perturbations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._common import as_targets, as_tensor_maps, minmax, target_probs
+
+__all__ = ["perturbation_curve", "curve_auc", "make_baseline", "confidence_change", "road", "infidelity_score"]
+
+
+def make_baseline(inputs: torch.Tensor, kind: str | float = "blur", *, blur_sigma: float | None = None) -> torch.Tensor:
+    """The image that replaces removed pixels: ``"blur"`` (Gaussian, sigma = H / 20 px by default),
+    ``"constant"`` (0 in normalised space, i.e. the normalisation mean colour) or a float."""
+    if isinstance(kind, (int, float)) and not isinstance(kind, bool):
+        return torch.full_like(inputs, float(kind))
+    if kind == "constant":
+        return torch.zeros_like(inputs)
+    if kind == "blur":
+        from torchvision.transforms.functional import gaussian_blur
+
+        sigma = float(blur_sigma or max(inputs.shape[-1] / 20.0, 0.5))
+        k = 2 * int(round(3 * sigma)) + 1
+        k = min(k, 2 * (min(inputs.shape[-2:]) // 2) - 1)
+        return gaussian_blur(inputs, kernel_size=[k, k], sigma=[sigma, sigma])
+    raise ValueError(f"unknown baseline {kind!r}; use 'blur', 'constant' or a number")
+
+
+def perturbation_curve(
+    model,
+    inputs: torch.Tensor,
+    maps,
+    *,
+    targets,
+    mode: str = "deletion",
+    baseline: str | float | torch.Tensor = "blur",
+    steps: int = 16,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """Target probability as pixels are removed (deletion) or revealed (insertion), most relevant first.
+
+    Parameters
+    ----------
+    model : callable (N, 3, H, W) -> logits (N, K)
+    inputs : (N, 3, H, W) float tensor, normalised.
+    maps : (N, h, w) attribution maps (higher = more relevant).
+    targets : (N,) int or int
+    mode : {"deletion", "insertion"}
+    baseline : "blur", "constant", a number or an (N, 3, H, W) tensor
+    steps : int
+        The pixels are removed in ``steps`` equal groups; ties in the map are broken by pixel order.
+
+    Returns
+    -------
+    (N, steps + 1) float32 probabilities; column 0 is the unperturbed (deletion) or fully
+    baseline (insertion) input, column ``steps`` the opposite end.
+    """
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
+    n, _, h, w = inputs.shape
+    t = as_targets(targets, n)
+    x = inputs.detach().float().cpu()
+    base = baseline.detach().float().cpu() if isinstance(baseline, torch.Tensor) else make_baseline(x, baseline)
+    m = as_tensor_maps(maps, (h, w)).flatten(1)
+    order = torch.argsort(-m, dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(h * w).expand(n, -1).contiguous())
+    ks = np.round(np.linspace(0, h * w, steps + 1)).astype(int)
+    curves = np.zeros((n, steps + 1), np.float32)
+    for i, k in enumerate(ks):
+        hit = (rank < int(k)).reshape(n, 1, h, w)
+        xi = torch.where(hit, base, x) if mode == "deletion" else torch.where(hit, x, base)
+        curves[:, i] = target_probs(model, xi, t, batch_size=batch_size)
+    return curves
+
+
+def curve_auc(curves: np.ndarray) -> np.ndarray:
+    """Area under each curve ``(N, S + 1)`` with x evenly spaced on [0, 1] (trapezoid) -> (N,)."""
+    c = np.asarray(curves, np.float64)
+    return np.trapezoid(c, dx=1.0 / (c.shape[1] - 1), axis=1).astype(np.float32)
+
+
+def _perturb_by_map(x: torch.Tensor, m01: torch.Tensor, how: str, threshold: float, fill: float) -> torch.Tensor:
+    m = m01[:, None]
+    if how == "multiply":
+        return fill + (x - fill) * m
+    if how == "mask":
+        return torch.where(m >= threshold, x, torch.full_like(x, fill))
+    raise ValueError(f"how must be 'multiply' or 'mask', got {how!r}")
+
+
+def confidence_change(
+    model,
+    inputs: torch.Tensor,
+    maps,
+    *,
+    targets,
+    how: str = "multiply",
+    threshold: float = 0.5,
+    fill: float = 0.0,
+    batch_size: int = 32,
+) -> dict[str, np.ndarray]:
+    """Drop and Increase in Confidence when only what the map shows is kept.
+
+    The map is min-max normalised per input to [0, 1]. ``how="multiply"`` darkens the image by
+    the heat map (``fill + (x - fill) * map``; ``fill`` is in normalised input space, 0 = the
+    normalisation mean, which is pytorch-grad-cam's ``multiply_tensor_with_cam``; pass the
+    normalised value of black to darken to black); ``how="mask"`` keeps the pixels where the map
+    is at least ``threshold`` and sets the rest to ``fill``.
+
+    Returns
+    -------
+    dict of (N,) float32: ``score`` (target probability of the input), ``score_perturbed``,
+    ``drop`` = max(0, score - perturbed) / score (Average Drop, as a fraction), ``drop_abs`` =
+    max(0, score - perturbed), ``increase`` = 1.0 where the perturbed score is higher.
+    """
+    n, _, h, w = inputs.shape
+    t = as_targets(targets, n)
+    x = inputs.detach().float().cpu()
+    m01 = minmax(as_tensor_maps(maps, (h, w)))
+    y = target_probs(model, x, t, batch_size=batch_size)
+    o = target_probs(model, _perturb_by_map(x, m01, how, threshold, fill), t, batch_size=batch_size)
+    drop_abs = np.maximum(y - o, 0).astype(np.float32)
+    return {
+        "score": y,
+        "score_perturbed": o,
+        "drop": (drop_abs / np.maximum(y, 1e-12)).astype(np.float32),
+        "drop_abs": drop_abs,
+        "increase": (o > y).astype(np.float32),
+    }
+
+
+def road(
+    model,
+    inputs: torch.Tensor,
+    maps,
+    *,
+    targets,
+    percentiles: tuple[int, ...] = (20, 40, 60, 80),
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """ROAD scores via pytorch-grad-cam (``ROADMostRelevantFirstAverage`` and
+    ``ROADLeastRelevantFirstAverage`` with softmax targets).
+
+    Returns
+    -------
+    dict of (N,) float32: ``morf`` (change in target probability when the most relevant pixels are
+    imputed, averaged over ``percentiles``; more negative = more faithful), ``lerf`` (least relevant
+    removed; near 0 = faithful) and ``combined`` = (lerf - morf) / 2 (pytorch-grad-cam's
+    ``ROADCombined``; higher = more faithful). Input ``i`` is imputed with torch seeded to
+    ``seed + i``. The imputer solves a sparse system per input and percentile (the cost).
+    """
+    from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirstAverage, ROADMostRelevantFirstAverage
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    n, _, h, w = inputs.shape
+    t = as_targets(targets, n)
+    x = inputs.detach().float().cpu()
+    cams = minmax(as_tensor_maps(maps, (h, w))).numpy()
+    morf_m, lerf_m = ROADMostRelevantFirstAverage(list(percentiles)), ROADLeastRelevantFirstAverage(list(percentiles))
+    morf, lerf = [], []
+    # the imputer adds noise: one seeded draw per input, so scores do not depend on the batching
+    for i in range(n):
+        tg = [ClassifierOutputSoftmaxTarget(int(t[i]))]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + i)
+            morf.append(np.asarray(morf_m(x[i : i + 1], cams[i : i + 1], tg, model), np.float32).reshape(-1))
+            lerf.append(np.asarray(lerf_m(x[i : i + 1], cams[i : i + 1], tg, model), np.float32).reshape(-1))
+    mo, le = np.concatenate(morf), np.concatenate(lerf)
+    return {"morf": mo, "lerf": le, "combined": ((le - mo) / 2).astype(np.float32)}
+
+
+def infidelity_score(
+    model,
+    inputs: torch.Tensor,
+    maps,
+    *,
+    targets,
+    noise_std: float = 0.1,
+    n_samples: int = 10,
+    max_examples_per_batch: int | None = 64,
+    seed: int = 0,
+) -> np.ndarray:
+    """captum's ``infidelity`` (Yeh et al., 2019) of the maps, with Gaussian perturbations.
+
+    The map (N, h, w) is resized to the input and repeated over the 3 channels; captum's
+    ``normalize=True`` rescales it optimally, so the score does not depend on the map's scale.
+    The model's softmax probabilities are explained. Lower is better. ``max_examples_per_batch``
+    bounds the perturbed inputs in one forward. Returns (N,) float32.
+    """
+    from captum.metrics import infidelity
+
+    n, _, h, w = inputs.shape
+    t = as_targets(targets, n)
+    x = inputs.detach().float().cpu()
+    attr = as_tensor_maps(maps, (h, w))[:, None].expand_as(x).contiguous()
+
+    def forward(z):
+        with torch.no_grad():
+            return torch.softmax(model(z).float(), 1)
+
+    def perturb(z):
+        noise = torch.randn_like(z) * noise_std
+        return noise, z - noise
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = infidelity(forward, perturb, x, attr, target=t, n_perturb_samples=n_samples,
+                         max_examples_per_batch=max_examples_per_batch, normalize=True)
+    return out.detach().cpu().numpy().astype(np.float32)
