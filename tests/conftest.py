@@ -129,3 +129,41 @@ def extracted(tiled, tmp_path_factory):
         res = run_extract_stage(run, cfg)
     assert all(r.status == "done" for r in res)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def audit_run(tmp_path_factory, slides):
+    """A small audit up to clustering: two labelled slides (one with a GeoJSON tumour
+    annotation), the tiny CNN with a 3-checkpoint ensemble, two fused CAMs and saliency."""
+    import json
+
+    import torch
+
+    from tests.tiny_models import tiny_cnn
+    from wsi_explain import RunFolder, TileConfig, discover_slides, run_tile_stage
+    from wsi_explain.cluster_stage import run_cluster_stage
+    from wsi_explain.config import ClusterConfig, ExtractConfig
+    from wsi_explain.extract_stage import run_extract_stage
+
+    d = tmp_path_factory.mktemp("audit")
+    ckpts = []
+    for seed in range(3):
+        m = tiny_cnn(2)
+        torch.manual_seed(100 + seed)
+        with torch.no_grad():
+            m.fc.weight.add_(0.3 * torch.randn_like(m.fc.weight))
+        ckpts.append(d / f"model_{seed}.pt")
+        torch.save(m.state_dict(), ckpts[-1])
+    tumour = {"type": "Feature", "properties": {"classification": {"name": "Tumour"}},
+              "geometry": {"type": "Polygon", "coordinates": [[[1000, 800], [3000, 800], [3000, 2200], [1000, 2200], [1000, 800]]]}}
+    (d / "tumour.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [tumour]}))
+    (d / "cohort.csv").write_text(f"path,annotations,label,site\n{slides['tiff']},tumour.geojson,1,A\n{slides['svs']},,0,B\n")
+    run_dir = d / "run"
+    with RunFolder(run_dir) as run:
+        run_tile_stage(run, discover_slides([d / "cohort.csv"]), TileConfig(tile_px=32, mpp_target=1.0, verify="none"))
+        ecfg = ExtractConfig(arch="tests.tiny_models:tiny_cnn", weights=str(ckpts[0]), ensemble=tuple(map(str, ckpts[1:])),
+                             num_classes=2, methods=("gradcam", "hirescam", "saliency"), attr_sample=24, workers=0,
+                             batch_size=64, chunk_tiles=128)
+        assert all(r.status == "done" for r in run_extract_stage(run, ecfg))
+        run_cluster_stage(run, ClusterConfig(method="kmeans", k=3, pca=16, positive_labels=("Tumour",)))
+    return run_dir

@@ -120,3 +120,18 @@ def test_label_mask_from_pyramidal_tiff(tmp_path):
 def test_label_mask_aspect_mismatch(tmp_path):
     with pytest.raises(tiling.AnnotationError, match="aspect ratio"):
         mask_label_fractions(_grid(), np.zeros((100, 50), int), slide_dimensions=(400, 400), path="m.png")
+
+
+def test_per_pixel_tile_masks_match_the_fractions(tmp_path):
+    """The per-pixel masks (used by localisation metrics) average to the exact area fractions."""
+    tiles = _grid()
+    tumor = [[[0, 0], [150, 0], [150, 100], [0, 100], [0, 0]]]
+    ann = read_geojson(_write(tmp_path, [_feature(tumor, "Tumor")]))
+    masks = tiling.geojson_tile_masks(tiles, ann, px=20)
+    assert masks["Tumor"].shape == (16, 20, 20) and masks["Tumor"].dtype == bool
+    np.testing.assert_allclose(masks["Tumor"].mean((1, 2)), geojson_label_fractions(tiles, ann)["label_tumor"], atol=1e-6)
+    assert masks["Tumor"][1][:, :10].all() and not masks["Tumor"][1][:, 10:].any()  # left half of tile (1, 0)
+    lab = np.zeros((40, 40), np.int32)  # a label mask at downsample 10
+    lab[:10, :15] = 4
+    per_px = tiling.mask_tile_labels(tiles, lab, slide_dimensions=(400, 400), px=10)
+    np.testing.assert_allclose((per_px == 4).mean((1, 2)), mask_label_fractions(tiles, lab, slide_dimensions=(400, 400))["label_class_4"])

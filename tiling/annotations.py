@@ -27,6 +27,8 @@ __all__ = [
     "PANDA_RADBOUD",
     "PANDA_KAROLINSKA",
     "label_column",
+    "geojson_tile_masks",
+    "mask_tile_labels",
 ]
 
 #: PANDA label conventions (class index -> name).
@@ -246,3 +248,48 @@ def mask_label_fractions(
         total = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
         out[label_column(name)] = (total / area).astype(np.float32)
     return pd.DataFrame(out, index=tiles.index)
+
+
+def _pixel_centres(tiles: pd.DataFrame, px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 coordinates (n, px, px) of the centres of a px x px grid over each tile."""
+    b = tile_boxes(tiles)
+    f = (np.arange(px) + 0.5) / px
+    xs = b[:, 0, None] + f[None] * (b[:, 2] - b[:, 0])[:, None]
+    ys = b[:, 1, None] + f[None] * (b[:, 3] - b[:, 1])[:, None]
+    return np.broadcast_to(xs[:, None, :], (len(b), px, px)), np.broadcast_to(ys[:, :, None], (len(b), px, px))
+
+
+def geojson_tile_masks(tiles: pd.DataFrame, annotations: Annotations, *, px: int) -> dict[str, np.ndarray]:
+    """Per-pixel class masks of tiles from GeoJSON polygons (pixel centres tested for inclusion).
+
+    Parameters
+    ----------
+    tiles : DataFrame with x, y, size0 (level-0 pixels), m rows
+    annotations : Annotations
+    px : int
+        Mask edge in pixels (e.g. the tile's ``tile_px``, or a map's resolution).
+
+    Returns
+    -------
+    dict class name -> (m, px, px) bool.
+    """
+    import shapely
+
+    xs, ys = _pixel_centres(tiles, px)
+    out = {}
+    for name in annotations.classes:
+        geom = annotations.geometries[name]
+        shapely.prepare(geom)
+        out[name] = shapely.contains_xy(geom, xs.ravel(), ys.ravel()).reshape(xs.shape)
+    return out
+
+
+def mask_tile_labels(tiles: pd.DataFrame, mask: np.ndarray, *, slide_dimensions: tuple[int, int], px: int) -> np.ndarray:
+    """Class index at each pixel of a px x px grid over each tile, from a label mask covering the
+    slide at any downsample (nearest pixel). Returns (m, px, px) of the mask's dtype."""
+    W, H = slide_dimensions
+    h, w = mask.shape
+    xs, ys = _pixel_centres(tiles, px)
+    xi = np.clip((xs * w / W).astype(np.int64), 0, w - 1)
+    yi = np.clip((ys * h / H).astype(np.int64), 0, h - 1)
+    return mask[yi, xi]

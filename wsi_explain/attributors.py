@@ -94,7 +94,8 @@ class Attributor(ABC):
         step = max(1, self.max_batch // max(self.expansion, 1))
         outs = []
         for i in range(0, len(x), step):
-            maps = self._attribute(x[i : i + step].clone(), t[i : i + step])
+            with torch.enable_grad():  # callers such as captum's sensitivity_max run under no_grad
+                maps = self._attribute(x[i : i + step].clone(), t[i : i + step])
             outs.append(maps.detach().float().cpu().numpy() if isinstance(maps, torch.Tensor) else np.float32(maps))
         return np.concatenate(outs).astype(np.float32)
 

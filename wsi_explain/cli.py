@@ -279,6 +279,77 @@ def cluster(
         console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in out.timings.items()))
 
 
+def _csv(value: Optional[str]) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
+
+
+@app.command()
+def score(
+    run: Path = typer.Argument(..., help="Run folder (clustered)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods to score (default: those extracted)."),
+    per_cluster: int = typer.Option(64, help="Tiles sampled per cluster for the expensive metrics."),
+    models: Optional[list[Path]] = typer.Option(None, "--models", help="Extra checkpoints (same architecture) for the ensemble spread; repeat the option."),
+    groups: Optional[str] = typer.Option(None, help="Comma-separated metric families (default: all): faithfulness, robustness, localisation, complexity, ensemble, sanity, removal."),
+    steps: int = typer.Option(16, help="Deletion/insertion steps."),
+    baselines: str = typer.Option("blur,constant", help="Deletion/insertion baselines."),
+    road_percentiles: str = typer.Option("20,40,60,80", help="ROAD percentiles."),
+    sanity_tiles: int = typer.Option(8, help="Tiles per cluster for the randomisation test (0 = none)."),
+    batch_size: int = typer.Option(32),
+    device: str = typer.Option("auto"),
+    seed: int = typer.Option(0),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Score every cluster per attribution method: cohort/cluster_metrics.parquet and friends."""
+    _setup_logging(verbose)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .config import METRIC_GROUPS, ScoreConfig
+    from .errors import WsiExplainError
+    from .models import ModelError
+    from .score_stage import COHORT_ROW, run_score_stage
+
+    try:
+        pct = tuple(int(p) for p in _csv(road_percentiles))
+    except ValueError:
+        _fail(f"--road-percentiles must be integers, got {road_percentiles!r}")
+    cfg = _config(ScoreConfig, "score", methods=_csv(methods), per_cluster=per_cluster,
+                  models=tuple(str(m) for m in models or ()), groups=_csv(groups) or METRIC_GROUPS, steps=steps,
+                  baselines=_csv(baselines), road_percentiles=pct, sanity_tiles=sanity_tiles, batch_size=batch_size,
+                  device=device, seed=seed)
+    console = Console()
+    rf = _open_run(run)
+    with rf, Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as bar:
+        tasks: dict[str, int] = {}
+
+        def on_progress(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done, total=total)
+
+        try:
+            out = run_score_stage(rf, cfg, on_progress=on_progress)
+        except (WsiExplainError, ModelError) as exc:
+            _fail(str(exc))
+    if out.status == "skipped":
+        console.print("scoring already done with the same inputs and parameters (skipped)")
+    import pandas as pd
+
+    cm = pd.read_parquet(rf.path / "cohort" / "cluster_metrics.parquet")
+    cohort = cm[(cm.cluster == COHORT_ROW)]
+    table = Table(title=f"cohort-level metrics ({out.n_sampled} sampled tiles; per-cluster rows in cohort/cluster_metrics.parquet)")
+    for col in ("method", "metric", "value", "95% CI", "tiles"):
+        table.add_column(col)
+    for _, r in cohort.iterrows():
+        table.add_row(r["method"], r["metric"], f"{r['value']:.3g}", f"[{r['ci_low']:.3g}, {r['ci_high']:.3g}]", str(r["n_tiles"]))
+    console.print(table)
+    for m, v in out.sanity.items():
+        verdict = "passes" if v["passed"] else "FAILS"
+        console.print(f"randomisation sanity check: {m} {verdict} (Spearman {v['spearman']:.2f}, SSIM {v['ssim']:.2f} after full randomisation)")
+
+
 @app.command()
 def export(run: Path = typer.Argument(..., help="Run folder (clustered).")) -> None:
     """Write exports/<slide>.geojson (tiles as QuPath detections, classified by cluster) and

@@ -47,7 +47,7 @@ class ClusterOutcome:
     timings: dict | None = None
 
 
-def _tissue_cells(tiles: pd.DataFrame, tissue_png: Path, scale: float, h: int, w: int) -> np.ndarray:
+def tissue_cells(tiles: pd.DataFrame, tissue_png: Path, scale: float, h: int, w: int) -> np.ndarray:
     """(n, h, w) bool: is the centre of each CAM cell on tissue (1 in the coded mask)?"""
     from PIL import Image
 
@@ -72,8 +72,8 @@ def _label_pos(df: pd.DataFrame, meta: dict, cfg: ClusterConfig) -> np.ndarray:
 
         pos_cols = [label_column(p) for p in cfg.positive_labels if label_column(p) in df.columns]
         neg_cols = [c for c in cols if c not in pos_cols]
-        pos = df[pos_cols].sum(1).to_numpy() if pos_cols else np.zeros(n)
-        neg = df[neg_cols].sum(1).to_numpy() if neg_cols else np.zeros(n)
+        pos = df[pos_cols].sum(axis=1).to_numpy() if pos_cols else np.zeros(n)
+        neg = df[neg_cols].sum(axis=1).to_numpy() if neg_cols else np.zeros(n)
         return np.where(pos >= 0.5, 1.0, np.where(neg >= 0.5, 0.0, np.nan))
     label = (meta.get("meta") or {}).get("label")
     try:
@@ -126,7 +126,7 @@ def load_cohort(run: RunFolder, slide_ids: list[str], cfg: ClusterConfig, *, chu
         df["label_pos"] = _label_pos(df, meta, cfg)
         if cam_method and f"cams/{cam_method}" in g:
             cam = read_cams(g, cam_method, ok)
-            cells = _tissue_cells(df, sdir / "tissue.png", float(meta["tissue_mask_scale"]), *cam.shape[1:])
+            cells = tissue_cells(df, sdir / "tissue.png", float(meta["tissue_mask_scale"]), *cam.shape[1:])
             df["cam_off_tissue"] = clustering.off_tissue_fraction(cam, cells)
             cams_all.append(cam)
         if "activations" in g:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["TileConfig", "ExtractConfig", "ClusterConfig"]
+__all__ = ["TileConfig", "ExtractConfig", "ClusterConfig", "ScoreConfig", "METRIC_GROUPS"]
 
 
 class _Frozen(BaseModel):
@@ -196,3 +196,89 @@ class ClusterConfig(_Frozen):
     positive_class: int = Field(1, ge=0)
     positive_labels: tuple[str, ...] = ()
     seed: int = 0
+
+
+#: the metric families of the score stage
+METRIC_GROUPS = ("faithfulness", "robustness", "localisation", "complexity", "ensemble", "sanity", "removal")
+
+
+class ScoreConfig(_Frozen):
+    """Parameters of the metrics stage (``wsi-explain score``).
+
+    Attributes
+    ----------
+    methods : tuple of str
+        Attribution methods to score (default: every method the run extracted). Any fused CAM or
+        registered attributor may be named: maps of the sampled tiles are recomputed.
+    groups : tuple of str
+        Metric families to run (see :data:`METRIC_GROUPS`).
+    per_cluster : int
+        Tiles sampled per cluster for the expensive metrics (balanced over the cluster's slides),
+        re-read from the slides; cheap metrics (complexity, ensemble, removal) use every tile.
+    include_noise : bool
+        Also score HDBSCAN's noise tiles (cluster -1).
+    steps : int
+        Deletion/insertion steps.
+    baselines : tuple of str
+        Deletion/insertion baselines ("blur", "constant").
+    mask_threshold : float
+        Threshold of the min-max normalised map for the binary-mask Drop/Increase in Confidence
+        and the IoU/coverage.
+    road_percentiles : tuple of int
+    infidelity_samples, infidelity_noise : perturbations per tile and their std (normalised units).
+    sensitivity_samples, sensitivity_radius : the same for ``sensitivity_max``.
+    sanity_tiles : int
+        Tiles per cluster (from the sample) for the cascading randomisation test.
+    sanity_threshold : float
+        A method passes when the mean Spearman correlation with the original maps after full
+        randomisation is below this.
+    grades : dict or None
+        Annotation class -> graded-hit score; default: the run's positive labels in order score
+        3, 2, 1, other annotated classes 0, unannotated pixels -1.
+    models : tuple of str
+        Extra checkpoints of the same architecture for the ensemble spread on the sample (the
+        run's own ensemble arrays, when extracted with ``--ensemble``, are used for every tile).
+    topk : int
+        Top-k aggregation of slide scores in the cluster-removal experiment.
+    n_boot : int
+        Bootstrap resamples of the confidence intervals (95 %).
+    seed : int
+    batch_size, device : execution settings (not in the params hash).
+    """
+
+    methods: tuple[str, ...] = ()
+    groups: tuple[str, ...] = METRIC_GROUPS
+    per_cluster: int = Field(64, ge=1, le=100_000)
+    include_noise: bool = True
+    steps: int = Field(16, ge=2, le=1024)
+    baselines: tuple[Literal["blur", "constant"], ...] = ("blur", "constant")
+    mask_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    road_percentiles: tuple[int, ...] = (20, 40, 60, 80)
+    infidelity_samples: int = Field(10, ge=1, le=1000)
+    infidelity_noise: float = Field(0.1, gt=0)
+    sensitivity_samples: int = Field(8, ge=1, le=1000)
+    sensitivity_radius: float = Field(0.02, gt=0)
+    sanity_tiles: int = Field(8, ge=0)
+    sanity_threshold: float = Field(0.5, gt=-1.0, le=1.0)
+    grades: dict[str, float] | None = None
+    models: tuple[str, ...] = ()
+    topk: int = Field(8, ge=1)
+    n_boot: int = Field(1000, ge=10)
+    seed: int = 0
+    batch_size: int = Field(32, ge=1, le=4096)
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScoreConfig":
+        bad = [g for g in self.groups if g not in METRIC_GROUPS]
+        if bad:
+            raise ValueError(f"unknown metric group(s) {bad}; choose from {list(METRIC_GROUPS)}")
+        if any(not 0 < p < 100 for p in self.road_percentiles):
+            raise ValueError("road_percentiles must lie strictly between 0 and 100")
+        return self
+
+    def result_params(self) -> dict:
+        d = self.model_dump(mode="json")
+        for k in ("batch_size", "device"):
+            d.pop(k, None)
+        return d

@@ -193,8 +193,9 @@ class FusedExtractor:
             targets = torch.full((x.shape[0],), int(self.target), device=logits.device, dtype=torch.long)
         grads = None
         if self._grad:
-            score = logits_f.gather(1, targets[:, None]).sum()
-            (grads,) = torch.autograd.grad(score, leaf)
+            with torch.enable_grad():
+                score = logits_f.gather(1, targets[:, None]).sum()
+                (grads,) = torch.autograd.grad(score, leaf)
         with torch.no_grad():
             cams = fused_cams(leaf.detach(), grads, self.methods)
             acts = None

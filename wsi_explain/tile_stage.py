@@ -126,6 +126,10 @@ def _write_outputs(out_dir, tiles, thumb, source, cfg, fingerprint, info, tissue
         "objective_power": info.objective_power,
         "tissue_mask_scale": tissue.scale,
         "meta": source.meta,
+        # annotation sources, for the localisation metrics (per-pixel masks are cut from them)
+        "annotations": str(source.annotations) if source.annotations is not None else None,
+        "label_mask": str(source.label_mask) if source.label_mask is not None else None,
+        "label_classes": {str(k): v for k, v in (cfg.label_classes or {}).items()} or None,
     }
     table = pa.Table.from_pandas(tiles, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"wsi_explain": json.dumps(meta).encode()})

@@ -8,7 +8,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["as_tensor_maps", "minmax", "target_probs", "as_targets"]
+__all__ = ["as_tensor_maps", "minmax", "target_probs", "as_targets", "model_device", "chunks", "CHUNK"]
+
+#: inputs per seeded chunk of the stochastic metrics (infidelity, sensitivity)
+CHUNK = 8
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -44,12 +47,31 @@ def as_targets(targets, n: int) -> torch.Tensor:
     return t
 
 
+def model_device(model) -> torch.device:
+    """Device of a module's first parameter (CPU for a plain callable or a parameter-free module)."""
+    params = getattr(model, "parameters", None)
+    p = next(iter(params()), None) if callable(params) else None
+    return p.device if p is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def target_probs(model: Forward, x: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 32) -> np.ndarray:
     """Softmax probability of ``targets`` (N,) for inputs ``x`` (N, 3, H, W), in batches -> (N,) float32."""
-    dev = next(iter(getattr(model, "parameters", lambda: iter(()))()), torch.empty(0)).device
+    dev = model_device(model)
     out = []
     for s in range(0, len(x), batch_size):
         p = torch.softmax(model(x[s : s + batch_size].to(dev)).float(), 1)
         out.append(p.gather(1, targets[s : s + batch_size, None].to(p.device))[:, 0].cpu())
     return torch.cat(out).numpy().astype(np.float32)
+
+
+def chunks(n: int, samples: int, max_examples: int | None) -> list[tuple[int, int, int]]:
+    """(start, stop, max_examples_per_batch) of chunks of :data:`CHUNK` inputs; the batch bound is
+    clamped to what captum accepts (between the chunk size and chunk size x samples)."""
+    out = []
+    for s0 in range(0, n, CHUNK):
+        s1 = min(n, s0 + CHUNK)
+        k = s1 - s0
+        mepb = k * samples if max_examples is None else min(max(max_examples, k), k * samples)
+        out.append((s0, s1, mepb))
+    return out

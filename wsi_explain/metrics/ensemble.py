@@ -50,10 +50,11 @@ def ensemble_spread(probs, cam_std, *, positive: int = 1, labels=None) -> dict[s
 def _fit(x: np.ndarray, y: np.ndarray, deg: int) -> dict:
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
-    if len(x) <= deg + 1 or np.ptp(x) == 0:
+    if len(np.unique(x)) <= deg:
         return {"coef": [], "r2": float("nan"), "n": int(len(x))}
-    coef = np.polyfit(x, y, deg)
-    resid = y - np.polyval(coef, x)
+    V = np.vander(x, deg + 1)  # highest power first, as np.polyfit
+    coef, *_ = np.linalg.lstsq(V, y, rcond=None)
+    resid = y - V @ coef
     ss_tot = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - float((resid**2).sum()) / ss_tot if ss_tot > 0 else float("nan")
     return {"coef": [float(c) for c in coef], "r2": r2, "n": int(len(x))}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._common import as_targets, as_tensor_maps, minmax, target_probs
+from ._common import as_targets, as_tensor_maps, chunks, minmax, model_device, target_probs
 
 __all__ = ["perturbation_curve", "curve_auc", "make_baseline", "confidence_change", "road", "infidelity_score"]
 
@@ -98,12 +98,14 @@ def curve_auc(curves: np.ndarray) -> np.ndarray:
     return np.trapezoid(c, dx=1.0 / (c.shape[1] - 1), axis=1).astype(np.float32)
 
 
-def _perturb_by_map(x: torch.Tensor, m01: torch.Tensor, how: str, threshold: float, fill: float) -> torch.Tensor:
+def _perturb_by_map(x: torch.Tensor, m01: torch.Tensor, how: str, threshold: float, fill) -> torch.Tensor:
     m = m01[:, None]
+    if not isinstance(fill, (int, float)):  # one value per channel
+        fill = torch.as_tensor(fill, dtype=x.dtype).reshape(1, -1, 1, 1)
     if how == "multiply":
         return fill + (x - fill) * m
     if how == "mask":
-        return torch.where(m >= threshold, x, torch.full_like(x, fill))
+        return torch.where(m >= threshold, x, torch.zeros_like(x) + fill)
     raise ValueError(f"how must be 'multiply' or 'mask', got {how!r}")
 
 
@@ -115,7 +117,7 @@ def confidence_change(
     targets,
     how: str = "multiply",
     threshold: float = 0.5,
-    fill: float = 0.0,
+    fill: float | tuple[float, ...] = 0.0,
     batch_size: int = 32,
 ) -> dict[str, np.ndarray]:
     """Drop and Increase in Confidence when only what the map shows is kept.
@@ -123,7 +125,7 @@ def confidence_change(
     The map is min-max normalised per input to [0, 1]. ``how="multiply"`` darkens the image by
     the heat map (``fill + (x - fill) * map``; ``fill`` is in normalised input space, 0 = the
     normalisation mean, which is pytorch-grad-cam's ``multiply_tensor_with_cam``; pass the
-    normalised value of black to darken to black); ``how="mask"`` keeps the pixels where the map
+    normalised value of black per channel, ``-mean / std``, to darken to black); ``how="mask"`` keeps the pixels where the map
     is at least ``threshold`` and sets the rest to ``fill``.
 
     Returns
@@ -173,7 +175,7 @@ def road(
 
     n, _, h, w = inputs.shape
     t = as_targets(targets, n)
-    x = inputs.detach().float().cpu()
+    x = inputs.detach().float().to(model_device(model))  # pytorch-grad-cam runs the model on the input's device
     cams = minmax(as_tensor_maps(maps, (h, w))).numpy()
     morf_m, lerf_m = ROADMostRelevantFirstAverage(list(percentiles)), ROADLeastRelevantFirstAverage(list(percentiles))
     morf, lerf = [], []
@@ -203,8 +205,10 @@ def infidelity_score(
 
     The map (N, h, w) is resized to the input and repeated over the 3 channels; captum's
     ``normalize=True`` rescales it optimally, so the score does not depend on the map's scale.
-    The model's softmax probabilities are explained. Lower is better. ``max_examples_per_batch``
-    bounds the perturbed inputs in one forward. Returns (N,) float32.
+    The model's softmax probabilities are explained. Lower is better. Inputs go in chunks of
+    :data:`CHUNK`, the noise of each seeded with ``seed`` + its first index (so results do not
+    depend on the caller's batching); ``max_examples_per_batch`` bounds the perturbed inputs in one
+    forward (at least one chunk). Returns (N,) float32.
     """
     from captum.metrics import infidelity
 
@@ -213,16 +217,21 @@ def infidelity_score(
     x = inputs.detach().float().cpu()
     attr = as_tensor_maps(maps, (h, w))[:, None].expand_as(x).contiguous()
 
+    dev = model_device(model)
+
     def forward(z):
         with torch.no_grad():
-            return torch.softmax(model(z).float(), 1)
+            return torch.softmax(model(z.to(dev)).float(), 1).cpu()
 
     def perturb(z):
         noise = torch.randn_like(z) * noise_std
         return noise, z - noise
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        out = infidelity(forward, perturb, x, attr, target=t, n_perturb_samples=n_samples,
-                         max_examples_per_batch=max_examples_per_batch, normalize=True)
+    out = []
+    for s0, s1, mepb in chunks(n, n_samples, max_examples_per_batch):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + s0)
+            out.append(infidelity(forward, perturb, x[s0:s1], attr[s0:s1], target=t[s0:s1], n_perturb_samples=n_samples,
+                                  max_examples_per_batch=mepb, normalize=True).detach().cpu())
+    out = torch.cat(out)
     return out.detach().cpu().numpy().astype(np.float32)

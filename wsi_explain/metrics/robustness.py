@@ -7,7 +7,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ._common import as_targets
+from ._common import as_targets, chunks
 
 __all__ = ["sensitivity"]
 
@@ -37,7 +37,7 @@ def sensitivity(
 
     Returns
     -------
-    (N,) float32: max over the copies of ||map(x + e) - map(x)|| / ||map(x)|| (Frobenius; lower
+    (N,) float32 (inputs in seeded chunks, as :func:`infidelity_score`): max over the copies of ||map(x + e) - map(x)|| / ||map(x)|| (Frobenius; lower
     is more robust).
     """
     from captum.metrics import sensitivity_max
@@ -52,8 +52,12 @@ def sensitivity(
         out = torch.as_tensor(np.asarray(out, np.float32)) if not isinstance(out, torch.Tensor) else out.float()
         return (out,)  # captum zips over a tuple of explanations
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        out = sensitivity_max(fn, inputs.detach().float().cpu(), perturb_radius=radius, n_perturb_samples=n_samples,
-                              max_examples_per_batch=max_examples_per_batch, target=t)
+    x = inputs.detach().float().cpu()
+    out = []
+    for s0, s1, mepb in chunks(n, n_samples, max_examples_per_batch):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + s0)
+            out.append(sensitivity_max(fn, x[s0:s1], perturb_radius=radius, n_perturb_samples=n_samples,
+                                       max_examples_per_batch=mepb, target=t[s0:s1]).detach().cpu())
+    out = torch.cat(out)
     return out.detach().cpu().numpy().astype(np.float32)

@@ -1,0 +1,184 @@
+"""The metrics stage on a small labelled, annotated cohort with an ensemble."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import copy_run
+from wsi_explain import RunFolder
+from wsi_explain.config import ScoreConfig
+from wsi_explain.score_stage import COHORT_ROW, run_score_stage
+
+FAST = dict(per_cluster=6, steps=4, road_percentiles=(50,), infidelity_samples=3, sensitivity_samples=2,
+            sanity_tiles=3, n_boot=100, baselines=("constant",))
+
+
+@pytest.fixture(scope="module")
+def scored(audit_run, tmp_path_factory):
+    run_dir = copy_run(audit_run, tmp_path_factory.mktemp("scored") / "run")
+    cfg = ScoreConfig(**FAST)
+    with RunFolder(run_dir) as run:
+        out = run_score_stage(run, cfg)
+    return run_dir, cfg, out
+
+
+def test_cluster_metrics_table(scored):
+    run_dir, cfg, out = scored
+    assert out.status == "done" and out.n_sampled > 0
+    cm = pd.read_parquet(run_dir / "cohort/cluster_metrics.parquet")
+    assert list(cm.columns) == ["cluster", "method", "metric", "value", "ci_low", "ci_high", "n_tiles"]
+    tiles = pd.read_parquet(run_dir / "cohort/tiles.parquet")
+    assert set(cm["cluster"]) == set(tiles["cluster"]) | {COHORT_ROW}
+    assert set(cm["method"]) == {"gradcam", "hirescam", "saliency", "ensemble", "model"}
+    for metric in ("deletion_auc_constant", "insertion_auc_constant", "dic_multiply", "iic_mask", "road_combined",
+                   "infidelity", "sensitivity", "sanity_spearman", "gini", "entropy", "tissue_share"):
+        assert metric in set(cm.loc[cm.method == "gradcam", "metric"]), metric
+    ok = cm.dropna(subset=["ci_low"])
+    assert ((ok.ci_low <= ok.value + 1e-9) & (ok.value <= ok.ci_high + 1e-9)).all()
+    # sampled metrics: at most per_cluster tiles per cluster; cheap ones use every tile of the cluster
+    del_rows = cm[(cm.metric == "deletion_auc_constant") & (cm.cluster >= 0)]
+    assert (del_rows.n_tiles <= cfg.per_cluster).all()
+    gini = cm[(cm.metric == "gini") & (cm.method == "gradcam") & (cm.cluster >= 0)].set_index("cluster")["n_tiles"]
+    assert gini.to_dict() == tiles.groupby("cluster").size().to_dict()
+
+
+def test_localisation_uses_the_annotation(scored):
+    run_dir, _, _ = scored
+    tm = pd.read_parquet(run_dir / "cohort/tile_metrics.parquet")
+    assert "gradcam:pointing_game" in tm.columns
+    pg = tm["gradcam:pointing_game"]
+    # only tiles of the annotated slide that touch the tumour polygon get a value
+    assert pg.notna().any() and set(tm.loc[pg.notna(), "slide_id"]) == {"generic"}
+    assert set(pg.dropna().unique()) <= {0.0, 1.0}
+    assert tm["gradcam:graded_hit"].dropna().isin([3.0, -1.0]).all()
+
+
+def test_ensemble_removal_and_sanity_outputs(scored):
+    run_dir, _, out = scored
+    cm = pd.read_parquet(run_dir / "cohort/cluster_metrics.parquet")
+    ens = cm[cm.method == "ensemble"]
+    assert {"prob_std", "acc_mean", "acc_std"} <= set(ens.metric)
+    assert (ens[ens.metric == "prob_std"].value > 0).all()  # the checkpoints differ
+    fits = json.loads((run_dir / "cohort/ensemble_fit.json").read_text())
+    assert set(fits) == {"gradcam", "hirescam"} and "r2" in fits["gradcam"]["tiles"]["attn_std~acc_mean"]
+    rem = pd.read_parquet(run_dir / "cohort/cluster_removal.parquet")
+    assert {"cluster", "slide_id", "d_mean", "d_topk"} <= set(rem.columns)
+    assert "removal_d_auc_mean" in set(cm.metric)  # slide labels exist: cohort AUC change
+    san = pd.read_parquet(run_dir / "cohort/sanity.parquet")
+    assert set(san.method) == {"gradcam", "hirescam", "saliency"} and (san.step >= 1).all()
+    assert set(out.sanity) == {"gradcam", "hirescam", "saliency"}
+    assert all(isinstance(v["passed"], bool) for v in out.sanity.values())
+
+
+def test_rerun_is_a_noop_and_new_params_recompute(scored, tmp_path):
+    run_dir, cfg, _ = scored
+    before = (run_dir / "cohort/cluster_metrics.parquet").stat().st_mtime_ns
+    with RunFolder(run_dir) as run:
+        assert run_score_stage(run, cfg).status == "skipped"
+    assert (run_dir / "cohort/cluster_metrics.parquet").stat().st_mtime_ns == before
+    other = copy_run(run_dir, tmp_path / "run")
+    with RunFolder(other) as run:
+        out = run_score_stage(run, ScoreConfig(**{**FAST, "groups": ("complexity",), "methods": ("gradcam",)}))
+    assert out.status == "done" and out.n_sampled == 0
+    cm = pd.read_parquet(other / "cohort/cluster_metrics.parquet")
+    assert set(cm.method) == {"gradcam", "hirescam", "saliency"} and set(cm.metric) == {"gini", "entropy", "tissue_share"}
+
+
+def test_results_do_not_depend_on_batch_size(audit_run, tmp_path):
+    vals = []
+    for bs in (1, 64):
+        d = copy_run(audit_run, tmp_path / f"run{bs}")
+        with RunFolder(d) as run:
+            run_score_stage(run, ScoreConfig(**{**FAST, "groups": ("faithfulness",), "methods": ("gradcam",), "batch_size": bs}))
+        vals.append(pd.read_parquet(d / "cohort/cluster_metrics.parquet"))
+    a, b = vals
+    pd.testing.assert_frame_equal(a[["cluster", "method", "metric", "n_tiles"]], b[["cluster", "method", "metric", "n_tiles"]])
+    np.testing.assert_allclose(a["value"], b["value"], atol=1e-5)
+
+
+def test_killed_score_resumes_to_the_same_result(audit_run, tmp_path):
+    """SIGKILL part way (after the first cluster's part is saved), rerun: equal to a clean run."""
+    clean = copy_run(audit_run, tmp_path / "clean")
+    cfg = dict(FAST, groups=("faithfulness", "complexity"), methods=("gradcam",))
+    with RunFolder(clean) as run:
+        run_score_stage(run, ScoreConfig(**cfg))
+    killed = copy_run(audit_run, tmp_path / "killed")
+    code = f"""
+import os, signal
+from wsi_explain import RunFolder
+from wsi_explain.config import ScoreConfig
+from wsi_explain import score_stage
+orig = score_stage._write_parquet
+def write(df, path, meta=None):
+    orig(df, path, meta)
+    if path.name.startswith("sanity_"):
+        os.kill(os.getpid(), signal.SIGKILL)
+score_stage._write_parquet = write
+with RunFolder({str(killed)!r}) as run:
+    score_stage.run_score_stage(run, ScoreConfig(**{cfg!r}))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr
+    parts = list((killed / "cohort/.score_parts").rglob("cluster_*.parquet"))
+    assert len(parts) == 1 and not (killed / "cohort/cluster_metrics.parquet").exists()
+    with RunFolder(killed) as run:
+        assert run_score_stage(run, ScoreConfig(**cfg)).status == "done"
+    pd.testing.assert_frame_equal(pd.read_parquet(clean / "cohort/cluster_metrics.parquet"),
+                                  pd.read_parquet(killed / "cohort/cluster_metrics.parquet"))
+    assert not (killed / "cohort/.score_parts").exists()
+
+
+def test_unknown_method_and_unclustered_run_are_clear_errors(audit_run, extracted, tmp_path):
+    from wsi_explain.errors import WsiExplainError
+    from wsi_explain.models import ModelError
+
+    d = copy_run(audit_run, tmp_path / "run")
+    with RunFolder(d) as run, pytest.raises(ModelError, match="unknown method"):
+        run_score_stage(run, ScoreConfig(methods=("nosuchcam",)))
+    e = copy_run(extracted, tmp_path / "ext")
+    with RunFolder(e) as run, pytest.raises(WsiExplainError, match="not clustered"):
+        run_score_stage(run, ScoreConfig())
+
+
+def test_cli_score_with_extra_models(audit_run, tmp_path):
+    """`wsi-explain score` end to end, with --models giving the ensemble spread on the sample."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    run_dir = copy_run(audit_run, tmp_path / "run")
+    ck = sorted(audit_run.parent.glob("model_*.pt"))
+    cmd = [sys.executable, "-m", "wsi_explain.cli", "score", str(run_dir), "--methods", "gradcam", "--per-cluster", "4",
+           "--groups", "faithfulness,ensemble,sanity", "--steps", "4", "--baselines", "constant", "--road-percentiles", "50",
+           "--sanity-tiles", "2", "--models", str(ck[1]), "--models", str(ck[2])]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=repo)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "deletion_auc_constant" in res.stdout and "randomisation sanity check: gradcam" in res.stdout
+    tm = pd.read_parquet(run_dir / "cohort/tile_metrics.parquet")
+    sampled = tm[tm.sampled]
+    assert sampled["gradcam:attn_std"].notna().all() and (sampled["ensemble:prob_std"] > 0).all()
+    cfg = json.loads((run_dir / "manifest.json").read_text())["config"]["score"]
+    assert cfg["per_cluster"] == 4 and len(cfg["models"]) == 2
+    bad = subprocess.run(cmd[:5] + ["--groups", "vibes"], capture_output=True, text=True, cwd=repo)
+    assert bad.returncode == 2 and "vibes" in bad.stderr
+
+
+def test_chunking_of_the_sample_does_not_change_values(audit_run, tmp_path, monkeypatch):
+    """Samples are scored in chunks (bounded memory); the values do not depend on the chunk."""
+    from wsi_explain.score_sample import SampleScorer
+
+    out = []
+    for chunk in (64, 8):
+        monkeypatch.setattr(SampleScorer, "CHUNK", chunk)
+        d = copy_run(audit_run, tmp_path / f"c{chunk}")
+        with RunFolder(d) as run:
+            run_score_stage(run, ScoreConfig(**{**FAST, "per_cluster": 12, "groups": ("faithfulness", "robustness"),
+                                                "methods": ("gradcam",)}))
+        out.append(pd.read_parquet(d / "cohort/tile_metrics.parquet"))
+    assert out[0]["sampled"].sum() > 8
+    pd.testing.assert_frame_equal(out[0], out[1])

@@ -1,0 +1,292 @@
+"""The metrics stage: score every cluster of the cohort, per attribution method.
+
+Outputs (in ``cohort/``):
+
+- ``cluster_metrics.parquet``: one row per (cluster, method, metric): value (the mean over the
+  cluster's tiles), ci_low / ci_high (95 % bootstrap; a normal approximation above 5,000 tiles),
+  n_tiles. ``cluster == -2`` rows are the whole cohort; -1 is HDBSCAN's noise. The
+  cluster-removal results are rows of method ``model``.
+- ``tile_metrics.parquet``: one row per tile of the cohort (slide_id, tile_id, cluster, sampled)
+  and one float column ``<method>:<metric>`` per value (NaN where not computed), for plots and
+  colouring.
+- ``sanity.parquet``: the cascading randomisation curve per cluster and method.
+- ``cluster_removal.parquet``: each cluster's effect on each slide's score.
+- ``ensemble_fit.json``: the fitted spread-accuracy relations, when there is an ensemble.
+
+Cheap metrics (complexity of the stored maps, ensemble spread from stored arrays, cluster
+removal) use every tile, slide by slide; expensive ones run on a sample per cluster, cluster by
+cluster, each cluster's part saved so that a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from . import metrics as M
+from .atomic import atomic_path, atomic_write_json
+from .config import ClusterConfig, ExtractConfig, ScoreConfig
+from .errors import WsiExplainError
+from .run import RunFolder, now_iso, params_hash
+
+__all__ = ["STAGE", "COHORT_ROW", "ScoreOutcome", "run_score_stage", "read_cluster_metrics"]
+
+logger = logging.getLogger(__name__)
+
+STAGE = "score"
+COHORT = "cohort"
+#: the ``cluster`` value of whole-cohort rows in cluster_metrics.parquet
+COHORT_ROW = -2
+_NORMAL_ABOVE = 5000
+
+
+@dataclass
+class ScoreOutcome:
+    status: str
+    n_rows: int = 0
+    n_sampled: int = 0
+    seconds: float = 0.0
+    sanity: dict = field(default_factory=dict)
+
+
+def _cheap_metrics(run: RunFolder, tiles: pd.DataFrame, cfg: ScoreConfig, positive: int) -> pd.DataFrame:
+    """Complexity of every stored map and the stored ensemble's spread, slide by slide."""
+    from .cluster_stage import tissue_cells
+    from .features import open_store, read_cams
+    from .tile_stage import read_tile_table
+
+    groups = set(cfg.groups)
+    parts = []
+    for sid, df in tiles.groupby("slide_id", sort=False):
+        sdir = run.slide_dir(sid)
+        g = open_store(sdir / "features.zarr")
+        _, meta = read_tile_table(sdir / "tiles.parquet")
+        ids = df["tile_id"].to_numpy(np.int64)
+        out = pd.DataFrame(index=df.index)
+        scale = float(meta["tissue_mask_scale"])
+        if "complexity" in groups:
+            for m in list(g["cams"].keys()) if "cams" in g else []:
+                maps = read_cams(g, m, ids)
+                cells = tissue_cells(df, sdir / "tissue.png", scale, *maps.shape[1:])
+                out[f"{m}:gini"], out[f"{m}:entropy"] = M.gini(maps), M.entropy(maps)
+                out[f"{m}:tissue_share"] = M.mass_share(maps, cells)
+            for m in list(g["attributions"].keys()) if "attributions" in g else []:
+                a_ids = np.asarray(g[f"attributions/{m}/tile_ids"][:], np.int64)
+                pos = pd.Index(a_ids).get_indexer(ids)
+                have = pos >= 0
+                if not have.any():
+                    continue
+                maps = np.asarray(g[f"attributions/{m}/maps"].oindex[pos[have]], np.float32)
+                cells = tissue_cells(df[have], sdir / "tissue.png", scale, *maps.shape[1:])
+                for name, fn in (("gini", M.gini), ("entropy", M.entropy)):
+                    col = np.full(len(df), np.nan, np.float32)
+                    col[have] = fn(maps)
+                    out[f"{m}:{name}"] = col
+                col = np.full(len(df), np.nan, np.float32)
+                col[have] = M.mass_share(maps, cells)
+                out[f"{m}:tissue_share"] = col
+        if "ensemble" in groups and "ensemble" in g:
+            probs = np.asarray(g["ensemble/probs"].oindex[ids], np.float32)
+            labels = df["label_pos"].to_numpy(np.float64) if "label_pos" in df.columns else None
+            sp = M.ensemble_spread(probs, np.zeros((len(ids), 1, 1)), positive=positive, labels=labels)
+            for k in ("prob_mean", "prob_std", "acc_mean", "acc_std"):
+                if k in sp:
+                    out[f"ensemble:{k}"] = sp[k]
+            for key in g["ensemble/cams"].keys() if "ensemble/cams" in g else []:
+                if key.endswith("_std"):
+                    std = np.asarray(g[f"ensemble/cams/{key}"].oindex[ids], np.float32)
+                    out[f"{key[:-4]}:attn_std"] = std.reshape(len(ids), -1).mean(1)
+        parts.append(out)
+    return pd.concat(parts).reindex(tiles.index) if parts else pd.DataFrame(index=tiles.index)
+
+
+def _aggregate(wide: pd.DataFrame, cfg: ScoreConfig) -> pd.DataFrame:
+    rows = []
+    cols = [c for c in wide.columns if ":" in c]
+    for c in cols:
+        method, metric = c.split(":", 1)
+        for cl, vals in list(wide.groupby("cluster")[c]) + [(COHORT_ROW, wide[c])]:
+            v = vals.to_numpy(np.float64)
+            v = v[np.isfinite(v)]
+            if len(v) == 0:
+                continue
+            if len(v) > _NORMAL_ABOVE:
+                mean, se = float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v)))
+                ci = (mean, mean - 1.96 * se, mean + 1.96 * se, len(v))
+            else:
+                ci = M.bootstrap_ci(v, n_boot=cfg.n_boot, seed=cfg.seed)
+            rows.append({"cluster": int(cl), "method": method, "metric": metric, "value": ci[0], "ci_low": ci[1],
+                         "ci_high": ci[2], "n_tiles": int(ci[3])})
+    return pd.DataFrame(rows, columns=["cluster", "method", "metric", "value", "ci_low", "ci_high", "n_tiles"])
+
+
+def _removal(tiles: pd.DataFrame, cfg: ScoreConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    labels = None
+    if "label" in tiles.columns:
+        lab = pd.to_numeric(tiles.groupby("slide_id")["label"].first(), errors="coerce")
+        if lab.notna().any():
+            labels = (lab > 0).astype(float).where(lab.notna())
+    per_slide, per_cluster = M.cluster_removal(tiles, slide_labels=labels, topk=cfg.topk)
+    rows = []
+    for _, r in per_cluster.iterrows():
+        for k, v in r.items():
+            if k in ("cluster", "n_tiles", "n_slides") or pd.isna(v):
+                continue
+            rows.append({"cluster": int(r["cluster"]), "method": "model", "metric": f"removal_{k}", "value": float(v),
+                         "ci_low": np.nan, "ci_high": np.nan, "n_tiles": int(r["n_tiles"])})
+    return per_slide, pd.DataFrame(rows)
+
+
+def _ensemble_fits(wide: pd.DataFrame) -> dict:
+    if "ensemble:acc_mean" not in wide.columns:
+        return {}
+    out = {}
+    for c in [c for c in wide.columns if c.endswith(":attn_std")]:
+        m = c.split(":")[0]
+        per_cluster = wide[wide["cluster"] >= 0].groupby("cluster")[[c, "ensemble:acc_mean", "ensemble:acc_std"]].mean()
+        out[m] = {
+            "tiles": M.fit_spread_relations(wide[c], wide["ensemble:acc_mean"], wide["ensemble:acc_std"]),
+            "clusters": M.fit_spread_relations(per_cluster[c], per_cluster["ensemble:acc_mean"], per_cluster["ensemble:acc_std"]),
+        }
+    return out
+
+
+def _write_parquet(df: pd.DataFrame, path: Path, meta: dict | None = None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if meta:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"wsi_explain": json.dumps(meta, default=str).encode()})
+    with atomic_path(path, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_cluster_metrics(run_path: str | Path) -> pd.DataFrame:
+    """``cohort/cluster_metrics.parquet`` of a scored run."""
+    return pd.read_parquet(Path(run_path) / "cohort" / "cluster_metrics.parquet")
+
+
+def run_score_stage(run: RunFolder, cfg: ScoreConfig, *, on_progress: Callable[[str, int, int], None] | None = None) -> ScoreOutcome:
+    """Score every cluster of a clustered run (see the module docstring for the outputs)."""
+    import pyarrow.parquet as pq
+
+    t0 = time.perf_counter()
+    crec = run.slide_record("cluster", COHORT)
+    cdir = run.path / "cohort"
+    if not crec or crec.get("status") != "done" or not (cdir / "tiles.parquet").exists():
+        raise WsiExplainError(f"{run.path}: not clustered; run `wsi-explain cluster` first")
+    tiles = pd.read_parquet(cdir / "tiles.parquet")
+    cmeta = json.loads(pq.read_schema(cdir / "tiles.parquet").metadata[b"wsi_explain"])
+    ccfg = ClusterConfig(**cmeta["config"])
+    ecfg = ExtractConfig(**run.manifest["config"]["extract"])
+    methods = tuple(cfg.methods or ecfg.methods)
+    from .extract_stage import split_methods
+
+    split_methods(methods)  # unknown names stop here, before any work
+    params = params_hash({**cfg.result_params(), "methods": list(methods)})
+    fp = hashlib.sha256(json.dumps([crec.get("params"), crec.get("fingerprint"), crec.get("end")]).encode()).hexdigest()[:32]
+    run.set_config(STAGE, cfg.model_dump(mode="json"))
+    outputs = ["cohort/cluster_metrics.parquet", "cohort/tile_metrics.parquet"]
+    if run.is_done(STAGE, COHORT, params=params, fingerprint=fp):
+        rec = run.slide_record(STAGE, COHORT)
+        return ScoreOutcome("skipped", rec.get("n_rows", 0), rec.get("n_sampled", 0), 0.0, rec.get("sanity", {}))
+    start = now_iso()
+    progress = on_progress or (lambda what, done, total: None)
+    groups = set(cfg.groups)
+    positive = min(ccfg.positive_class, len(cmeta.get("class_names") or [0, 1]) - 1)
+
+    progress("cheap metrics", 0, 1)
+    wide = pd.concat([tiles[["slide_id", "tile_id", "cluster"]], _cheap_metrics(run, tiles, cfg, positive)], axis=1)
+    progress("cheap metrics", 1, 1)
+
+    sampled_groups = groups & {"faithfulness", "robustness", "localisation", "sanity"} or (groups & {"ensemble"} and cfg.models)
+    samples = sample_clusters_for(tiles, cfg) if sampled_groups else {}
+    parts_dir = cdir / ".score_parts" / params
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    long_parts, sanity_parts = [], []
+    scorer = None
+    for i, (c, sample) in enumerate(samples.items()):
+        progress("sampled metrics", i, len(samples))
+        vpath, spath = parts_dir / f"cluster_{c}.parquet", parts_dir / f"sanity_{c}.parquet"
+        if vpath.exists() and spath.exists():  # done before the run was killed
+            long_parts.append(pd.read_parquet(vpath))
+            sanity_parts.append(pd.read_parquet(spath))
+            continue
+        if scorer is None:
+            from .score_sample import SampleScorer
+
+            tile_px = int(pd.read_parquet(run.slide_dir(sample["slide_id"].iloc[0]) / "tiles.parquet", columns=["tile_px"])["tile_px"].iloc[0])
+            scorer = SampleScorer(run.path, cfg, ecfg, methods, ccfg.positive_labels, tile_px)
+            scorer.positive_class = positive
+        values, sanity = scorer.score(c, sample)
+        _write_parquet(values, vpath)
+        _write_parquet(sanity, spath)
+        long_parts.append(values)
+        sanity_parts.append(sanity)
+    progress("sampled metrics", len(samples), len(samples))
+
+    n_sampled = 0
+    if long_parts and any(len(p) for p in long_parts):
+        long = pd.concat([p for p in long_parts if len(p)], ignore_index=True)
+        long["col"] = long["method"] + ":" + long["metric"]
+        piv = long.pivot_table(index=["slide_id", "tile_id"], columns="col", values="value", aggfunc="first")
+        key = pd.MultiIndex.from_frame(wide[["slide_id", "tile_id"]].astype({"tile_id": np.int64}))
+        piv = piv.reindex(key)
+        n_sampled = int(piv.notna().any(axis=1).sum())
+        wide["sampled"] = piv.notna().any(axis=1).to_numpy()
+        for col in piv.columns:
+            wide[col] = piv[col].to_numpy(np.float32)
+    else:
+        wide["sampled"] = False
+
+    agg = _aggregate(wide, cfg)
+    extra = {}
+    if "removal" in groups and "prob_pos" in tiles.columns:
+        per_slide, rem_rows = _removal(tiles, cfg)
+        _write_parquet(per_slide, cdir / "cluster_removal.parquet")
+        agg = pd.concat([agg, rem_rows], ignore_index=True)
+        outputs.append("cohort/cluster_removal.parquet")
+    sanity_df = pd.concat([s for s in sanity_parts if len(s)], ignore_index=True) if any(len(s) for s in sanity_parts) else pd.DataFrame()
+    sanity_verdict = {}
+    if len(sanity_df):
+        w = sanity_df.assign(ws=sanity_df["spearman"] * sanity_df["n"], wss=sanity_df["ssim"] * sanity_df["n"])
+        tot = w.groupby(["method", "step", "block"], as_index=False)[["ws", "wss", "n"]].sum()
+        tot = tot.assign(cluster=COHORT_ROW, spearman=tot["ws"] / tot["n"], ssim=tot["wss"] / tot["n"])[sanity_df.columns]
+        sanity_df = pd.concat([sanity_df, tot], ignore_index=True)
+        for m, g in tot.groupby("method"):
+            last = g.sort_values("step").iloc[-1]
+            sanity_verdict[m] = {"spearman": float(last["spearman"]), "ssim": float(last["ssim"]),
+                                 "passed": bool(last["spearman"] < cfg.sanity_threshold)}
+        _write_parquet(sanity_df, cdir / "sanity.parquet")
+        outputs.append("cohort/sanity.parquet")
+    fits = _ensemble_fits(wide) if "ensemble" in groups else {}
+    if fits:
+        atomic_write_json(cdir / "ensemble_fit.json", fits)
+        outputs.append("cohort/ensemble_fit.json")
+        extra["ensemble_fit"] = fits
+    meta = {"config": cfg.model_dump(mode="json"), "methods": list(methods), "sanity": sanity_verdict,
+            "cohort_row": COHORT_ROW, "positive_class": positive}
+    _write_parquet(wide, cdir / "tile_metrics.parquet", meta)
+    _write_parquet(agg.sort_values(["cluster", "method", "metric"], ignore_index=True), cdir / "cluster_metrics.parquet", meta)
+    shutil.rmtree(cdir / ".score_parts", ignore_errors=True)
+    out = ScoreOutcome("done", len(agg), n_sampled, time.perf_counter() - t0, sanity_verdict)
+    run.record(STAGE, COHORT, status="done", params=params, fingerprint=fp, outputs=outputs, n_rows=len(agg),
+               n_sampled=n_sampled, methods=list(methods), sanity=sanity_verdict, start=start, end=now_iso(),
+               seconds=round(out.seconds, 3), error=None)
+    return out
+
+
+def sample_clusters_for(tiles: pd.DataFrame, cfg: ScoreConfig) -> dict[int, pd.DataFrame]:
+    from .score_sample import sample_clusters
+
+    return sample_clusters(tiles, per_cluster=cfg.per_cluster, seed=cfg.seed, include_noise=cfg.include_noise)
