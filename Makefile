@@ -19,8 +19,15 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/wsi-explain demo --out $(RUN)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest
+# Debian's Chromium for the browser tests (reports and the explorer are opened in it)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		SUDO=$$(command -v sudo >/dev/null 2>&1 && [ "$$(id -u)" != 0 ] && echo sudo); \
+		$$SUDO apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y --no-install-recommends chromium >/dev/null; }; }
+
+test: $(STAMP) browser
+	WSI_EXPLAIN_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -134,7 +134,8 @@ def extracted(tiled, tmp_path_factory):
 @pytest.fixture(scope="session")
 def audit_run(tmp_path_factory, slides):
     """A small audit up to clustering: two labelled slides (one with a GeoJSON tumour
-    annotation), the tiny CNN with a 3-checkpoint ensemble, two fused CAMs and saliency."""
+    annotation, one whose file name and site hold HTML), the tiny CNN with a 3-checkpoint
+    ensemble, two fused CAMs and saliency."""
     import json
 
     import torch
@@ -157,7 +158,11 @@ def audit_run(tmp_path_factory, slides):
     tumour = {"type": "Feature", "properties": {"classification": {"name": "Tumour"}},
               "geometry": {"type": "Polygon", "coordinates": [[[1000, 800], [3000, 800], [3000, 2200], [1000, 2200], [1000, 800]]]}}
     (d / "tumour.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [tumour]}))
-    (d / "cohort.csv").write_text(f"path,annotations,label,site\n{slides['tiff']},tumour.geojson,1,A\n{slides['svs']},,0,B\n")
+    # a file name and a site that would run script if they reached HTML unescaped
+    evil = d / "<script>alert(1)<script>.svs"
+    shutil.copyfile(slides["svs"], evil)
+    (d / "cohort.csv").write_text(f"path,annotations,label,site\n{slides['tiff']},tumour.geojson,1,A\n"
+                                  f"{evil},,0,<img src=x onerror=alert(2)>\n")
     run_dir = d / "run"
     with RunFolder(run_dir) as run:
         run_tile_stage(run, discover_slides([d / "cohort.csv"]), TileConfig(tile_px=32, mpp_target=1.0, verify="none"))
@@ -167,3 +172,59 @@ def audit_run(tmp_path_factory, slides):
         assert all(r.status == "done" for r in run_extract_stage(run, ecfg))
         run_cluster_stage(run, ClusterConfig(method="kmeans", k=3, pca=16, positive_labels=("Tumour",)))
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium (Debian's, driven by playwright). `make test` installs it and sets
+    WSI_EXPLAIN_REQUIRE_BROWSER=1, so there a missing browser fails instead of skipping."""
+    import os
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("WSI_EXPLAIN_REQUIRE_BROWSER") == "1":
+            pytest.fail("chromium is not installed (make test installs Debian's chromium)")
+        pytest.skip("chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield b
+        b.close()
+
+
+class PageWatch:
+    """A page that records console errors, uncaught exceptions and dialogs (alert = script ran)."""
+
+    def __init__(self, browser, viewport=(1280, 1400)) -> None:
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        self.page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
+
+        def on_dialog(d):
+            self.dialogs.append(d.message)
+            d.dismiss()
+
+        self.page.on("dialog", on_dialog)
+
+    def model(self, name: str, expr: str):
+        """Evaluate ``expr`` with ``m`` bound to the Bokeh model called ``name``."""
+        return self.page.evaluate(f"() => {{ const m = Bokeh.documents[0].get_model_by_name({name!r}); return {expr}; }}")
+
+    def drag_select(self, figure_name: str, frac=(0.0, 0.0, 0.6, 0.6)) -> None:
+        """Drag a box over a Bokeh figure's frame (its active drag tool is box select)."""
+        l, t, fl, ft, fw, fh = self.page.evaluate(
+            f"() => {{ const v = Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name({figure_name!r}));"
+            " const r = v.el.getBoundingClientRect(); const f = v.frame.bbox;"
+            " return [r.left, r.top, f.left, f.top, f.width, f.height]; }")
+        x0, y0 = l + fl + 2 + frac[0] * fw, t + ft + 2 + frac[1] * fh
+        self.page.mouse.move(x0, y0)
+        self.page.mouse.down()
+        self.page.mouse.move(l + fl + frac[2] * fw, t + ft + frac[3] * fh, steps=8)
+        self.page.mouse.up()
+        self.page.wait_for_timeout(500)
+
+    def close(self) -> None:
+        self.page.close()

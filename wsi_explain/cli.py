@@ -351,6 +351,60 @@ def score(
 
 
 @app.command()
+def report(
+    run: Path = typer.Argument(..., help="Run folder (clustered; scored runs also show metrics)."),
+    max_points: int = typer.Option(200_000, help="Most tiles drawn in the report's UMAP (a stratified sample beyond)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Write report/index.html (cohort), report/clusters/*.html and report/slides/*.html."""
+    _setup_logging(verbose)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .errors import WsiExplainError
+    from .report_stage import run_report_stage
+
+    console = Console()
+    rf = _open_run(run)
+    with rf, Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("report pages", total=None)
+        try:
+            out = run_report_stage(rf, max_points=max_points, on_progress=lambda w, d, t: bar.update(task, completed=d, total=t))
+        except WsiExplainError as exc:
+            _fail(str(exc))
+    console.print(f"report: {out.index} ({out.n_pages} pages, {out.n_images} tile images, {out.seconds:.1f} s)")
+
+
+@app.command()
+def serve(
+    run: Path = typer.Argument(..., help="Run folder (clustered)."),
+    port: int = typer.Option(5006, help="Port."),
+    address: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1: this machine only)."),
+    allow_origin: Optional[list[str]] = typer.Option(None, help="Extra host:port allowed to open the websocket (when proxied)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve the linked explorer (UMAP, slide panel, gallery, cluster table, naming) until Ctrl-C."""
+    _setup_logging(verbose)
+    from rich.console import Console
+
+    from .errors import WsiExplainError
+    from .serve import make_server
+
+    try:
+        server = make_server(run, port=port, address=address, allow_origin=allow_origin)
+    except WsiExplainError as exc:
+        _fail(str(exc))
+    if address not in ("127.0.0.1", "localhost", "::1"):
+        Console(stderr=True).print(f"warning: serving on {address}: anyone who can reach this machine can open the run")
+    server.start()
+    Console().print(f"explorer: http://{'127.0.0.1' if address in ('0.0.0.0', '') else address}:{port}/explorer (Ctrl-C stops)")
+    try:
+        server.io_loop.start()
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
 def export(run: Path = typer.Argument(..., help="Run folder (clustered).")) -> None:
     """Write exports/<slide>.geojson (tiles as QuPath detections, classified by cluster) and
     exports/cohort_tiles.csv."""

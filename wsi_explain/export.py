@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -18,16 +17,11 @@ logger = logging.getLogger(__name__)
 
 
 def cluster_names(run: RunFolder) -> dict[int, str]:
-    """Names pathologists gave to clusters (``cohort/cluster_names.json``: {"3": "pen ink", ...})."""
-    p = run.path / "cohort" / "cluster_names.json"
-    if not p.exists():
-        return {}
-    try:
-        doc = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise WsiExplainError(f"{p}: not valid JSON ({exc})") from exc
-    names = doc.get("names", doc) if isinstance(doc, dict) else {}
-    return {int(k): str(v) for k, v in names.items()}
+    """Names pathologists gave to clusters (``cohort/cluster_names.json``, see
+    :mod:`wsi_explain.cluster_names`)."""
+    from .cluster_names import read_cluster_names
+
+    return {int(k): str(v) for k, v in read_cluster_names(run.path)["names"].items()}
 
 
 def export_run(run: RunFolder) -> list[Path]:

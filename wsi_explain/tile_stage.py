@@ -140,6 +140,9 @@ def _write_outputs(out_dir, tiles, thumb, source, cfg, fingerprint, info, tissue
     coded = np.where(tissue.ink, 2, np.where(tissue.mask, 1, 0)).astype(np.uint8)
     with atomic_path(out_dir / "tissue.png", suffix=".png") as tmp:
         Image.fromarray(coded).save(tmp, format="PNG")
+    # the plain slide image at the same scale (background of the report and explorer panels)
+    with atomic_path(out_dir / "overview.png", suffix=".png") as tmp:
+        Image.fromarray(np.ascontiguousarray(tissue.image[..., :3])).save(tmp, format="PNG")
     with atomic_path(out_dir / "tiles.parquet", suffix=".parquet") as tmp:
         pq.write_table(table, tmp)
 

@@ -167,8 +167,8 @@ def road(
     dict of (N,) float32: ``morf`` (change in target probability when the most relevant pixels are
     imputed, averaged over ``percentiles``; more negative = more faithful), ``lerf`` (least relevant
     removed; near 0 = faithful) and ``combined`` = (lerf - morf) / 2 (pytorch-grad-cam's
-    ``ROADCombined``; higher = more faithful). Input ``i`` is imputed with torch seeded to
-    ``seed + i``. The imputer solves a sparse system per input and percentile (the cost).
+    ``ROADCombined``; higher = more faithful). Inputs are imputed in seeded chunks (as
+    :func:`infidelity_score`). The imputer solves a sparse system per input and percentile (the cost).
     """
     from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirstAverage, ROADMostRelevantFirstAverage
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
@@ -179,13 +179,14 @@ def road(
     cams = minmax(as_tensor_maps(maps, (h, w))).numpy()
     morf_m, lerf_m = ROADMostRelevantFirstAverage(list(percentiles)), ROADLeastRelevantFirstAverage(list(percentiles))
     morf, lerf = [], []
-    # the imputer adds noise: one seeded draw per input, so scores do not depend on the batching
-    for i in range(n):
-        tg = [ClassifierOutputSoftmaxTarget(int(t[i]))]
+    # the imputer adds noise: inputs go in chunks of CHUNK, each seeded with seed + its first index,
+    # so the scores do not depend on the caller's batching
+    for s0, s1, _ in chunks(n, 1, None):
+        tg = [ClassifierOutputSoftmaxTarget(int(c)) for c in t[s0:s1]]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + i)
-            morf.append(np.asarray(morf_m(x[i : i + 1], cams[i : i + 1], tg, model), np.float32).reshape(-1))
-            lerf.append(np.asarray(lerf_m(x[i : i + 1], cams[i : i + 1], tg, model), np.float32).reshape(-1))
+            torch.manual_seed(seed + s0)
+            morf.append(np.asarray(morf_m(x[s0:s1], cams[s0:s1], tg, model), np.float32).reshape(-1))
+            lerf.append(np.asarray(lerf_m(x[s0:s1], cams[s0:s1], tg, model), np.float32).reshape(-1))
     mo, le = np.concatenate(morf), np.concatenate(lerf)
     return {"morf": mo, "lerf": le, "combined": ((le - mo) / 2).astype(np.float32)}
 

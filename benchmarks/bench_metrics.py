@@ -1,0 +1,181 @@
+"""Metrics benchmark: throughput (tiles/s) of each metric on CPU, and the score stage's peak
+memory at 1x and 10x the per-cluster sample.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_metrics.py [--n 32] [--arch resnet18] [--sample 64] [--tile-px 128]
+
+Part 1 (in this process): ``--n`` generated H&E tiles of 224 px, a random-init torchvision model,
+Grad-CAM maps; each metric function is timed on the same inputs as the score stage calls it
+(deletion/insertion 16 steps per baseline and mode, ROAD at 4 percentiles, infidelity 10
+perturbations, sensitivity 8). The bare forward on the same tiles is timed in the same run, so
+each metric is also given as a multiple of one forward per tile.
+
+Part 2: one generated slide tiled into a single cluster of 10x ``--sample`` tiles (``--tile-px``),
+extracted and clustered once; then the score stage runs in a fresh process with ``per_cluster``
+= ``--sample`` and = 10x ``--sample`` (faithfulness and robustness), reporting peak RSS (VmHWM)
+and wall time. Prints Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def peak_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def throughput(n: int, arch: str) -> list[tuple[str, float, float]]:
+    import torch
+    import torchvision
+
+    from tests.conftest import synthetic_he
+    from wsi_explain import metrics as M
+    from wsi_explain.attributors import make_explainer
+    from wsi_explain.perf import tune_malloc
+
+    tune_malloc()
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None).eval().to(memory_format=torch.channels_last)
+    img, _ = synthetic_he(224 * 4, 224 * (n // 4 + 1), seed=3)
+    tiles = np.stack([img[(i % 4) * 224 : (i % 4 + 1) * 224, (i // 4) * 224 : (i // 4 + 1) * 224] for i in range(n)])
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    x = ((torch.from_numpy(tiles).float() / 255 - mean) / std).permute(0, 3, 1, 2).contiguous()
+    ex = make_explainer("gradcam", model, target_layer="layer4", tile_px=224)
+    with torch.no_grad():
+        t = model(x[:2]).argmax(1)
+    targets = np.zeros(n, np.int64)
+
+    def timed(fn):
+        fn()  # warm-up on the first call is cheap relative to the runs; time a second run
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def fwd():
+        with torch.no_grad():
+            for s in range(0, n, 32):
+                model(x[s : s + 32])
+
+    maps = ex.attribute(x, targets=targets)
+    rows = []
+    base = timed(fwd)
+    rows.append(("bare forward (reference)", n / base, 1.0))
+    cases = {
+        "Grad-CAM maps (fused, explicit targets)": lambda: ex.attribute(x, targets=targets),
+        "deletion, blur baseline (16 steps)": lambda: M.perturbation_curve(model, x, maps, targets=targets, baseline="blur"),
+        "insertion, constant baseline (16 steps)": lambda: M.perturbation_curve(model, x, maps, targets=targets, mode="insertion", baseline="constant"),
+        "Drop/Increase in Confidence (multiply)": lambda: M.confidence_change(model, x, maps, targets=targets),
+        "Drop/Increase in Confidence (mask)": lambda: M.confidence_change(model, x, maps, targets=targets, how="mask"),
+        "ROAD, 4 percentiles (pytorch-grad-cam)": lambda: M.road(model, x, maps, targets=targets),
+        "infidelity (captum, 10 perturbations)": lambda: M.infidelity_score(model, x, maps, targets=targets),
+        "sensitivity_max (captum, 8 perturbations)": lambda: M.sensitivity(lambda z, target=None: ex.attribute(z, targets=target), x, targets=targets),
+        "pointing game + relevance mass/rank + IoU": lambda: (M.pointing_game(maps, maps > np.median(maps)), M.relevance_mass(maps, maps > 0.5),
+                                                              M.relevance_rank(maps, maps > 0.5), M.iou_coverage(maps, maps > 0.5)),
+        "Gini + entropy (stored 7x7 maps)": lambda: (M.gini(maps[:, ::32, ::32]), M.entropy(maps[:, ::32, ::32])),
+    }
+    for name, fn in cases.items():
+        s = timed(fn)
+        rows.append((name, n / s, s / base))
+        print(f"  {name}: {n / s:.1f} tiles/s", file=sys.stderr, flush=True)
+    del t
+    return rows
+
+
+def _build_run(root: Path, n_tiles: int, tile_px: int, arch: str) -> Path:
+    from tests.conftest import synthetic_he
+    from tiling import write_pyramidal_tiff
+    from wsi_explain import RunFolder, TileConfig, discover_slides, run_tile_stage
+    from wsi_explain.cluster_stage import run_cluster_stage
+    from wsi_explain.config import ClusterConfig, ExtractConfig
+    from wsi_explain.extract_stage import run_extract_stage
+
+    side = int(np.ceil(np.sqrt(n_tiles * 1.1))) * tile_px
+    img = np.full((side, side, 3), 0, np.uint8)
+    img[:], _ = synthetic_he(side, side, seed=5, blob=(0.5, 0.5, 0.9, 0.9))
+    slide = write_pyramidal_tiff(root / "big.tif", img, mpp=0.5)
+    run_dir = root / "run"
+    with RunFolder(run_dir) as run:
+        run_tile_stage(run, discover_slides([slide]), TileConfig(tile_px=tile_px, mpp_target=0.5, min_tissue=0.0, verify="none"))
+        run_extract_stage(run, ExtractConfig(arch=arch, num_classes=2, methods=("gradcam",), workers=0, batch_size=32))
+        run_cluster_stage(run, ClusterConfig(method="kmeans", k=1, pca=16))
+    return run_dir
+
+
+def score_child(run_dir: str, per_cluster: int) -> dict:
+    import shutil
+
+    from wsi_explain import RunFolder
+    from wsi_explain.config import ScoreConfig
+    from wsi_explain.perf import tune_malloc
+    from wsi_explain.score_stage import run_score_stage
+
+    tune_malloc()
+    dst = Path(run_dir).parent / f"run_{per_cluster}"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(run_dir, dst)
+    cfg = ScoreConfig(per_cluster=per_cluster, groups=("faithfulness", "robustness"), methods=("gradcam",),
+                      baselines=("constant",), steps=8, road_percentiles=(50,), infidelity_samples=4, sensitivity_samples=2)
+    t0 = time.perf_counter()
+    with RunFolder(dst) as run:
+        out = run_score_stage(run, cfg)
+    s = time.perf_counter() - t0
+    return {"per_cluster": per_cluster, "sampled": out.n_sampled, "seconds": round(s, 1),
+            "tiles_per_s": round(out.n_sampled / s, 2), "peak_mb": round(peak_mb())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--sample", type=int, default=64)
+    ap.add_argument("--tile-px", type=int, default=128)
+    ap.add_argument("--child", nargs=2)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(score_child(a.child[0], int(a.child[1]))))
+        return
+    import torch
+
+    print(f"## Metrics ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()})\n")
+    print(f"Command: `.venv/bin/python benchmarks/bench_metrics.py --n {a.n} --arch {a.arch} --sample {a.sample} --tile-px {a.tile_px}`\n")
+    rows = throughput(a.n, a.arch)
+    print(f"### Throughput on {a.n} tiles of 224 px, {a.arch} (random init), Grad-CAM maps\n")
+    print("| metric | tiles/s | cost in forwards per tile |\n| --- | ---: | ---: |")
+    for name, tps, ratio in rows:
+        print(f"| {name} | {tps:.1f} | {ratio:.1f} |")
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = _build_run(Path(tmp), 10 * a.sample, a.tile_px, a.arch)
+        res = []
+        for pc in (a.sample, 10 * a.sample):
+            p = subprocess.run([sys.executable, __file__, "--child", str(run_dir), str(pc)], capture_output=True, text=True, cwd=REPO)
+            if p.returncode != 0:
+                raise SystemExit(p.stderr)
+            res.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    print(f"\n### Score stage peak memory, one cluster, {a.tile_px} px tiles, faithfulness + robustness of Grad-CAM\n")
+    print("| per_cluster | tiles scored | wall s | tiles/s | peak RSS MB |\n| ---: | ---: | ---: | ---: | ---: |")
+    for r in res:
+        print(f"| {r['per_cluster']} | {r['sampled']} | {r['seconds']} | {r['tiles_per_s']} | {r['peak_mb']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The explorer server in real headless Chromium: linked selection, on-demand tile images,
+cluster naming, localhost binding and path-traversal attempts."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import PageWatch, copy_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(audit_run, tmp_path_factory):
+    run_dir = copy_run(audit_run, tmp_path_factory.mktemp("served") / "run")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "wsi_explain.cli", "serve", str(run_dir), "--port", str(port)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url + "/explorer", timeout=2)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if proc.poll() is not None:
+                pytest.fail(proc.stdout.read())
+            time.sleep(0.5)
+    yield url, run_dir, port
+    proc.terminate()
+    proc.wait(10)
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=20) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, b""
+
+
+def test_tiles_on_demand_and_path_traversal_refused(server):
+    url, run_dir, _ = server
+    tiles = pd.read_parquet(run_dir / "cohort/tiles.parquet")
+    sid, tid = tiles.iloc[0]["slide_id"], int(tiles.iloc[0]["tile_id"])
+    status, body = _get(f"{url}/tiles/{sid}/{tid}.png?method=gradcam&size=64")
+    assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "cache/tiles" / sid / f"{tid}_gradcam_64.png").read_bytes() == body  # cached in the run folder
+    status, strip = _get(f"{url}/tiles/{sid}/{tid}.png?method=all&size=0")
+    assert status == 200 and len(strip) > len(body)
+    for bad in ("/tiles/..%2F..%2Fmanifest/1.png", "/tiles/%2E%2E/1.png", f"/tiles/{sid}/999999.png",
+                f"/tiles/{sid}/{tid}.png?method=..%2F..%2Fmanifest.json", f"/tiles/{sid}/{tid}.png?size=100000",
+                "/tiles/..%2Fslides%2Fgeneric/1.png", "/overview/..%2Fmanifest.png", "/static/..%2F..%2F..%2Fetc%2Fpasswd"):
+        status, body = _get(url + bad)
+        assert status in (400, 403, 404), (bad, status)
+        assert b"schema_version" not in body and b"root:" not in body
+
+
+def _listening(port: int) -> list[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) of the sockets listening on ``port``."""
+    out = []
+    for f in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(f).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.rsplit(":", 1)
+            if int(p, 16) == port and state == "0A":  # LISTEN
+                out.append(addr)
+    return out
+
+
+def test_binds_to_localhost_only(server):
+    _, _, port = server
+    addrs = _listening(port)
+    assert addrs, "no listening socket found"
+    loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1
+    assert set(addrs) <= loopback, f"listening on {addrs}"
+
+
+def test_explorer_in_chromium(server, browser):
+    url, run_dir, _ = server
+    w = PageWatch(browser)
+    w.page.goto(url + "/explorer")
+    w.page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].get_model_by_name('umap')")
+    w.page.wait_for_timeout(1500)
+    w.drag_select("umap")
+    n = w.model("tiles", "m.selected.indices.length")
+    assert n > 0 and w.model("slide_tiles", "m.data_source.selected.indices.length") == n
+    img = w.page.locator("img[src^='/tiles/']").first
+    img.wait_for(timeout=20000)
+    w.page.wait_for_function("() => true")
+    assert w.page.locator("img[src^='/tiles/']").count() > 0
+    w.page.wait_for_timeout(1500)
+    assert img.evaluate("e => e.naturalWidth") == 96  # cut from the slide by the server
+    # a box on the slide selects those tiles in the UMAP
+    w.model("tiles", "(m.selected.indices = [], 0)")
+    w.drag_select("slide", frac=(0.3, 0.3, 0.7, 0.7))
+    assert w.model("tiles", "m.selected.indices.length") > 0
+    # name a cluster from the page: saved, versioned, shown escaped
+    w.page.locator("input[placeholder='cluster name']").fill("pen <i>ink</i>")
+    w.page.locator("textarea[placeholder='comment']").fill("blue marker")
+    w.page.locator("button", has_text="Save name").click()
+    w.page.wait_for_timeout(1500)
+    doc = json.loads((run_dir / "cohort/cluster_names.json").read_text())
+    assert doc["names"]["0"] == "pen <i>ink</i>" and doc["comments"]["0"] == "blue marker" and doc["version"] == 1
+    assert "pen &lt;i&gt;ink&lt;/i&gt;" in w.model("name_status", "m.text")
+    assert w.model("clusters", "m.data.name[0]") == "pen <i>ink</i>"  # a table cell, rendered as text
+    assert w.errors == [] and w.dialogs == []
+    w.close()

@@ -1,0 +1,48 @@
+"""Attribution overlays on tile images (PNG bytes for galleries, reports and the explorer)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+__all__ = ["jet", "cam_overlay", "tile_strip", "to_png"]
+
+
+def jet(v: np.ndarray) -> np.ndarray:
+    """The classic jet colour map of values in [0, 1] -> (..., 3) uint8 (as OpenCV's COLORMAP_JET)."""
+    v = np.clip(np.asarray(v, np.float64), 0, 1)
+    r = np.clip(1.5 - np.abs(4 * v - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
+    return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
+
+
+def cam_overlay(tile: np.ndarray, cam: np.ndarray, *, alpha: float = 0.45) -> np.ndarray:
+    """A map (h, w) at any resolution over a tile (H, W, 3) uint8: bilinear upsampling, per-map
+    min-max normalisation, jet colours blended with weight ``alpha``. Inputs are not modified."""
+    from PIL import Image
+
+    cam = np.asarray(cam, np.float32)
+    lo, hi = float(np.nanmin(cam)), float(np.nanmax(cam))
+    norm = (cam - lo) / (hi - lo) if hi > lo else np.zeros_like(cam)
+    up = np.asarray(Image.fromarray(norm.astype(np.float32), mode="F").resize(tile.shape[1::-1], Image.BILINEAR))
+    return (tile.astype(np.float32) * (1 - alpha) + jet(up).astype(np.float32) * alpha).round().astype(np.uint8)
+
+
+def tile_strip(tile: np.ndarray, cams: dict[str, np.ndarray], *, size: int | None = None) -> np.ndarray:
+    """The tile and each map's overlay side by side -> (S, S * (1 + len(cams)), 3) uint8."""
+    from PIL import Image
+
+    panels = [tile] + [cam_overlay(tile, c) for c in cams.values()]
+    if size is not None and size != tile.shape[0]:
+        panels = [np.asarray(Image.fromarray(p).resize((size, size), Image.BILINEAR)) for p in panels]
+    return np.concatenate(panels, axis=1)
+
+
+def to_png(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img)).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()

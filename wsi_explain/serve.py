@@ -1,0 +1,169 @@
+"""The explorer as a Bokeh server app (``wsi-explain serve``), bound to 127.0.0.1 by default.
+
+Besides the Bokeh document at ``/explorer`` the server answers ``/tiles/<slide>/<tile>.png``
+(query: ``method`` = a stored map, ``none`` or ``all``; ``size`` in px, 0 = the tile's own): the
+tile is cut from the slide on demand, overlaid and cached under ``<run>/cache/tiles``. Slide and
+tile ids must belong to the clustered cohort, so nothing outside the run folder is ever served.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["make_server", "explorer_document"]
+
+logger = logging.getLogger(__name__)
+
+
+def _tile_handler():
+    from tornado.web import HTTPError, RequestHandler
+
+    from .tile_images import TileImageError
+
+    class TileHandler(RequestHandler):
+        def initialize(self, images) -> None:
+            self.images = images
+
+        def get(self, slide_id: str, tile_id: str) -> None:
+            try:
+                size = int(self.get_argument("size", "128"))
+                data = self.images.png(slide_id, int(tile_id), method=self.get_argument("method", "none"), size=size)
+            except (TileImageError, ValueError) as exc:
+                raise HTTPError(404, reason="not found") from exc
+            self.set_header("Content-Type", "image/png")
+            self.set_header("Cache-Control", "max-age=3600")
+            self.write(data)
+
+    return TileHandler
+
+
+def _load(run_path: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    from .cluster_names import read_cluster_names
+    from .tile_stage import read_tile_table
+
+    cdir = run_path / "cohort"
+    tiles = pd.read_parquet(cdir / "tiles.parquet")
+    meta = json.loads(pq.read_schema(cdir / "tiles.parquet").metadata[b"wsi_explain"])
+    if (cdir / "tile_metrics.parquet").exists():
+        tm = pd.read_parquet(cdir / "tile_metrics.parquet")
+        keep = [c for c in tm.columns if ":" in c and tm[c].notna().any()]
+        tiles = tiles.merge(tm[["slide_id", "tile_id"] + keep], on=["slide_id", "tile_id"], how="left")
+    clusters = pd.read_parquet(cdir / "clusters.parquet")
+    slides = {}
+    for sid in sorted(tiles["slide_id"].unique()):
+        _, m = read_tile_table(run_path / "slides" / sid / "tiles.parquet")
+        W, H = m["level0_dimensions"]
+        slides[sid] = {"url": f"/overview/{sid}.png", "width": int(W), "height": int(H)}
+    doc = read_cluster_names(run_path)
+    return {"tiles": tiles, "clusters": clusters, "slides": slides, "cam": meta.get("cam_method") or "gradcam",
+            "names": {int(k): v for k, v in doc["names"].items()}, "comments": {int(k): v for k, v in doc["comments"].items()}}
+
+
+def explorer_document(doc, run_path: Path, images) -> None:
+    """Fill a Bokeh document with the explorer of a run, plus cluster naming."""
+    from bokeh.layouts import column, row
+    from bokeh.models import Button, Div, Select, TextAreaInput, TextInput
+
+    import viz
+
+    from .cluster_names import save_cluster_name
+
+    d = _load(run_path)
+    tiles, clusters, cam = d["tiles"], d["clusters"], d["cam"]
+    colour_by = {"cluster": "cluster", "prediction": "pred", "probability": "prob_pos", "slide": "slide_id"}
+    for label, col in (("label", "label_pos"), ("slide label", "label"), ("site", "site"), ("outlier score", "outlier_score"),
+                       ("attribution off tissue", "cam_off_tissue")):
+        if col in tiles.columns and tiles[col].notna().any():
+            colour_by[label] = col
+    colour_by.update({c: c for c in tiles.columns if ":" in c})
+    methods = images.methods(tiles["slide_id"].iloc[0])
+    methods = [cam] + [m for m in methods if m != cam]
+    clusters = clusters.assign(flags_text=[", ".join(f) for f in clusters["flags"]])
+    parts = viz.explorer_layout(
+        tiles, clusters, slides=d["slides"], colour_by=colour_by, thumb_template="/tiles/{slide}/{tile}.png?method={method}&size=96",
+        full_template="/tiles/{slide}/{tile}.png?method=all&size=0", methods=methods, names=d["names"],
+        sort_by={"membership": "membership", "confidence": "confidence", "probability": "prob_pos",
+                 **({"attribution off tissue": "cam_off_tissue"} if "cam_off_tissue" in tiles.columns else {})},
+        hover_img=f"/tiles/@slide_id/@tile_id.png?method={cam}&size=96",
+        table_columns={"tiles": "size", "slides": "n_slides", "positive rate": "positive_rate",
+                       "confidence": "mean_confidence", "flags": "flags_text"})
+    ids = [str(c) for c in clusters["cluster"]]
+    pick = Select(title="Cluster to name", value=ids[0], options=ids, name="name_cluster")
+    name_in = TextInput(title="Name", placeholder="cluster name", value=d["names"].get(int(ids[0]), ""), name="name_input")
+    comment_in = TextAreaInput(title="Comment", placeholder="comment", value=d["comments"].get(int(ids[0]), ""), rows=2,
+                               name="comment_input")
+    save = Button(label="Save name", button_type="primary", name="save_name")
+    status = Div(text="", name="name_status")
+
+    def on_pick(attr, old, new):
+        name_in.value = d["names"].get(int(new), "")
+        comment_in.value = d["comments"].get(int(new), "")
+
+    def on_table(attr, old, new):
+        if new:
+            pick.value = str(parts.cluster_source.data["cluster"][new[0]])
+
+    def on_save():
+        c = int(pick.value)
+        try:
+            saved = save_cluster_name(run_path, c, name_in.value, comment_in.value)
+        except Exception as exc:  # shown to the user; the server keeps running
+            status.text = viz.escape(f"not saved: {exc}")
+            return
+        d["names"] = {int(k): v for k, v in saved["names"].items()}
+        d["comments"] = {int(k): v for k, v in saved["comments"].items()}
+        label = d["names"].get(c, "noise" if c < 0 else f"cluster {c}")
+        cs = dict(parts.cluster_source.data)
+        cs["name"] = [label if int(k) == c else v for k, v in zip(cs["cluster"], cs["name"])]
+        parts.cluster_source.data = cs
+        src = parts.source.data["cluster"]
+        cname = np.asarray(parts.source.data["cname"], object).copy()
+        cname[np.asarray(src) == c] = label
+        parts.source.data["cname"] = cname
+        status.text = viz.escape(f"saved cluster {c} as {label!r} (names version {saved['version']})")
+
+    pick.on_change("value", on_pick)
+    parts.cluster_source.selected.on_change("indices", on_table)
+    save.on_click(on_save)
+    doc.add_root(column(Div(text=f"<h2>wsi-explain explorer: {viz.escape(run_path.name)}</h2>"), parts.layout,
+                        row(pick, name_in, comment_in, column(Div(text=""), save)), status))
+    doc.title = "wsi-explain explorer"
+
+
+def make_server(run_path: str | Path, *, port: int = 5006, address: str = "127.0.0.1", allow_origin: list[str] | None = None):
+    """A Bokeh server with the explorer at ``/explorer`` (not started)."""
+    from bokeh.application import Application
+    from bokeh.application.handlers.function import FunctionHandler
+    from bokeh.server.server import Server
+    from tornado.web import HTTPError, RequestHandler
+
+    from .errors import WsiExplainError
+    from .tile_images import TileImages
+
+    run_path = Path(run_path).resolve()
+    if not (run_path / "cohort" / "tiles.parquet").exists():
+        raise WsiExplainError(f"{run_path}: not clustered; run `wsi-explain cluster` first")
+    images = TileImages(run_path)
+    overviews = {sid: run_path / "slides" / sid for sid in images.slide_ids}
+
+    class OverviewHandler(RequestHandler):
+        def get(self, sid: str) -> None:
+            if sid not in overviews:
+                raise HTTPError(404, reason="not found")
+            sdir = overviews[sid]
+            p = sdir / "overview.png" if (sdir / "overview.png").exists() else sdir / "thumbnail.png"
+            self.set_header("Content-Type", "image/png")
+            self.write(p.read_bytes())
+
+    app = Application(FunctionHandler(lambda doc: explorer_document(doc, run_path, images)))
+    origins = allow_origin or [f"{address}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"]
+    return Server({"/explorer": app}, port=port, address=address, allow_websocket_origin=origins,
+                  extra_patterns=[(r"/tiles/([^/]+)/(\d+)\.png", _tile_handler(), {"images": images}),
+                                  (r"/overview/([^/]+)\.png", OverviewHandler)])

@@ -1,0 +1,125 @@
+"""Tile images for galleries and reports: cut from the slide on demand, overlaid with a map,
+cached as PNG under ``<run>/cache/tiles/`` (never served or written outside the run folder)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .atomic import atomic_write_bytes
+
+__all__ = ["TileImages", "TileImageError"]
+
+logger = logging.getLogger(__name__)
+
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+
+
+class TileImageError(LookupError):
+    """Unknown slide, tile or method (the server answers 404)."""
+
+
+class TileImages:
+    """PNG images of the cohort's tiles.
+
+    Parameters
+    ----------
+    run_path : Path of a clustered run.
+    cache : bool
+        Keep the PNGs under ``<run>/cache/tiles/<slide>/``.
+    """
+
+    def __init__(self, run_path: str | Path, *, cache: bool = True) -> None:
+        self.run_path = Path(run_path).resolve()
+        self.cache = cache
+        t = pd.read_parquet(self.run_path / "cohort" / "tiles.parquet", columns=["slide_id", "tile_id"])
+        self._tiles = {sid: set(g["tile_id"].astype(int)) for sid, g in t.groupby("slide_id")}
+        self._slides: dict[str, tuple] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def slide_ids(self) -> list[str]:
+        return sorted(self._tiles)
+
+    def methods(self, slide_id: str) -> list[str]:
+        _, _, g = self._slide(slide_id)
+        out = sorted(g["cams"].keys()) if "cams" in g else []
+        return out + (sorted(g["attributions"].keys()) if "attributions" in g else [])
+
+    def check(self, slide_id: str, tile_id: int) -> None:
+        """Raise :class:`TileImageError` unless the tile is in the cohort (ids come from URLs)."""
+        if not isinstance(slide_id, str) or not _SAFE.match(slide_id) or slide_id not in self._tiles:
+            raise TileImageError(f"unknown slide {slide_id!r}")
+        if int(tile_id) not in self._tiles[slide_id]:
+            raise TileImageError(f"slide {slide_id}: unknown tile {tile_id}")
+
+    def _slide(self, slide_id: str):
+        with self._lock:
+            if slide_id not in self._slides:
+                from .features import open_store
+                from .tile_stage import read_tile_table
+                from .tiles_io import TileDataset
+
+                sdir = self.run_path / "slides" / slide_id
+                tiles, meta = read_tile_table(sdir / "tiles.parquet")
+                ds = TileDataset(meta["slide_path"], tiles, mpp=meta.get("level0_mpp"))
+                self._slides[slide_id] = (tiles, ds, open_store(sdir / "features.zarr"))
+            return self._slides[slide_id]
+
+    def tile(self, slide_id: str, tile_id: int) -> np.ndarray:
+        """(tile_px, tile_px, 3) uint8, read from the slide."""
+        self.check(slide_id, tile_id)
+        _, ds, _ = self._slide(slide_id)
+        _, img, ok, err = ds[int(tile_id)]
+        if not ok:
+            raise TileImageError(f"slide {slide_id} tile {tile_id}: {err}")
+        return np.asarray(img)
+
+    def map(self, slide_id: str, tile_id: int, method: str) -> np.ndarray | None:
+        """The stored map of a method for a tile (raw, at its stored resolution), or None."""
+        from .features import read_cams
+
+        _, _, g = self._slide(slide_id)
+        if f"cams/{method}" in g:
+            return read_cams(g, method, np.array([int(tile_id)]))[0]
+        if f"attributions/{method}" in g:
+            ids = np.asarray(g[f"attributions/{method}/tile_ids"][:])
+            hit = np.flatnonzero(ids == int(tile_id))
+            if len(hit):
+                return np.asarray(g[f"attributions/{method}/maps"][int(hit[0])], np.float32)
+        return None
+
+    def png(self, slide_id: str, tile_id: int, *, method: str = "none", size: int = 128) -> bytes:
+        """PNG of a tile: plain (``method="none"``), with one method's overlay, or ``"all"``: the
+        tile and every stored map side by side (at the tile's own size when ``size`` is 0)."""
+        from viz.overlay import cam_overlay, tile_strip, to_png
+
+        self.check(slide_id, tile_id)
+        if method != "none" and method != "all" and (not _SAFE.match(method) or method not in self.methods(slide_id)):
+            raise TileImageError(f"unknown method {method!r}")
+        size = int(size)
+        if not 0 <= size <= 1024:
+            raise TileImageError(f"size {size} out of range")
+        cached = self.run_path / "cache" / "tiles" / slide_id / f"{int(tile_id)}_{method}_{size}.png"
+        if self.cache and cached.exists():
+            return cached.read_bytes()
+        img = self.tile(slide_id, tile_id)
+        if method == "all":
+            maps = {m: mp for m in self.methods(slide_id) if (mp := self.map(slide_id, tile_id, m)) is not None}
+            out = tile_strip(img, maps, size=size or None)
+        else:
+            mp = self.map(slide_id, tile_id, method) if method != "none" else None
+            out = cam_overlay(img, mp) if mp is not None else img
+            if size and size != out.shape[0]:
+                from PIL import Image
+
+                out = np.asarray(Image.fromarray(out).resize((size, size), Image.BILINEAR))
+        data = to_png(out)
+        if self.cache:
+            atomic_write_bytes(cached, data)
+        return data
