@@ -447,6 +447,69 @@ def status(run: Path = typer.Argument(..., help="Run folder.")) -> None:
         console.print(table)
 
 
+@app.command("run")
+def run_cmd(
+    config: Optional[Path] = typer.Argument(None, help="YAML run config (see README); options below override it."),
+    slides: Optional[list[str]] = typer.Option(None, "--slides", help="Slide files, folders or cohort CSVs (repeat)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder."),
+    model: Optional[str] = typer.Option(None, "--model", help="Architecture: torchvision name, efficientnet_lite0, torchscript or package.module:factory."),
+    weights: Optional[str] = typer.Option(None, help="Checkpoint (weights_only) or TorchScript file."),
+    num_classes: Optional[int] = typer.Option(None, help="Classes of the model (or from its model card)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated attribution methods."),
+    tile_px: Optional[int] = typer.Option(None, help="Tile size in pixels."),
+    mpp_target: Optional[float] = typer.Option(None, help="Tile resolution, µm per pixel."),
+    mpp: Optional[float] = typer.Option(None, help="Level-0 µm/px for files that lack it."),
+    positive_labels: Optional[str] = typer.Option(None, help="Comma-separated annotation classes that are positive."),
+    per_cluster: Optional[int] = typer.Option(None, help="Tiles sampled per cluster for the expensive metrics."),
+    stages: Optional[str] = typer.Option(None, help="Comma-separated stages (default: tile,extract,cluster,score,report)."),
+    workers: Optional[int] = typer.Option(None, help="Dask LocalCluster worker processes for tiling and extraction (1 = serial)."),
+    scheduler: Optional[str] = typer.Option(None, help="Existing Dask scheduler, tcp://host:port."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """The whole audit: tile, extract, cluster, score and report, skipping what is already done."""
+    _setup_logging(verbose)
+    from rich.console import Console
+
+    from .errors import WsiExplainError
+    from .models import ModelError
+    from .pipeline import PipelineConfig, read_pipeline_yaml, run_pipeline
+
+    def section(base: dict, **kw) -> dict:
+        return {**base, **{k: v for k, v in kw.items() if v is not None}}
+
+    try:
+        doc = read_pipeline_yaml(config) if config else {}
+    except WsiExplainError as exc:
+        _fail(str(exc))
+    doc = section(doc, slides=list(slides) if slides else None, out=str(out) if out else None, workers=workers,
+                  scheduler=scheduler, mpp=mpp, stages=list(_csv(stages)) or None)
+    doc["tile"] = section(doc.get("tile") or {}, tile_px=tile_px, mpp_target=mpp_target)
+    doc["extract"] = section(doc.get("extract") or {}, arch=model, weights=weights, num_classes=num_classes,
+                             methods=list(_csv(methods)) or None)
+    doc["cluster"] = section(doc.get("cluster") or {}, positive_labels=list(_csv(positive_labels)) or None)
+    doc["score"] = section(doc.get("score") or {}, per_cluster=per_cluster)
+    if not doc.get("slides") or not doc.get("out"):
+        _fail("give --slides and --out (or a run config with slides: and out:)")
+    cfg = _config(PipelineConfig, "run", **doc)
+    console = Console()
+    with console.status("running") as st:
+        def on_event(stage: str, msg: str) -> None:
+            st.update(f"{stage}: {msg}")
+            if msg.startswith(("finished", "started")) or ": failed" in msg:
+                console.print(f"[bold]{stage}[/]: {msg}", highlight=False)
+
+        try:
+            res = run_pipeline(cfg, on_event=on_event)
+        except (WsiExplainError, ModelError) as exc:
+            _fail(str(exc))
+    for sid, err in res.failed_slides.items():
+        console.print(f"[red]failed[/] {sid}: {err}", highlight=False)
+    if res.report:
+        console.print(f"report: {res.report}")
+    console.print(f"run folder: {res.run.resolve()}  (wsi-explain status {res.run})")
+    raise typer.Exit(1 if res.failed_slides else 0)
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder."),

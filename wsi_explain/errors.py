@@ -18,6 +18,8 @@ __all__ = [
     "RunLockedError",
     "ManifestError",
     "SlideListError",
+    "DiskFullError",
+    "is_disk_full",
     "AnnotationError",
     "GridError",
     "MissingMppError",
@@ -43,3 +45,19 @@ class ManifestError(WsiExplainError):
 
 class SlideListError(WsiExplainError):
     """The list of slides (arguments, folder or CSV) is unusable."""
+
+
+class DiskFullError(WsiExplainError):
+    """No space left where the run folder is written: the run stops (other slides would fail
+    the same way); what finished stays recorded, and a rerun after freeing space resumes."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for ENOSPC / EDQUOT anywhere in an exception's chain."""
+    import errno
+
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -31,7 +31,7 @@ import numpy as np
 
 from .cams import normalise_maps
 from .config import ExtractConfig
-from .errors import SlideError, WsiExplainError
+from .errors import DiskFullError, SlideError, WsiExplainError, is_disk_full
 from .run import RunFolder, now_iso, params_hash
 
 __all__ = ["ExtractResult", "run_extract_stage", "extract_slide", "open_features", "build_extractors", "STAGE"]
@@ -308,6 +308,65 @@ def _input_fingerprint(tile_rec: dict, tiles_path: Path, weights_hashes: list[st
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+#: extractors and attributors built in this process, by (config, tile_px, device): a Dask worker
+#: loads the model once for all the slides it is given
+_MODELS: dict[tuple, tuple] = {}
+
+
+def _file_key(path: str | None) -> tuple:
+    try:
+        st = Path(path).stat() if path else None
+    except OSError:
+        return (path,)
+    return (path, st.st_mtime_ns, st.st_size) if st else (None,)
+
+
+def _models(cfg: ExtractConfig, tile_px: int) -> tuple[list, list]:
+    # the key holds the checkpoints' mtimes and sizes: a file replaced in place is reloaded
+    key = (cfg.model_dump_json(), tile_px, _file_key(cfg.weights), _file_key(cfg.card)) + tuple(_file_key(w) for w in cfg.ensemble)
+    if key not in _MODELS:
+        extractors = build_extractors(cfg, tile_px)
+        if extractors[0].device.type == "cpu":
+            from .perf import tune_malloc
+
+            tune_malloc()
+        _MODELS.clear()
+        _MODELS[key] = (extractors, _build_attributors(cfg, extractors[0], tile_px))
+    return _MODELS[key]
+
+
+def extract_task(sid: str, run_path: str, cfg: ExtractConfig, params: str, tile_px: int, on_tiles=None) -> dict:
+    """Extract one slide of a run (a task: runs here or on a Dask worker). Never raises for a
+    bad slide: returns ``{"ok": False, "error": message}`` so the parent records it."""
+    from .executor import worker_setup
+    from .tile_stage import read_tile_table
+
+    start, t0 = now_iso(), time.perf_counter()
+    device = worker_setup()
+    if device is not None and cfg.device == "auto":
+        cfg = cfg.model_copy(update={"device": device})
+    rel = Path("slides") / sid / "features.zarr"
+    store = Path(run_path) / rel
+    try:
+        extractors, attributors = _models(cfg, tile_px)
+        tiles, meta = read_tile_table(Path(run_path) / "slides" / sid / "tiles.parquet")
+        res = extract_slide(meta["slide_path"], tiles, store, extractors, cfg, params=params, mpp=meta.get("level0_mpp"),
+                            on_tiles=on_tiles)
+        res.slide_id = sid
+        _run_attributors(meta, tiles, store, extractors[0], cfg, params, attributors)
+        return {"ok": True, "result": res, "start": start, "end": now_iso(), "output": str(rel)}
+    except (SlideError, WsiExplainError, OSError) as exc:
+        if is_disk_full(exc):
+            return {"ok": False, "disk_full": True, "error": f"disk full while extracting slide {sid}: {exc}"}
+        msg = str(exc)
+    except Exception as exc:  # a bug must not sink the batch: record it with its traceback in the log
+        if is_disk_full(exc):
+            return {"ok": False, "disk_full": True, "error": f"disk full while extracting slide {sid}: {exc}"}
+        logger.error("slide %s: unexpected error during extraction\n%s", sid, traceback.format_exc())
+        msg = f"slide {sid}: unexpected {type(exc).__name__}: {exc}"
+    return {"ok": False, "error": msg, "start": start, "seconds": time.perf_counter() - t0}
+
+
 def run_extract_stage(
     run: RunFolder,
     cfg: ExtractConfig,
@@ -315,29 +374,28 @@ def run_extract_stage(
     slide_ids: list[str] | None = None,
     on_tiles: Callable[[int], None] | None = None,
     on_slide: Callable[[ExtractResult], None] | None = None,
+    executor=None,
 ) -> list[ExtractResult]:
     """Extract features for every tiled slide of the run (or ``slide_ids``).
 
     The model is loaded and checked (output size, layer names) once, before any tile is read;
     model errors raise :class:`wsi_explain.models.ModelError`. Per-slide failures are recorded in
     the manifest and the other slides go on; decode failures and non-finite outputs are per tile
-    (``status`` array) and reported in the manifest.
+    (``status`` array) and reported in the manifest. ``executor`` runs the slides (default: here,
+    in order; a ``DaskExecutor`` spreads them over workers, each loading the model once).
     """
+    from .executor import SerialExecutor
     from .tile_stage import STAGE as TILE_STAGE
     from .tile_stage import read_tile_table
 
+    executor = executor or SerialExecutor()
     tile_stage = run.stage(TILE_STAGE)["slides"]
     ids = slide_ids or [s for s, r in tile_stage.items() if r.get("status") == "done"]
     if not ids:
         raise WsiExplainError(f"{run.path}: no tiled slide to extract; run `wsi-explain tile` first")
     first_tiles, _ = read_tile_table(run.slide_dir(ids[0]) / "tiles.parquet")
     tile_px = int(first_tiles["tile_px"].iloc[0])
-    extractors = build_extractors(cfg, tile_px)  # raises before any tile is read
-    if extractors[0].device.type == "cpu":
-        from .perf import tune_malloc
-
-        tune_malloc()
-    attributors = _build_attributors(cfg, extractors[0], tile_px)
+    extractors, _ = _models(cfg, tile_px)  # raises before any tile is read
     params = params_hash(cfg.result_params())
     run.set_config(STAGE, cfg.model_dump(mode="json"))
     if cfg.activations:
@@ -346,40 +404,41 @@ def run_extract_stage(
         gb = n_total * int(np.prod(shape)) * 2 / 1e9
         logger.info("spatial activations: %d tiles x %s float16 = %.2f GB before compression", n_total, tuple(shape), gb)
     weights_hashes = [fx.model.weights_hash for fx in extractors]
-    results = []
+    results: dict[str, ExtractResult] = {}
+    pending, fps = [], {}
     for sid in ids:
-        start, t0 = now_iso(), time.perf_counter()
-        rel = Path("slides") / sid / "features.zarr"
         tiles_path = run.slide_dir(sid) / "tiles.parquet"
-        fp = None
-        try:
-            rec = tile_stage.get(sid)
-            if not rec or rec.get("status") != "done" or not tiles_path.exists():
-                raise WsiExplainError(f"slide {sid}: not tiled (run `wsi-explain tile` first)")
-            fp = _input_fingerprint(rec, tiles_path, weights_hashes)
-            if run.is_done(STAGE, sid, params=params, fingerprint=fp):
+        rec = tile_stage.get(sid)
+        if not rec or rec.get("status") != "done" or not tiles_path.exists():
+            results[sid] = _failed(run, sid, params, None, now_iso(), time.perf_counter(),
+                                   f"slide {sid}: not tiled (run `wsi-explain tile` first)")
+        else:
+            fps[sid] = _input_fingerprint(rec, tiles_path, weights_hashes)
+            if run.is_done(STAGE, sid, params=params, fingerprint=fps[sid]):
                 old = run.slide_record(STAGE, sid)
-                res = ExtractResult(sid, "skipped", n_tiles=old.get("n_tiles", 0), n_read_errors=old.get("n_read_errors", 0),
-                                    n_nonfinite=old.get("n_nonfinite", 0))
+                results[sid] = ExtractResult(sid, "skipped", n_tiles=old.get("n_tiles", 0),
+                                             n_read_errors=old.get("n_read_errors", 0), n_nonfinite=old.get("n_nonfinite", 0))
             else:
-                tiles, meta = read_tile_table(tiles_path)
-                res = extract_slide(meta["slide_path"], tiles, run.path / rel, extractors, cfg, params=params,
-                                    mpp=meta.get("level0_mpp"), on_tiles=on_tiles)
-                res.slide_id = sid
-                _run_attributors(meta, tiles, run.path / rel, extractors[0], cfg, params, attributors)
-                run.record(STAGE, sid, status="done", params=params, fingerprint=fp, outputs=[str(rel)],
-                           n_tiles=res.n_tiles, n_read_errors=res.n_read_errors, n_nonfinite=res.n_nonfinite,
-                           problems=res.problems, tiles_per_s=round(res.tiles_per_s, 2), start=start, end=now_iso(),
-                           seconds=round(res.seconds, 3), error=None)
-        except (SlideError, WsiExplainError, OSError) as exc:
-            res = _failed(run, sid, params, fp, start, t0, str(exc))
-        except Exception as exc:  # a bug must not sink the batch: record it with its traceback in the log
-            logger.error("slide %s: unexpected error during extraction\n%s", sid, traceback.format_exc())
-            res = _failed(run, sid, params, fp, start, t0, f"slide {sid}: unexpected {type(exc).__name__}: {exc}")
-        results.append(res)
+                pending.append(sid)
+                continue
+        if on_slide is not None:
+            on_slide(results[sid])
+    extra = (on_tiles,) if isinstance(executor, SerialExecutor) else ()
+    for sid, out in executor.map(extract_task, pending, str(run.path), cfg, params, tile_px, *extra):
+        if out.get("disk_full"):
+            raise DiskFullError(f"{out['error']}; finished slides and chunks are kept: free space and rerun to resume")
+        if out["ok"]:
+            res = out["result"]
+            run.record(STAGE, sid, status="done", params=params, fingerprint=fps[sid], outputs=[out["output"]],
+                       n_tiles=res.n_tiles, n_read_errors=res.n_read_errors, n_nonfinite=res.n_nonfinite,
+                       problems=res.problems, tiles_per_s=round(res.tiles_per_s, 2), start=out["start"], end=out["end"],
+                       seconds=round(res.seconds, 3), error=None)
+        else:
+            res = _failed(run, sid, params, fps[sid], out["start"], time.perf_counter() - out["seconds"], out["error"])
+        results[sid] = res
         if on_slide is not None:
             on_slide(res)
-    return results
+    return [results[s] for s in ids]
 
 
 def _build_attributors(cfg: ExtractConfig, fx, tile_px: int) -> list:

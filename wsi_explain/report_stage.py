@@ -103,7 +103,8 @@ def _refs(rep_json: str, kinds: tuple[str, ...]) -> list[tuple[str, int]]:
 
 
 def _flags_html(row) -> str:
-    reasons = list(row.get("flag_reasons", []) or [])
+    raw = row.get("flag_reasons")
+    reasons = [] if raw is None else list(raw)
     if not reasons:
         return "<span class='muted'>no flag</span>"
     return "<br>".join(f"<span class='flag'>&#9873; {escape(r)}</span>" for r in reasons)

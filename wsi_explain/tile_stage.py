@@ -21,7 +21,7 @@ import tiling
 
 from .atomic import atomic_path
 from .config import TileConfig
-from .errors import SlideError
+from .errors import DiskFullError, SlideError, is_disk_full
 from .run import RunFolder, now_iso, params_hash
 from .slides import SlideSource, slide_fingerprint
 
@@ -156,12 +156,47 @@ def read_tile_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
     return table.to_pandas(), meta
 
 
+def _fingerprint(src: SlideSource) -> str:
+    fp = slide_fingerprint(src.path)
+    if src.annotations is not None and src.annotations.exists():
+        fp = fp + ":" + slide_fingerprint(src.annotations)[:8]
+    if src.label_mask is not None and src.label_mask.exists():
+        fp = fp + ":" + slide_fingerprint(src.label_mask)[:8]
+    return fp
+
+
+def tile_task(src: SlideSource, cfg: TileConfig, run_path: str) -> dict:
+    """Tile one slide into ``<run_path>/slides/<id>`` (a task: runs here or on a Dask worker).
+
+    Never raises for a bad slide: returns ``{"ok": False, "error": message}`` instead, so the
+    parent records it and the batch goes on.
+    """
+    start, t0, fp = now_iso(), time.perf_counter(), None
+    try:
+        if not src.path.exists():
+            raise tiling.SlideNotFoundError(src.path, "no such file")
+        fp = _fingerprint(src)
+        res = tile_slide(src, cfg, Path(run_path) / "slides" / src.slide_id, fingerprint=fp)
+        return {"ok": True, "result": res, "fingerprint": fp, "start": start, "end": now_iso()}
+    except (SlideError, OSError) as exc:
+        if is_disk_full(exc):
+            return {"ok": False, "disk_full": True, "error": f"disk full while tiling {src.path}: {exc}"}
+        msg = str(exc) if isinstance(exc, SlideError) else f"{src.path}: {type(exc).__name__}: {exc}"
+    except Exception as exc:  # an unexpected bug must not sink the batch; keep the traceback
+        if is_disk_full(exc):
+            return {"ok": False, "disk_full": True, "error": f"disk full while tiling {src.path}: {exc}"}
+        logger.error("%s: unexpected error while tiling\n%s", src.path, traceback.format_exc())
+        msg = f"{src.path}: unexpected {type(exc).__name__}: {exc}"
+    return {"ok": False, "error": msg, "fingerprint": fp, "start": start, "seconds": time.perf_counter() - t0}
+
+
 def run_tile_stage(
     run: RunFolder,
     sources: list[SlideSource],
     cfg: TileConfig,
     *,
     on_slide: Callable[[TileResult], None] | None = None,
+    executor=None,
 ) -> list[TileResult]:
     """Tile every slide of the batch into the run folder.
 
@@ -172,50 +207,52 @@ def run_tile_stage(
     cfg : TileConfig
     on_slide : callable, optional
         Called with each slide's :class:`TileResult` (progress bars).
+    executor : :class:`wsi_explain.executor.SerialExecutor` or ``DaskExecutor``, optional
+        Where the slides are tiled (default: here, in order).
 
     Returns
     -------
     list of TileResult, one per source, in order. Failures are recorded in the manifest with
     their message; they never stop the batch.
     """
+    from .executor import SerialExecutor
+
     params = params_hash(cfg.model_dump(mode="json"))
     run.set_config(STAGE, cfg.model_dump(mode="json"))
-    results = []
+    executor = executor or SerialExecutor()
+    results: dict[str, TileResult] = {}
+    pending = []
     for src in sources:
-        start = now_iso()
-        t0 = time.perf_counter()
+        try:
+            fp = _fingerprint(src) if src.path.exists() else None
+        except OSError:
+            fp = None
+        if fp is not None and run.is_done(STAGE, src.slide_id, params=params, fingerprint=fp):
+            rec = run.slide_record(STAGE, src.slide_id)
+            results[src.slide_id] = TileResult(src.slide_id, str(src.path), "skipped", n_tiles=rec.get("n_tiles", 0),
+                                               tissue_frac=rec.get("tissue_frac", 0.0))
+            if on_slide is not None:
+                on_slide(results[src.slide_id])
+        else:
+            pending.append(src)
+    for src, out in executor.map(tile_task, pending, cfg, str(run.path)):
         rel_dir = Path("slides") / src.slide_id
         outputs = [str(rel_dir / "tiles.parquet"), str(rel_dir / "thumbnail.png"), str(rel_dir / "tissue.png")]
-        fp = None
-        try:
-            if not src.path.exists():
-                raise tiling.SlideNotFoundError(src.path, "no such file")
-            fp = slide_fingerprint(src.path)
-            if src.annotations is not None and src.annotations.exists():
-                fp = fp + ":" + slide_fingerprint(src.annotations)[:8]
-            if src.label_mask is not None and src.label_mask.exists():
-                fp = fp + ":" + slide_fingerprint(src.label_mask)[:8]
-            if run.is_done(STAGE, src.slide_id, params=params, fingerprint=fp):
-                rec = run.slide_record(STAGE, src.slide_id)
-                res = TileResult(src.slide_id, str(src.path), "skipped", n_tiles=rec.get("n_tiles", 0),
-                                 tissue_frac=rec.get("tissue_frac", 0.0))
-            else:
-                res = tile_slide(src, cfg, run.path / rel_dir, fingerprint=fp)
-                run.record(
-                    STAGE, src.slide_id, status="done", path=str(src.path), params=params, fingerprint=fp,
-                    outputs=outputs, n_tiles=res.n_tiles, tissue_frac=res.tissue_frac, start=start, end=now_iso(),
-                    seconds=round(res.seconds, 3), error=None, meta=src.meta,
-                )
-        except (SlideError, OSError) as exc:
-            msg = str(exc) if isinstance(exc, SlideError) else f"{src.path}: {type(exc).__name__}: {exc}"
-            res = _failed(run, src, params, fp, start, t0, msg)
-        except Exception as exc:  # an unexpected bug must not sink the batch; keep the traceback
-            logger.error("%s: unexpected error while tiling\n%s", src.path, traceback.format_exc())
-            res = _failed(run, src, params, fp, start, t0, f"{src.path}: unexpected {type(exc).__name__}: {exc}")
-        results.append(res)
+        if out.get("disk_full"):
+            raise DiskFullError(f"{out['error']}; slides finished so far are kept: free space and rerun to resume")
+        if out["ok"]:
+            res = out["result"]
+            run.record(
+                STAGE, src.slide_id, status="done", path=str(src.path), params=params, fingerprint=out["fingerprint"],
+                outputs=outputs, n_tiles=res.n_tiles, tissue_frac=res.tissue_frac, start=out["start"], end=out["end"],
+                seconds=round(res.seconds, 3), error=None, meta=src.meta,
+            )
+        else:
+            res = _failed(run, src, params, out["fingerprint"], out["start"], time.perf_counter() - out["seconds"], out["error"])
+        results[src.slide_id] = res
         if on_slide is not None:
             on_slide(res)
-    return results
+    return [results[s.slide_id] for s in sources]
 
 
 def _failed(run, src, params, fp, start, t0, msg) -> TileResult:

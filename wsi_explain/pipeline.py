@@ -1,0 +1,166 @@
+"""The whole audit in one call: tile, extract, cluster, score and report, skipping what is done.
+
+Per-slide stages (tiling, extraction) run through an executor (here, or a Dask cluster); the
+cohort stages run here. Each stage records itself in the manifest, so a killed run resumes where
+it stopped and a finished one is a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+from pydantic import Field
+
+from .config import ClusterConfig, ExtractConfig, ScoreConfig, TileConfig, _Frozen
+from .errors import DiskFullError, WsiExplainError, is_disk_full
+from .run import RunFolder
+
+__all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "load_pipeline_config", "read_pipeline_yaml", "STAGES"]
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("tile", "extract", "cluster", "score", "report")
+
+
+class PipelineConfig(_Frozen):
+    """Everything ``wsi-explain run`` needs (the YAML file's layout).
+
+    Attributes
+    ----------
+    slides : list of str
+        Slide files, folders or cohort CSVs (path, label, site, annotations... columns).
+    out : str
+        Run folder.
+    tile, extract, cluster, score : the stages' configs.
+    stages : stages to run (default all).
+    workers : int
+        Dask LocalCluster worker processes for tiling and extraction (1 = run here).
+    scheduler : str or None
+        Address of an existing Dask scheduler (``tcp://host:port``).
+    mpp : float or None
+        Level-0 µm/px for files that lack it.
+    """
+
+    slides: tuple[str, ...]
+    out: str
+    tile: TileConfig = TileConfig()
+    extract: ExtractConfig = ExtractConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    score: ScoreConfig = ScoreConfig()
+    stages: tuple[str, ...] = STAGES
+    workers: int = Field(1, ge=1, le=256)
+    scheduler: str | None = None
+    mpp: float | None = None
+
+
+def load_pipeline_config(path: str | Path, **overrides) -> PipelineConfig:
+    """Read and validate a YAML config (relative paths are relative to the file)."""
+    doc = read_pipeline_yaml(path)
+    doc.update({k: v for k, v in overrides.items() if v is not None})
+    return PipelineConfig(**doc)
+
+
+def read_pipeline_yaml(path: str | Path) -> dict:
+    """The YAML config as a dict, slide and output paths resolved against the file's folder
+    (not validated yet: the CLI merges its options first)."""
+    p = Path(path)
+    try:
+        doc = yaml.safe_load(p.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise WsiExplainError(f"{p}: cannot read the run config ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise WsiExplainError(f"{p}: the run config must be a mapping")
+    base = p.parent.resolve()
+    if "slides" in doc:
+        sl = doc["slides"] if isinstance(doc["slides"], list) else [doc["slides"]]
+        doc["slides"] = [str((base / s).resolve()) if not Path(s).is_absolute() else s for s in sl]
+    if "out" in doc and not Path(doc["out"]).is_absolute():
+        doc["out"] = str((base / doc["out"]).resolve())
+    return doc
+
+
+@dataclass
+class PipelineResult:
+    run: Path
+    stages: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    failed_slides: dict = field(default_factory=dict)
+    report: Path | None = None
+
+
+def run_pipeline(cfg: PipelineConfig, *, executor=None, on_event: Callable[[str, str], None] | None = None) -> PipelineResult:
+    """Run the stages of ``cfg`` in order (see the module docstring).
+
+    Parameters
+    ----------
+    executor : optional executor for the per-slide stages (default from ``workers``/``scheduler``;
+        one given here is not closed).
+    on_event : callable(stage, message), optional (progress in the CLI).
+    """
+    from .cluster_stage import run_cluster_stage
+    from .executor import make_executor
+    from .extract_stage import run_extract_stage
+    from .report_stage import run_report_stage
+    from .score_stage import run_score_stage
+    from .slides import discover_slides
+    from .tile_stage import run_tile_stage
+
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise WsiExplainError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    say = on_event or (lambda stage, msg: None)
+    out = PipelineResult(Path(cfg.out))
+    own = executor is None
+    executor = executor or make_executor(workers=cfg.workers, scheduler=cfg.scheduler)
+    try:
+        with RunFolder(cfg.out) as run:
+            run.set_config("pipeline", {"workers": cfg.workers, "scheduler": cfg.scheduler, "stages": list(cfg.stages),
+                                        "executor": executor.name})
+            for stage in STAGES:
+                if stage not in cfg.stages:
+                    continue
+                t0 = time.perf_counter()
+                say(stage, "started")
+                if stage == "tile":
+                    sources = discover_slides(list(cfg.slides), mpp=cfg.mpp)
+                    res = run_tile_stage(run, sources, cfg.tile, executor=executor,
+                                         on_slide=lambda r: say("tile", f"{r.slide_id}: {r.status}"))
+                    out.stages[stage] = _counts(res)
+                elif stage == "extract":
+                    res = run_extract_stage(run, cfg.extract, executor=executor,
+                                            on_slide=lambda r: say("extract", f"{r.slide_id}: {r.status}"))
+                    out.stages[stage] = _counts(res)
+                elif stage == "cluster":
+                    out.stages[stage] = run_cluster_stage(run, cfg.cluster, on_step=lambda s: say("cluster", s)).status
+                elif stage == "score":
+                    out.stages[stage] = run_score_stage(run, cfg.score, on_progress=lambda w, d, t: say("score", f"{w} {d}/{t}")).status
+                else:
+                    rep = run_report_stage(run, on_progress=lambda w, d, t: say("report", f"{w} {d}/{t}"))
+                    out.stages[stage], out.report = rep.status, rep.index
+                out.seconds[stage] = round(time.perf_counter() - t0, 2)
+                say(stage, f"finished in {out.seconds[stage]:.1f} s")
+            for stage in ("tile", "extract"):
+                for sid, rec in run.stage(stage)["slides"].items():
+                    if rec.get("status") == "failed":
+                        out.failed_slides.setdefault(sid, f"{stage}: {rec.get('error')}")
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(f"disk full while writing to {cfg.out} ({exc}); what finished is kept: free space and "
+                                "rerun to resume") from exc
+        raise
+    finally:
+        if own:
+            executor.close()
+    return out
+
+
+def _counts(results) -> dict:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return counts
