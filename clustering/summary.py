@@ -18,7 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["FlagRules", "summarize_clusters", "off_tissue_fraction", "FLAG_NAMES", "SITE_COLUMNS"]
+__all__ = ["FlagRules", "summarize_clusters", "off_tissue_fraction", "FLAG_NAMES", "SITE_COLUMNS", "GRADE_COLUMNS"]
+
+#: slide-level label columns whose mix is reported per cluster
+GRADE_COLUMNS = ("label", "isup_grade", "gleason_score", "grade")
 
 #: cohort CSV columns that name where a slide comes from (checked in this order)
 SITE_COLUMNS = ("site", "provider", "data_provider", "scanner", "center", "centre")
@@ -153,6 +156,10 @@ def summarize_clusters(
             "mean_tissue": float(g["tissue_frac"].mean()) if "tissue_frac" in g else float("nan"),
             "mean_ink": float(g["ink_frac"].mean()) if "ink_frac" in g else float("nan"),
             "mean_cam_off_tissue": float(g["cam_off_tissue"].mean()) if "cam_off_tissue" in g else float("nan"),
+            "mean_cam_on_ink": float(g["cam_on_ink"].mean()) if "cam_on_ink" in g else float("nan"),
+            # slide-level grades of the cohort CSV (PANDA-style), as the share of tiles per value
+            **{f"{c}_mix": json.dumps({str(k): round(float(v), 4) for k, v in g[c].astype(str).value_counts(normalize=True).sort_index().items()})
+               for c in GRADE_COLUMNS if c in g},
             "top_site": None,
             "site_dominance": float("nan"),
             "site_column": site_col,

@@ -109,3 +109,15 @@ def test_cli_cluster(extracted, tmp_path):
     assert cfg["l2"] is False and cfg["pca"] == 8 and cfg["k"] == 3
     bad = subprocess.run(cmd[:5] + ["--method", "dbscan"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "method" in bad.stderr
+
+
+def test_cam_share_on_ink_cells():
+    """cam_on_ink is the share of a CAM's mass on pen-ink cells of the coded tissue mask."""
+    from wsi_explain.cluster_stage import tissue_cells
+    import clustering
+
+    cam = np.zeros((1, 2, 2), np.float32)
+    cam[0, 0, 0], cam[0, 1, 1] = 3.0, 1.0
+    ink = np.array([[[True, False], [False, False]]])
+    assert clustering.off_tissue_fraction(cam, ~ink)[0] == pytest.approx(0.75)
+    assert tissue_cells.__doc__ and "pen ink" in tissue_cells.__doc__

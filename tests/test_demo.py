@@ -1,4 +1,4 @@
-"""The README's main command: ``wsi-explain demo`` builds the cohort and runs tile -> extract -> cluster."""
+"""The README's main command: ``wsi-explain demo`` builds the cohort and runs the whole audit."""
 
 from __future__ import annotations
 
@@ -16,14 +16,18 @@ def test_demo_runs_finds_the_ink_shortcut_and_rerun_is_a_noop(tmp_path):
     cmd = [sys.executable, "-m", "wsi_explain.cli", "demo", "--out", str(run)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "6 slide(s) tiled, 0 failed" in res.stdout and "run folder:" in res.stdout
+    assert "7 slide(s) tiled, 0 failed" in res.stdout and "run folder:" in res.stdout and "report:" in res.stdout
     manifest = json.loads((run / "manifest.json").read_text())
     for stage in ("tile", "extract"):
         recs = manifest["stages"][stage]["slides"]
-        assert len(recs) == 6 and all(r["status"] == "done" for r in recs.values()), stage
-    assert manifest["stages"]["cluster"]["slides"]["cohort"]["status"] == "done"
+        assert len(recs) == 7 and all(r["status"] == "done" for r in recs.values()), stage
+    for stage in ("cluster", "score", "report"):
+        assert manifest["stages"][stage]["slides"]["cohort"]["status"] == "done", stage
+    assert (run / "report/index.html").exists() and "randomisation sanity check: gradcam" in res.stdout
     tiles = pd.read_parquet(run / "cohort/tiles.parquet")
     clusters = pd.read_parquet(run / "cohort/clusters.parquet")
+    metrics = pd.read_parquet(run / "cohort/cluster_metrics.parquet")
+    assert {"deletion_auc_blur", "road_combined", "sensitivity", "sanity_spearman", "gini"} <= set(metrics.metric)
     from wsi_explain.demo_data import find_demo_source
 
     if find_demo_source() is None:  # synthetic texture: the pipeline ran; the shortcut is shown on real H&E
@@ -31,10 +35,16 @@ def test_demo_runs_finds_the_ink_shortcut_and_rerun_is_a_noop(tmp_path):
     # ink is drawn on positive slides only, so the fitted head learns it as a shortcut ...
     ink = tiles["ink_frac"] >= 0.1
     assert ink.sum() >= 10 and tiles.loc[ink, "prob_pos"].mean() > 0.8
-    # ... and the cluster summaries flag it, in words
+    # ... the cluster summaries flag it, in words, and its attribution lies on the ink ...
     flagged = clusters[clusters["flags"].apply(lambda f: "artefact_positive" in list(f))]
     assert len(flagged) >= 1 and "pen ink" in " ".join(flagged.iloc[0]["flag_reasons"])
+    assert tiles.loc[ink, "cam_on_ink"].mean() > 0.1 > tiles.loc[~ink, "cam_on_ink"].mean()
+    # ... and the held-out negative slide with ink scores high: removing the ink clusters lowers its
+    # slide score, the cluster-removal experiment says so
+    rem = pd.read_parquet(run / "cohort/cluster_removal.parquet")
+    held = rem[rem.slide_id.str.contains("heldout") & rem.cluster.isin(flagged["cluster"])]
+    assert len(held) >= 1 and (held["d_topk"] < 0).any()
     stamp = (run / "cohort/tiles.parquet").stat().st_mtime_ns
     res2 = subprocess.run(cmd, capture_output=True, text=True)
-    assert res2.returncode == 0 and res2.stdout.count("skipped") >= 6
+    assert res2.returncode == 0 and res2.stdout.count("skipped") >= 7
     assert (run / "cohort/tiles.parquet").stat().st_mtime_ns == stamp

@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 
-__all__ = ["jet", "cam_overlay", "tile_strip", "to_png"]
+__all__ = ["jet", "cam_overlay", "tile_strip", "to_png", "stitch_heatmap"]
 
 
 def jet(v: np.ndarray) -> np.ndarray:
@@ -46,3 +46,36 @@ def to_png(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(img)).save(buf, format="PNG", optimize=False)
     return buf.getvalue()
+
+
+def stitch_heatmap(overview: np.ndarray, scale: float, boxes: np.ndarray, maps: np.ndarray, *, alpha: float = 0.5) -> np.ndarray:
+    """A slide-level heatmap: each tile's map (raw values, one scale for the whole slide: its 99th
+    percentile) resized into the tile's footprint over the slide overview.
+
+    Parameters
+    ----------
+    overview : (H, W, 3) uint8, the slide at ``scale`` level-0 pixels per pixel; not modified.
+    boxes : (n, 4) level-0 [x0, y0, x1, y1] of the tiles.
+    maps : (n, h, w) raw non-negative maps.
+
+    Returns
+    -------
+    (H, W, 3) uint8: the overview with the heatmap blended over the tiles.
+    """
+    from PIL import Image
+
+    H, W = overview.shape[:2]
+    heat = np.full((H, W), np.nan, np.float32)
+    vmax = float(np.nanpercentile(maps, 99)) if maps.size else 1.0
+    vmax = vmax if vmax > 0 else 1.0
+    for (x0, y0, x1, y1), m in zip(np.asarray(boxes, np.float64) / scale, np.asarray(maps, np.float32)):
+        c0, r0 = int(np.floor(x0)), int(np.floor(y0))
+        c1, r1 = min(W, max(c0 + 1, int(np.ceil(x1)))), min(H, max(r0 + 1, int(np.ceil(y1))))
+        if c0 >= W or r0 >= H or c1 <= 0 or r1 <= 0:
+            continue
+        patch = np.asarray(Image.fromarray(m, mode="F").resize((c1 - c0, r1 - r0), Image.BILINEAR))
+        heat[max(r0, 0):r1, max(c0, 0):c1] = patch[max(0, -r0):, max(0, -c0):] / vmax
+    out = overview[..., :3].astype(np.float32).copy()
+    have = np.isfinite(heat)
+    out[have] = out[have] * (1 - alpha) + jet(heat[have]).astype(np.float32) * alpha
+    return out.round().astype(np.uint8)

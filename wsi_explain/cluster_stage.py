@@ -47,8 +47,9 @@ class ClusterOutcome:
     timings: dict | None = None
 
 
-def tissue_cells(tiles: pd.DataFrame, tissue_png: Path, scale: float, h: int, w: int) -> np.ndarray:
-    """(n, h, w) bool: is the centre of each CAM cell on tissue (1 in the coded mask)?"""
+def tissue_cells(tiles: pd.DataFrame, tissue_png: Path, scale: float, h: int, w: int, *, code: int = 1) -> np.ndarray:
+    """(n, h, w) bool: is the centre of each CAM cell on tissue (``code`` 1 in the coded mask;
+    2 = pen ink)?"""
     from PIL import Image
 
     coded = np.asarray(Image.open(tissue_png))
@@ -60,7 +61,7 @@ def tissue_cells(tiles: pd.DataFrame, tissue_png: Path, scale: float, h: int, w:
     xi = np.clip((x / scale).astype(int), 0, W - 1)
     yi = np.clip((y / scale).astype(int), 0, H - 1)
     xi, yi = np.broadcast_arrays(xi, yi)
-    return coded[yi, xi] == 1
+    return coded[yi, xi] == code
 
 
 def _label_pos(df: pd.DataFrame, meta: dict, cfg: ClusterConfig) -> np.ndarray:
@@ -128,6 +129,10 @@ def load_cohort(run: RunFolder, slide_ids: list[str], cfg: ClusterConfig, *, chu
             cam = read_cams(g, cam_method, ok)
             cells = tissue_cells(df, sdir / "tissue.png", float(meta["tissue_mask_scale"]), *cam.shape[1:])
             df["cam_off_tissue"] = clustering.off_tissue_fraction(cam, cells)
+            ink = tissue_cells(df, sdir / "tissue.png", float(meta["tissue_mask_scale"]), *cam.shape[1:], code=2)
+            # share of the CAM mass on pen-ink cells (the "off" cells of a mask that is True off ink)
+            df["cam_on_ink"] = clustering.off_tissue_fraction(cam, ~ink) if ink.any() else np.where(
+                cam.reshape(len(cam), -1).max(1) > 0, 0.0, np.nan).astype(np.float32)
             cams_all.append(cam)
         if "activations" in g:
             acts.append((sid, g, ok))

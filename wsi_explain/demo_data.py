@@ -143,9 +143,10 @@ def _compose(patches: np.ndarray, size: tuple[int, int], rng: np.random.Generato
 def build_demo_cohort(
     out_dir: str | Path,
     *,
-    n_slides: int = 6,
+    n_slides: int = 7,
     size: tuple[int, int] = (3072, 4096),
-    ink_slides: tuple[int, ...] = (1, 5),
+    ink_slides: tuple[int, ...] = (1, 5, 6),
+    test_slides: tuple[int, ...] = (6,),
     seed: int = 0,
     source: str | Path | None = None,
     patch: int = 256,
@@ -161,6 +162,9 @@ def build_demo_cohort(
         Level-0 size of each slide in pixels.
     ink_slides : tuple of int
         Indices of slides that get pen-ink strokes.
+    test_slides : tuple of int
+        Held-out slides (``split=test`` in the CSV): the demo head is not fitted on them. The
+        default holds out slide 6, a *negative* slide with ink: the shortcut makes it look positive.
     seed : int
     source : path, optional
         Real H&E slide to cut patches from (default: :func:`find_demo_source`).
@@ -176,8 +180,8 @@ def build_demo_cohort(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     src = Path(source) if source else find_demo_source()
-    params = {"n_slides": n_slides, "size": list(size), "ink_slides": list(ink_slides), "seed": seed,
-              "source": str(src), "patch": patch, "version": 1}
+    params = {"n_slides": n_slides, "size": list(size), "ink_slides": list(ink_slides), "test_slides": list(test_slides),
+              "seed": seed, "source": str(src), "patch": patch, "version": 2}
     stamp = out_dir / "demo_params.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("params") == params:
         # already built with the same parameters: keep the files (and their fingerprints)
@@ -200,7 +204,8 @@ def build_demo_cohort(
         ink = i in ink_slides
         if ink:
             img = draw_ink(img, rng)
-        path = out_dir / f"demo_{i:02d}_{'pos' if label else 'neg'}{'_ink' if ink else ''}.{'svs' if i % 3 == 0 else 'tif'}"
+        tag = f"{'pos' if label else 'neg'}{'_ink' if ink else ''}{'_heldout' if i in test_slides else ''}"
+        path = out_dir / f"demo_{i:02d}_{tag}.{'svs' if i % 3 == 0 else 'tif'}"
         if path.suffix == ".svs":
             write_svs(path, img, mpp=0.5, magnification=20)
         else:
@@ -208,9 +213,9 @@ def build_demo_cohort(
         slides.append(DemoSlide(path, label, ink))
     with open(out_dir / "cohort.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "label", "site", "ink"])
+        w.writerow(["path", "label", "site", "ink", "split"])
         for i, s in enumerate(slides):
-            w.writerow([s.path.name, s.label, f"site{i % 3}", int(s.ink)])
+            w.writerow([s.path.name, s.label, f"site{i % 3}", int(s.ink), "test" if i in test_slides else "train"])
     stamp.write_text(json.dumps({"params": params, "slides": [
         {"path": s.path.name, "label": s.label, "ink": s.ink} for s in slides]}))
     return slides

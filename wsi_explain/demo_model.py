@@ -1,8 +1,9 @@
 """The demo's classifier: EfficientNet-Lite0 (ImageNet trunk, offline) with a 2-class head fitted
 on the demo cohort's slide labels.
 
-The head is a logistic regression on the trunk's embeddings of every tile, each tile labelled with
-its slide's label (weak supervision, as slide-level labels are in practice). Its weights go into
+The head is a logistic regression on the trunk's embeddings of every tile of the training slides
+(``split`` other than ``test`` in the cohort CSV), each tile labelled with its slide's label (weak
+supervision, as slide-level labels are in practice). Its weights go into
 the model's ``fc`` layer and the whole model is saved as a state dict with a model card, so the
 pipeline loads it like any user checkpoint (``weights_only=True``).
 """
@@ -44,7 +45,7 @@ def train_demo_model(run, out_dir: Path, *, seed: int = 0, workers: int = 2, bat
         if rec.get("status") != "done":
             continue
         label = (rec.get("meta") or {}).get("label")
-        if label in (None, ""):
+        if label in (None, "") or (rec.get("meta") or {}).get("split") == "test":  # held-out slides stay unseen
             continue
         tiles, meta = read_tile_table(run.slide_dir(sid) / "tiles.parquet")
         ds = TileDataset(meta["slide_path"], tiles, mpp=meta.get("level0_mpp"))

@@ -308,6 +308,13 @@ def _slide_page(ctx: _Ctx, sid: str) -> None:
         f.add_tools(HoverTool(tooltips=[("tile", "@tile"), ("cluster", "@cluster"), ("p", "@p{0.00}")]))
         f.xaxis.visible = f.yaxis.visible = False
         figs.append(f)
+    heat = _cam_heatmap(ctx, sid, g, meta)
+    if heat is not None:
+        f = figure(title=f"{ctx.cam} heatmap (raw values, one scale for the slide)", width=480,
+                   height=int(480 * H / W) if W else 480, x_range=Range1d(0, W), y_range=Range1d(H, 0), tools="pan,wheel_zoom,reset,save")
+        f.image_url(url=[heat], x=0, y=0, w=W, h=H, anchor="top_left")
+        f.xaxis.visible = f.yaxis.visible = False
+        figs.append(f)
     src_name = Path(meta.get("slide_path", sid)).name
     body = [f"<p>File: {escape(src_name)}; {len(g)} tiles; level-0 {W} x {H} px at {escape(meta.get('level0_mpp'))} µm/px.</p>"]
     slide_meta = meta.get("meta") or {}
@@ -331,6 +338,26 @@ def _slide_page(ctx: _Ctx, sid: str) -> None:
                     f"<span class='tiles'>{imgs}</span></p>")
     viz.render_page(ctx.out / "slides" / f"{sid}.html", title=f"Slide {sid}", body="".join(body),
                     plots={"maps": brow(*figs)}, static="../static", nav=_nav("../"))
+
+
+def _cam_heatmap(ctx: _Ctx, sid: str, g: pd.DataFrame, meta: dict) -> str | None:
+    """The slide's stitched CAM heatmap over its overview, as a PNG data URI (None without CAMs)."""
+    import base64
+
+    from PIL import Image
+
+    import tiling
+
+    from .features import open_store, read_cams
+
+    sdir = ctx.run.slide_dir(sid)
+    store = open_store(sdir / "features.zarr")
+    if f"cams/{ctx.cam}" not in store or not (sdir / "overview.png").exists():
+        return None
+    overview = np.asarray(Image.open(sdir / "overview.png").convert("RGB"))
+    maps = read_cams(store, ctx.cam, g["tile_id"].to_numpy(np.int64))
+    img = viz.stitch_heatmap(overview, float(meta["tissue_mask_scale"]), tiling.tile_boxes(g), maps)
+    return "data:image/png;base64," + base64.b64encode(viz.to_png(img)).decode()
 
 
 def _failures(run: RunFolder) -> list[dict]:

@@ -223,8 +223,13 @@ class SampleScorer:
                     cc = M.confidence_change(self.model, x, maps, targets=t, how=how, threshold=cfg.mask_threshold,
                                              fill=self.black, batch_size=bs)
                     cols[(m, f"dic_{how}")], cols[(m, f"iic_{how}")] = cc["drop"], cc["increase"]
-                r = M.road(self.model, x, maps, targets=t, percentiles=cfg.road_percentiles, seed=seed)
-                cols[(m, "road_morf")], cols[(m, "road_lerf")], cols[(m, "road_combined")] = r["morf"], r["lerf"], r["combined"]
+                k = len(x) if cfg.road_tiles == 0 else max(0, min(len(x), cfg.road_tiles - offset))
+                if k:
+                    r = M.road(self.model, x[:k], maps[:k], targets=t[:k], percentiles=cfg.road_percentiles, seed=seed)
+                    for name in ("morf", "lerf", "combined"):
+                        col = np.full(len(x), np.nan, np.float32)
+                        col[:k] = r[name]
+                        cols[(m, f"road_{name}")] = col
                 cols[(m, "infidelity")] = M.infidelity_score(self.model, x, maps, targets=t, noise_std=cfg.infidelity_noise,
                                                              n_samples=cfg.infidelity_samples, seed=seed,
                                                              max_examples_per_batch=max(bs, cfg.infidelity_samples))

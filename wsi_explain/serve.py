@@ -86,14 +86,24 @@ def explorer_document(doc, run_path: Path, images) -> None:
     methods = images.methods(tiles["slide_id"].iloc[0])
     methods = [cam] + [m for m in methods if m != cam]
     clusters = clusters.assign(flags_text=[", ".join(f) for f in clusters["flags"]])
+    table_columns = {"tiles": "size", "slides": "n_slides", "positive rate": "positive_rate",
+                     "confidence": "mean_confidence", "flags": "flags_text"}
+    metrics_path = run_path / "cohort" / "cluster_metrics.parquet"
+    if metrics_path.exists():  # the scored run's key metrics beside each cluster
+        cm = pd.read_parquet(metrics_path)
+        for method, metric in ((cam, "deletion_auc_blur"), (cam, "deletion_auc_constant"), (cam, "road_combined"),
+                               (cam, "pointing_game"), (cam, "sanity_spearman"), ("model", "removal_mean_abs_d_mean")):
+            sub = cm[(cm.method == method) & (cm.metric == metric)].set_index("cluster")["value"]
+            if len(sub):
+                clusters[metric] = clusters["cluster"].map(sub)
+                table_columns[metric.replace("removal_mean_abs_d_mean", "removal |Δ score|")] = metric
     parts = viz.explorer_layout(
         tiles, clusters, slides=d["slides"], colour_by=colour_by, thumb_template="/tiles/{slide}/{tile}.png?method={method}&size=96",
         full_template="/tiles/{slide}/{tile}.png?method=all&size=0", methods=methods, names=d["names"],
         sort_by={"membership": "membership", "confidence": "confidence", "probability": "prob_pos",
                  **({"attribution off tissue": "cam_off_tissue"} if "cam_off_tissue" in tiles.columns else {})},
         hover_img=f"/tiles/@slide_id/@tile_id.png?method={cam}&size=96",
-        table_columns={"tiles": "size", "slides": "n_slides", "positive rate": "positive_rate",
-                       "confidence": "mean_confidence", "flags": "flags_text"})
+        table_columns=table_columns)
     ids = [str(c) for c in clusters["cluster"]]
     pick = Select(title="Cluster to name", value=ids[0], options=ids, name="name_cluster")
     name_in = TextInput(title="Name", placeholder="cluster name", value=d["names"].get(int(ids[0]), ""), name="name_input")
