@@ -55,8 +55,18 @@ def main(run: Path) -> None:
             page.screenshot(path=str(REPO / "docs" / "report.png"))
             page.goto(f"http://127.0.0.1:{port}/explorer")
             page.wait_for_timeout(3000)
-            page.evaluate("() => { Bokeh.documents[0].get_model_by_name('colour_by').value = 'probability'; }")
-            _select(page, "umap")
+            # the held-out slide with ink, coloured by probability, the first flagged cluster selected
+            page.evaluate("""() => {
+                const doc = Bokeh.documents[0];
+                doc.get_model_by_name('colour_by').value = 'probability';
+                const pick = doc.get_model_by_name('slide_picker');
+                const held = pick.options.find((s) => s.includes('heldout'));
+                if (held) pick.value = held;
+                const cs = doc.get_model_by_name('clusters');
+                const row = cs.data.flags_text.findIndex((f) => f.includes('artefact_positive'));
+                if (row >= 0) cs.selected.indices = [row];
+            }""")
+            page.wait_for_timeout(4000)
             page.screenshot(path=str(REPO / "docs" / "explorer.png"))
             b.close()
     finally:

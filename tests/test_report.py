@@ -97,6 +97,11 @@ def test_report_in_chromium_selection_links_views(reported, browser):
     tiles = pd.read_parquet(run_dir / "cohort/tiles.parquet")
     c = w.model("clusters", "m.data.cluster[m.selected.indices[0]]")
     assert w.model("tiles", "m.selected.indices.length") == int((tiles["cluster"] == c).sum())
+    # the colour menu recolours both views (the drawn column changes)
+    before = w.model("tiles", "m.data.colour.slice(0, 50).join()")
+    w.page.evaluate("() => { Bokeh.documents[0].get_model_by_name('colour_by').value = 'probability'; }")
+    w.page.wait_for_timeout(300)
+    assert w.model("tiles", "m.data.colour.slice(0, 50).join()") != before
     # the slide picker switches the slide panel
     other = sorted(tiles["slide_id"].unique())[1]
     w.page.evaluate(f"() => {{ Bokeh.documents[0].get_model_by_name('slide_picker').value = {other!r}; }}")

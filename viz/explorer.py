@@ -52,11 +52,12 @@ gallery.text = out + '</div>';
 """
 
 _COLOUR_JS = """
+// swap the data column both renderers draw (a data change re-uploads WebGL buffers; a glyph
+// property change alone does not repaint the WebGL scatter)
+// (in place, then change.emit: no copy of the whole table goes back to a server)
 const c = colour_cols[sel.value];
-for (const r of renderers) {
-  r.glyph.fill_color = {field: c};
-  r.glyph.line_color = {field: c};
-}
+source.data.colour = source.data[c];
+source.change.emit();
 """
 
 _TABLE_JS = """
@@ -193,8 +194,8 @@ def explorer_layout(
     lasso, box = LassoSelectTool(), BoxSelectTool()
     umap.add_tools(lasso, box, HoverTool(tooltips=tooltip))
     umap.toolbar.active_drag = box
-    r_umap = umap.scatter("umap_x", "umap_y", source=source, size=4, fill_color={"field": first_colour},
-                          line_color={"field": first_colour}, fill_alpha=0.8, line_alpha=0.8, name="umap_points")
+    r_umap = umap.scatter("umap_x", "umap_y", source=source, size=4, fill_color="colour", line_color="colour",
+                          fill_alpha=0.8, line_alpha=0.8, name="umap_points")
     umap.xaxis.visible = umap.yaxis.visible = False
 
     sids = sorted(slides)
@@ -206,7 +207,7 @@ def explorer_layout(
     slide.image_url(url="url", x="x", y="y", w="w", h="h", anchor="top_left", source=img_src)
     group = GroupFilter(column_name="slide_id", group=sids[0])
     r_slide = slide.rect("xc", "yc", "size0", "size0", source=source, view=CDSView(filter=group),
-                         fill_color={"field": first_colour}, line_color={"field": first_colour}, fill_alpha=0.45,
+                         fill_color="colour", line_color="colour", fill_alpha=0.45,
                          line_alpha=0.8, name="slide_tiles")
     sbox = BoxSelectTool(renderers=[r_slide])
     slide.add_tools(sbox, HoverTool(renderers=[r_slide], tooltips=tooltip))
@@ -214,7 +215,7 @@ def explorer_layout(
     slide.xaxis.visible = slide.yaxis.visible = False
 
     colour_select = Select(title="Colour by", value=next(iter(colour_cols)), options=list(colour_cols), name="colour_by")
-    colour_select.js_on_change("value", CustomJS(args=dict(colour_cols=colour_cols, renderers=[r_umap, r_slide], sel=colour_select),
+    colour_select.js_on_change("value", CustomJS(args=dict(colour_cols=colour_cols, source=source, sel=colour_select),
                                                  code=_COLOUR_JS))
     slide_select = Select(title="Slide", value=sids[0], options=sids, name="slide_picker")
     slide_select.js_on_change("value", CustomJS(args=dict(slides={k: slides[k] for k in sids}, filter=group, img=img_src,

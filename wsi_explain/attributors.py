@@ -128,6 +128,7 @@ class CaptumAttributor(Attributor):
 
     def _attribute(self, x, targets):
         algo = self.method(self.module)
+        x.requires_grad_(True)  # a private copy (Attributor.attribute clones); gradients are wanted
         return self._reduce(algo.attribute(x, target=targets, **self.kwargs))
 
 
