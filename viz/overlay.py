@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 
-__all__ = ["jet", "cam_overlay", "tile_strip", "to_png", "stitch_heatmap"]
+__all__ = ["jet", "cam_overlay", "tile_strip", "to_png", "to_jpeg", "stitch_heatmap"]
 
 
 def jet(v: np.ndarray) -> np.ndarray:
@@ -45,6 +45,15 @@ def to_png(img: np.ndarray) -> bytes:
 
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(img)).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def to_jpeg(img: np.ndarray, quality: int = 85) -> bytes:
+    """JPEG bytes (tile photographs compress ~10x better than PNG; used by the static reports)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(img)).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 

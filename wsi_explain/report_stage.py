@@ -76,14 +76,14 @@ class _Ctx:
         return self.names.get(int(c), "noise" if c < 0 else f"cluster {c}")
 
     def tile_img(self, sid: str, tid: int, method: str, *, prefix: str = "") -> str:
-        """Write ``tiles/<slide>_<tile>_<method>.png`` once; return its URL from a page at ``prefix``."""
+        """Write ``tiles/<slide>_<tile>_<method>.jpg`` once; return its URL from a page at ``prefix``."""
         key = (sid, int(tid), method)
-        name = f"{sid}_{int(tid)}_{method}.png"
+        name = f"{sid}_{int(tid)}_{method}.jpg"
         if key not in self.written:
             size = 0 if method == "all" else self.thumb_px
             (self.out / "tiles").mkdir(parents=True, exist_ok=True)
             try:
-                (self.out / "tiles" / name).write_bytes(self.images.png(sid, int(tid), method=method, size=size))
+                (self.out / "tiles" / name).write_bytes(self.images.png(sid, int(tid), method=method, size=size, fmt="jpeg"))
             except Exception as exc:  # an unreadable tile: a placeholder note instead of a failed report
                 logger.warning("report: no image for %s tile %s (%s)", sid, tid, exc)
                 return ""
@@ -91,11 +91,16 @@ class _Ctx:
         return f"{prefix}tiles/{name}"
 
 
-def _refs(rep_json: str, kinds: tuple[str, ...]) -> list[tuple[str, int]]:
+#: representative tiles per kind (medoid, most_member, borderline, outliers) given images in the
+#: report: the report's size grows with the number of clusters and slides, not of tiles
+PER_KIND = 4
+
+
+def _refs(rep_json: str, kinds: tuple[str, ...], per_kind: int = PER_KIND) -> list[tuple[str, int]]:
     reps = json.loads(rep_json) if isinstance(rep_json, str) else {}
     out = []
     for k in kinds:
-        for ref in reps.get(k, []):
+        for ref in reps.get(k, [])[:per_kind]:
             sid, tid = ref.rsplit(":", 1)
             if (sid, int(tid)) not in out:
                 out.append((sid, int(tid)))
@@ -165,8 +170,8 @@ def _explorer(ctx: _Ctx, tiles: pd.DataFrame, prefix: str, *, slides: list[str])
                 table_cols[f"{ctx.cam} {metric}"] = metric
     parts = viz.explorer_layout(
         tiles, cl, slides={s: {k: v for k, v in i.items() if k != "meta"} for s, i in info.items()},
-        colour_by=_colour_options(ctx, tiles), thumb_template=prefix + "tiles/{slide}_{tile}_{method}.png",
-        full_template=prefix + "tiles/{slide}_{tile}_all.png", methods=[ctx.cam], names=ctx.names,
+        colour_by=_colour_options(ctx, tiles), thumb_template=prefix + "tiles/{slide}_{tile}_{method}.jpg",
+        full_template=prefix + "tiles/{slide}_{tile}_all.jpg", methods=[ctx.cam], names=ctx.names,
         sort_by={"membership": "membership", "confidence": "confidence", "probability": "prob_pos"},
         has_thumb="has_thumb", table_columns=table_cols)
     return parts
@@ -240,23 +245,53 @@ def _index(ctx: _Ctx, failures: list[dict]) -> tuple[int, Path]:
             body.append("<h2>Cluster removal</h2><p>How much slide-level scores move when a cluster's tiles are dropped "
                         "(clusters the slide decisions rest on rank first).</p><!--plot:removal-->")
             body.append(viz.table_html(rem.assign(cluster=[ctx.cname(c) for c in rem["cluster"]])))
-    concept_cols = [c for c in ctx.tiles.columns if c.startswith("concept_")]
-    if concept_cols:
-        body.append("<h2>Concepts (NMF prototypes)</h2><p class='muted'>Mean concept weight per cluster.</p>")
-        mean = ctx.tiles.groupby("cluster")[concept_cols].mean().reset_index()
-        mean["cluster"] = [ctx.cname(c) for c in mean["cluster"]]
-        body.append(viz.table_html(mean))
-        for c in concept_cols:
-            top = ctx.tiles.nlargest(4, c)
-            imgs = "".join(f"<img src='{ctx.tile_img(r.slide_id, int(r.tile_id), ctx.cam)}' title='{escape(r.slide_id)}'>"
-                           for r in top.itertuples())
-            body.append(f"<p>{escape(c)}: <span class='tiles'>{imgs}</span></p>")
+    body.extend(_concepts_html(ctx))
     body.append("<h2>Slides</h2><ul>" + "".join(f"<li><a href='slides/{escape(s)}.html'>{escape(s)}</a></li>" for s in slides) + "</ul>")
     if failures:
         body.append("<h2>Failures</h2>" + viz.table_html(pd.DataFrame(failures)))
     path = viz.render_page(ctx.out / "index.html", title="wsi-explain cohort report", body="".join(body), plots=plots,
                            static="static", css=viz.GALLERY_CSS)
     return 1, path
+
+
+def _concepts_html(ctx: _Ctx) -> list[str]:
+    """Concept prototypes (NMF): association with the prediction, correlation with the CAM, the
+    mean weight per cluster, and each concept's spatial map over its top tiles."""
+    import zarr
+
+    path = ctx.run.path / "cohort" / "concepts.zarr"
+    concept_cols = [c for c in ctx.tiles.columns if c.startswith("concept_") and c[8:].isdigit()]
+    if not path.exists() or not concept_cols:
+        return []
+    z = zarr.open_group(str(path), mode="r")
+    maps, attrs = z["maps"], dict(z.attrs)
+    out = ["<h2>Concepts (NMF prototypes of the target layer's activations)</h2>",
+           f"<p class='muted'>Fitted on {attrs.get('n_positions')} spatial positions sampled over the cohort; "
+           f"reconstruction error {float(attrs.get('reconstruction_error') or float('nan')):.3f}. AUC: how well the concept's "
+           "weight alone separates predicted positive from negative tiles; CAM r: correlation of its map with the CAM.</p>"]
+    mean = ctx.tiles.groupby("cluster")[concept_cols].mean().reset_index()
+    mean["cluster"] = [ctx.cname(c) for c in mean["cluster"]]
+    out.append(viz.table_html(mean))
+    for k, col in enumerate(concept_cols):
+        auc = (attrs.get("auc") or [None] * len(concept_cols))[k]
+        r = (attrs.get("cam_correlation") or [None] * len(concept_cols))[k]
+        rows = (attrs.get("top_tiles") or {}).get(str(k), [])[:6]
+        imgs = []
+        for row in rows:
+            t = ctx.tiles.iloc[int(row)]
+            name = f"{t.slide_id}_{int(t.tile_id)}_concept{k}.jpg"
+            try:
+                tile = ctx.images.tile(t.slide_id, int(t.tile_id))
+                img = viz.cam_overlay(tile, np.asarray(maps[int(row), k], np.float32))
+                (ctx.out / "tiles").mkdir(parents=True, exist_ok=True)
+                (ctx.out / "tiles" / name).write_bytes(viz.to_jpeg(img))
+                ctx.written.add((t.slide_id, int(t.tile_id), f"concept{k}"))
+                imgs.append(f"<img src='tiles/{escape(name)}' width='112' title='{escape(t.slide_id)} tile {int(t.tile_id)}'>")
+            except Exception as exc:  # an unreadable tile: leave it out of the strip
+                logger.warning("report: concept %d tile %s/%s unavailable (%s)", k, t.slide_id, t.tile_id, exc)
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        out.append(f"<p><b>{escape(col)}</b>: AUC {fmt(auc)}, CAM r {fmt(r)}<br><span class='tiles'>{''.join(imgs)}</span></p>")
+    return out
 
 
 def _cluster_page(ctx: _Ctx, row) -> None:
@@ -275,7 +310,7 @@ def _cluster_page(ctx: _Ctx, row) -> None:
         body.append("<h2>Metrics</h2>" + viz.metric_table_html(ctx.metrics, cluster=c))
     for title, kinds in (("Representative tiles", ("medoid", "most_member")), ("Borderline tiles", ("borderline",)),
                          ("Outliers", ("outliers",))):
-        refs = _refs(row.get("representatives", "{}"), kinds)[:8]
+        refs = _refs(row.get("representatives", "{}"), kinds)
         if refs:
             body.append(f"<h2>{title}</h2><p class='muted'>Tile, then each stored map.</p><div class='strip'>")
             for sid, tid in refs:
@@ -328,12 +363,15 @@ def _slide_page(ctx: _Ctx, sid: str) -> None:
         if len(r):
             r = r.assign(cluster=[ctx.cname(c) for c in r["cluster"]]).drop(columns=["slide_id"])
             body.append("<h2>Effect of removing each cluster on this slide's score</h2>" + viz.table_html(r))
-    body.append(f"<h2>Tiles per cluster</h2><p class='muted'>Most confident tiles with their {escape(ctx.cam)} overlay; "
-                "click for every map.</p>")
+    body.append(f"<h2>Tiles per cluster</h2><p class='muted'>Most confident tiles with their {escape(ctx.cam)} overlay "
+                "(representative tiles link to every map).</p>")
     for c, gc in g.groupby("cluster"):
-        top = gc.nlargest(4, "confidence")
-        imgs = "".join(f"<a href='{ctx.tile_img(sid, int(t), 'all', prefix='../')}'><img src='{ctx.tile_img(sid, int(t), ctx.cam, prefix='../')}' "
-                       f"title='tile {int(t)}'></a>" for t in top["tile_id"])
+        top = gc.nlargest(3, "confidence")
+        imgs = ""
+        for t in top["tile_id"]:  # thumbnails only; a link to every map where a strip exists (representatives)
+            thumb = f"<img src='{ctx.tile_img(sid, int(t), ctx.cam, prefix='../')}' title='tile {int(t)}'>"
+            strip = f"../tiles/{sid}_{int(t)}_all.jpg" if (sid, int(t), "all") in ctx.written else ""
+            imgs += f"<a href='{strip}'>{thumb}</a>" if strip else thumb
         body.append(f"<p><a href='../clusters/cluster_{int(c)}.html'>{escape(ctx.cname(c))}</a>: {len(gc)} tiles "
                     f"<span class='tiles'>{imgs}</span></p>")
     viz.render_page(ctx.out / "slides" / f"{sid}.html", title=f"Slide {sid}", body="".join(body),

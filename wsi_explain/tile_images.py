@@ -94,10 +94,11 @@ class TileImages:
                 return np.asarray(g[f"attributions/{method}/maps"][int(hit[0])], np.float32)
         return None
 
-    def png(self, slide_id: str, tile_id: int, *, method: str = "none", size: int = 128) -> bytes:
-        """PNG of a tile: plain (``method="none"``), with one method's overlay, or ``"all"``: the
-        tile and every stored map side by side (at the tile's own size when ``size`` is 0)."""
-        from viz.overlay import cam_overlay, tile_strip, to_png
+    def png(self, slide_id: str, tile_id: int, *, method: str = "none", size: int = 128, fmt: str = "png") -> bytes:
+        """PNG (or ``fmt="jpeg"``) of a tile: plain (``method="none"``), with one method's overlay,
+        or ``"all"``: the tile and every stored map side by side (at the tile's own size when
+        ``size`` is 0)."""
+        from viz.overlay import cam_overlay, tile_strip, to_jpeg, to_png
 
         self.check(slide_id, tile_id)
         if method != "none" and method != "all" and (not _SAFE.match(method) or method not in self.methods(slide_id)):
@@ -105,7 +106,10 @@ class TileImages:
         size = int(size)
         if not 0 <= size <= 1024:
             raise TileImageError(f"size {size} out of range")
-        cached = self.run_path / "cache" / "tiles" / slide_id / f"{int(tile_id)}_{method}_{size}.png"
+        if fmt not in ("png", "jpeg"):
+            raise TileImageError(f"unknown image format {fmt!r}")
+        ext = "png" if fmt == "png" else "jpg"
+        cached = self.run_path / "cache" / "tiles" / slide_id / f"{int(tile_id)}_{method}_{size}.{ext}"
         if self.cache and cached.exists():
             return cached.read_bytes()
         img = self.tile(slide_id, tile_id)
@@ -119,7 +123,7 @@ class TileImages:
                 from PIL import Image
 
                 out = np.asarray(Image.fromarray(out).resize((size, size), Image.BILINEAR))
-        data = to_png(out)
+        data = to_png(out) if fmt == "png" else to_jpeg(out)
         if self.cache:
             atomic_write_bytes(cached, data)
         return data
