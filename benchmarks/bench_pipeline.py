@@ -5,7 +5,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_pipeline.py [--generated 20] [--skip-demo]
 
-Cohorts: (1) the demo cohort (6 slides from the real CMU-1 H&E, EfficientNet-Lite0 with the demo
+Cohorts: (1) the demo cohort (7 slides from the real CMU-1 H&E, EfficientNet-Lite0 with the demo
 head fitted once beforehand, six fused CAMs); (2) ``--generated`` synthetic H&E slides
 (3072 x 3072 px at 0.5 µm/px, 224 px tiles at 0.5 µm/px) with a random-init ResNet-18 and two
 CAMs. Both use the same light score settings as the demo. Each configuration runs in a fresh run
@@ -59,7 +59,7 @@ def demo_cohort(tmp: Path) -> tuple[list[str], dict]:
     from wsi_explain.demo_data import build_demo_cohort
     from wsi_explain.demo_model import train_demo_model
 
-    build_demo_cohort(tmp / "demo_slides", n_slides=6, seed=0)
+    build_demo_cohort(tmp / "demo_slides", seed=0)
     csv = str(tmp / "demo_slides" / "cohort.csv")
     with RunFolder(tmp / "fit") as run:  # fit the demo head once (not timed)
         run_tile_stage(run, discover_slides([csv]), TileConfig())
@@ -91,7 +91,7 @@ def main() -> None:
         tmp = Path(d)
         cohorts = []
         if not a.skip_demo:
-            cohorts.append(("Demo cohort (6 slides, EfficientNet-Lite0, six CAMs)", *demo_cohort(tmp)))
+            cohorts.append(("Demo cohort (7 slides, EfficientNet-Lite0, six CAMs)", *demo_cohort(tmp)))
         if a.generated:
             cohorts.append((f"Generated cohort ({a.generated} slides, ResNet-18 random init, two CAMs)",
                             *generated_cohort(tmp, a.generated)))

@@ -235,3 +235,19 @@ def test_sigkill_in_every_stage_then_rerun_equals_clean_run(slides, tmp_path):
         a, b = pd.read_parquet(clean / f), pd.read_parquet(killed / f)
         pd.testing.assert_frame_equal(a, b, check_exact=False, atol=1e-5)
     assert (killed / "report/index.html").exists()
+
+
+def test_pipeline_on_an_existing_dask_scheduler(slides, tmp_path):
+    """--scheduler: the per-slide stages go to a cluster started elsewhere (here, a LocalCluster)."""
+    from distributed import LocalCluster
+
+    from wsi_explain.pipeline import PipelineConfig, run_pipeline
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        cfg = PipelineConfig(slides=(str(slides["tiff"]), str(slides["notaslide"])), out=str(tmp_path / "run"), tile=TILE,
+                             stages=("tile",), scheduler=cluster.scheduler_address)
+        res = run_pipeline(cfg)
+    assert res.stages["tile"] == {"done": 1, "failed": 1} and set(res.failed_slides) == {"notaslide"}
+    man = json.loads((tmp_path / "run/manifest.json").read_text())
+    assert man["config"]["pipeline"]["executor"] == "dask"
+    assert (tmp_path / "run/slides/generic/tiles.parquet").exists()

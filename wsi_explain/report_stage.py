@@ -208,11 +208,14 @@ def _index(ctx: _Ctx, failures: list[dict]) -> tuple[int, Path]:
     rows = []
     for _, r in ctx.clusters.iterrows():
         c = int(r["cluster"])
+        ink, cam_ink = r.get("mean_ink", float("nan")), r.get("mean_cam_on_ink", float("nan"))
         rows.append(f"<tr><td><a href='clusters/cluster_{c}.html'>{escape(ctx.cname(c))}</a></td><td class='num'>{r['size']}</td>"
-                    f"<td class='num'>{r['n_slides']}</td><td class='num'>{r['positive_rate']:.2f}</td><td>{_flags_html(r)}</td>"
+                    f"<td class='num'>{r['n_slides']}</td><td class='num'>{r['positive_rate']:.2f}</td>"
+                    f"<td class='num'>{ink:.2f}</td><td class='num'>{cam_ink:.2f}</td><td>{_flags_html(r)}</td>"
                     f"<td>{escape(ctx.comments.get(c, ''))}</td></tr>")
     body.append("<table class='wx-table'><thead><tr><th>cluster</th><th>tiles</th><th>slides</th><th>predicted positive</th>"
-                "<th>flags</th><th>comment</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+                f"<th>pen-ink area</th><th>{escape(ctx.cam)} mass on ink</th><th>flags</th><th>comment</th></tr></thead><tbody>"
+                + "".join(rows) + "</tbody></table>")
     if ctx.metrics is not None:
         body.append("<h2>Metrics (whole cohort)</h2><p class='muted'>Mean [95% bootstrap CI] (tiles). Per-cluster tables on the "
                     "cluster pages; all rows in <code>cohort/cluster_metrics.parquet</code>.</p>")
