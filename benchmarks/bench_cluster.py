@@ -25,15 +25,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def peak_mb() -> float:
-    """Peak resident memory of this process (VmHWM; ru_maxrss would include the parent's at exec)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from common import peak_mb  # noqa: E402
 
 
 def data(n: int, d: int = 512, k: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,6 @@ links that resolve, no CDN, escaped text, bounded size."""
 
 from __future__ import annotations
 
-import re
 from html.parser import HTMLParser
 from pathlib import Path
 

@@ -194,7 +194,7 @@ def explorer_layout(
     lasso, box = LassoSelectTool(), BoxSelectTool()
     umap.add_tools(lasso, box, HoverTool(tooltips=tooltip))
     umap.toolbar.active_drag = box
-    r_umap = umap.scatter("umap_x", "umap_y", source=source, size=4, fill_color="colour", line_color="colour",
+    umap.scatter("umap_x", "umap_y", source=source, size=4, fill_color="colour", line_color="colour",
                           fill_alpha=0.8, line_alpha=0.8, name="umap_points")
     umap.xaxis.visible = umap.yaxis.visible = False
 

@@ -524,16 +524,10 @@ def demo(
     fit a 2-class head on EfficientNet-Lite0 (ImageNet) that learns the ink shortcut, and run the
     whole audit: tile, extract, cluster, score, report."""
     _setup_logging(verbose)
-    import pandas as pd
     from rich.console import Console
 
-    from .cluster_stage import run_cluster_stage
-    from .config import ClusterConfig, ExtractConfig, ScoreConfig
+    from .demo import print_demo_summary, run_demo_audit
     from .demo_data import build_demo_cohort, find_demo_source
-    from .demo_model import train_demo_model
-    from .extract_stage import run_extract_stage
-    from .report_stage import run_report_stage
-    from .score_stage import run_score_stage
 
     console = Console()
     src = find_demo_source()
@@ -543,52 +537,10 @@ def demo(
         build_demo_cohort(slides_dir, n_slides=n_slides, seed=seed)
     failed = _run_tiling([str(slides_dir / "cohort.csv")], out, None, _tile_config())
     with _open_run(out) as run:
-        with console.status("fitting the demo head on EfficientNet-Lite0 features"):
-            weights = train_demo_model(run, Path(out) / "model", seed=seed, workers=workers)
-        cfg = _config(ExtractConfig, "extraction", arch="efficientnet_lite0", weights=str(weights), activations=True,
-                      workers=workers, seed=seed, attr_sample=8, methods=("gradcam", "gradcampp", "hirescam", "layercam",
-                                                                           "eigencam", "integratedgradients"))
-        with console.status("extracting predictions, embeddings and CAMs"):
-            ext = run_extract_stage(run, cfg)
-        console.print(f"extraction: {sum(r.status != 'failed' for r in ext)} slide(s) done, "
-                      f"{sum(r.status == 'failed' for r in ext)} failed")
-        with console.status("clustering the cohort"):
-            res = run_cluster_stage(run, _config(ClusterConfig, "clustering", concepts=4, seed=seed))
-        scfg = _config(ScoreConfig, "score", methods=("gradcam", "hirescam"), per_cluster=per_cluster, steps=8,
-                       baselines=("blur",), road_percentiles=(50,), road_tiles=3, infidelity_samples=4,
-                       sensitivity_samples=3, sanity_tiles=4, seed=seed)
-        with console.status("scoring the clusters (faithfulness, robustness, sanity, removal)") as st:
-            sc = run_score_stage(run, scfg, on_progress=lambda w, d, t: st.update(f"scoring: {w} {d}/{t}"))
-        with console.status("writing the reports"):
-            rep = run_report_stage(run)
-    cdir = Path(out) / "cohort"
-    summary = pd.read_parquet(cdir / "clusters.parquet")
-    metrics = pd.read_parquet(cdir / "cluster_metrics.parquet")
-    console.print(f"clustering: {res.n_tiles} tiles, {res.n_clusters} clusters, {res.n_noise} noise, {res.flagged} flagged")
-    removal = metrics[(metrics.method == "model") & (metrics.metric == "removal_max_abs_d_topk")].set_index("cluster")["value"]
-    for _, r in summary.iterrows():
-        flags = "; ".join(r["flag_reasons"]) or "-"
-        console.print(f"  cluster {r['cluster']:>2}: {r['size']:>4} tiles from {r['n_slides']} slide(s), "
-                      f"positive rate {r['positive_rate']:.2f}, mean ink {r['mean_ink']:.2f}, "
-                      f"CAM mass on ink {r['mean_cam_on_ink']:.2f}; without it a slide's top-8 score moves by up to "
-                      f"{removal.get(r['cluster'], float('nan')):.3f}; flags: {flags}", highlight=False)
-    rem = pd.read_parquet(cdir / "cluster_removal.parquet")
-    flagged = [int(c) for c, f in zip(summary["cluster"], summary["flags"]) if "artefact_positive" in list(f)]
-    auc = metrics[(metrics.method == "model") & (metrics.metric.isin(["removal_auc_topk_before", "removal_auc_topk_after"]))]
-    for c in flagged:
-        for _, r in rem[rem.cluster == c].iterrows():
-            console.print(f"  without flagged cluster {c}, slide {r['slide_id']}: top-8 score {r['topk_before']:.2f} -> "
-                          f"{r['topk_after']:.2f}", highlight=False)
-        a = auc[auc.cluster == c].set_index("metric")["value"]
-        if len(a) == 2:
-            console.print(f"  cohort AUC (top-8 slide scores vs slide labels) {a['removal_auc_topk_before']:.2f} -> "
-                          f"{a['removal_auc_topk_after']:.2f} without cluster {c}", highlight=False)
-    for m, v in sc.sanity.items():
-        console.print(f"randomisation sanity check: {m} {'passes' if v['passed'] else 'FAILS'} (Spearman {v['spearman']:.2f})")
-    console.print(f"report: {rep.index.resolve()}")
-    console.print(f"run folder: {Path(out).resolve()}  (manifest: {Path(out).resolve() / 'manifest.json'}; "
-                  "tables: cohort/tiles.parquet, clusters.parquet, cluster_metrics.parquet)")
-    raise typer.Exit(1 if failed or any(r.status == "failed" for r in ext) else 0)
+        res = run_demo_audit(run, Path(out), workers=workers, per_cluster=per_cluster, seed=seed,
+                             status=lambda msg: console.status(msg))
+    print_demo_summary(Path(out), res, console)
+    raise typer.Exit(1 if failed or res.failed_slides else 0)
 
 
 def main() -> None:  # console-script entry point

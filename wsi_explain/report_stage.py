@@ -163,7 +163,7 @@ def _explorer(ctx: _Ctx, tiles: pd.DataFrame, prefix: str, *, slides: list[str])
                   "flags": "flags_text"}
     cl = ctx.clusters.assign(flags_text=[", ".join(f) for f in ctx.clusters["flags"]])
     if ctx.metrics is not None:
-        for metric in (f"deletion_auc_blur", "road_combined", "pointing_game"):
+        for metric in ("deletion_auc_blur", "road_combined", "pointing_game"):
             sub = ctx.metrics[(ctx.metrics.method == ctx.cam) & (ctx.metrics.metric == metric)].set_index("cluster")["value"]
             if len(sub):
                 cl[metric] = cl["cluster"].map(sub)
