@@ -111,3 +111,17 @@ def test_report_in_chromium_selection_links_views(reported, browser):
         w.page.wait_for_timeout(800)
     assert w.errors == [] and w.dialogs == []
     w.close()
+
+
+def test_cli_report_and_serve_refuse_unclustered_runs(reported, extracted, tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    run_dir = copy_run(reported[0], tmp_path / "run")
+    res = subprocess.run([sys.executable, "-m", "wsi_explain.cli", "report", str(run_dir)], cwd=repo, capture_output=True, text=True)
+    assert res.returncode == 0 and "report:" in res.stdout and "pages" in res.stdout, res.stdout + res.stderr
+    ext = copy_run(extracted, tmp_path / "ext")
+    for cmd in (["report", str(ext)], ["serve", str(ext), "--port", "1"]):
+        res = subprocess.run([sys.executable, "-m", "wsi_explain.cli", *cmd], cwd=repo, capture_output=True, text=True)
+        assert res.returncode == 2 and "not clustered" in " ".join(res.stderr.split()), (cmd, res.stdout, res.stderr)
