@@ -114,12 +114,12 @@ import os, signal
 from wsi_explain import RunFolder
 from wsi_explain.config import ScoreConfig
 from wsi_explain import score_stage
-orig = score_stage._write_parquet
+orig = score_stage.atomic_write_parquet
 def write(df, path, meta=None):
     orig(df, path, meta)
     if path.name.startswith("sanity_"):
         os.kill(os.getpid(), signal.SIGKILL)
-score_stage._write_parquet = write
+score_stage.atomic_write_parquet = write
 with RunFolder({str(killed)!r}) as run:
     score_stage.run_score_stage(run, ScoreConfig(**{cfg!r}))
 """

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_parquet", "atomic_write_text"]
 
 
 @contextmanager
@@ -62,3 +62,18 @@ def atomic_write_text(target: str | Path, text: str) -> Path:
 
 def atomic_write_json(target: str | Path, obj: object) -> Path:
     return atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_write_parquet(df, target: str | Path, meta: dict | None = None) -> Path:
+    """Write a DataFrame (index dropped) as Parquet atomically, with ``meta`` as JSON under the
+    schema metadata key ``wsi_explain`` (read back by ``read_tile_table`` and the stages)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if meta is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"wsi_explain": json.dumps(meta, default=str).encode()})
+    target = Path(target)
+    with atomic_path(target, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp)
+    return target

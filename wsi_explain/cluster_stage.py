@@ -22,7 +22,7 @@ import pandas as pd
 
 import clustering
 
-from .atomic import atomic_path
+from .atomic import atomic_path, atomic_write_parquet
 from .config import ClusterConfig
 from .errors import WsiExplainError
 from .extract_stage import softmax
@@ -254,8 +254,8 @@ def run_cluster_stage(run: RunFolder, cfg: ClusterConfig, *, on_step: Callable[[
         shutil.rmtree(cohort_dir / "concepts.zarr")
     names = class_names[cfg.positive_class] if len(class_names) > cfg.positive_class else "positive"
     summary = timed("summary", clustering.summarize_clusters, tiles, space=space, positive_name=names)
-    _write_parquet(tiles, cohort_dir / "tiles.parquet", {"cam_method": cam_method, "class_names": class_names, "config": cfg.model_dump(mode="json")})
-    _write_parquet(summary, cohort_dir / "clusters.parquet", {"flag_names": clustering.FLAG_NAMES})
+    atomic_write_parquet(tiles, cohort_dir / "tiles.parquet", {"cam_method": cam_method, "class_names": class_names, "config": cfg.model_dump(mode="json")})
+    atomic_write_parquet(summary, cohort_dir / "clusters.parquet", {"flag_names": clustering.FLAG_NAMES})
     n_clusters = int((summary["cluster"] >= 0).sum())
     flagged = int(sum(bool(f) for f in summary["flags"]))
     outcome = ClusterOutcome("done", n, n_clusters, int((res.labels < 0).sum()), flagged, time.perf_counter() - t_start, timings)
@@ -263,13 +263,3 @@ def run_cluster_stage(run: RunFolder, cfg: ClusterConfig, *, on_step: Callable[[
                n_clusters=n_clusters, n_noise=outcome.n_noise, flagged=flagged, knn=info["knn"], umap_fitted=info["n_fitted"], timings=timings,
                start=start, end=now_iso(), seconds=round(outcome.seconds, 3), error=None)
     return outcome
-
-
-def _write_parquet(df: pd.DataFrame, path: Path, meta: dict) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"wsi_explain": json.dumps(meta, default=str).encode()})
-    with atomic_path(path, suffix=".parquet") as tmp:
-        pq.write_table(table, tmp)

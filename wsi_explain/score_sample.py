@@ -59,11 +59,10 @@ def grades_for(classes: list[str], positive: tuple[str, ...], grades: dict[str, 
 
 @dataclass
 class _SlideInfo:
-    path: str
-    mpp: float | None
     tiles: pd.DataFrame
     meta: dict
     targets: np.ndarray
+    dataset: object  # TileDataset: one slide handle per slide, reused for every sampled tile
     ann: object = None
     mask: np.ndarray | None = None
     classes: dict = field(default_factory=dict)
@@ -109,7 +108,10 @@ class SampleScorer:
             sdir = self.run_path / "slides" / sid
             tiles, meta = read_tile_table(sdir / "tiles.parquet")
             targets = np.asarray(open_store(sdir / "features.zarr")["targets"][:], np.int64)
-            info = _SlideInfo(meta["slide_path"], meta.get("level0_mpp"), tiles, meta, targets)
+            from .tiles_io import TileDataset
+
+            ds = TileDataset(meta["slide_path"], tiles, mpp=meta.get("level0_mpp"))
+            info = _SlideInfo(tiles, meta, targets, ds)
             self._load_annotations(info)
             self._slides[sid] = info
         return self._slides[sid]
@@ -130,13 +132,10 @@ class SampleScorer:
 
     def _images(self, sample: pd.DataFrame) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """Normalised inputs (N, 3, px, px) on the CPU, targets (N,), and an ok flag per tile."""
-        from .tiles_io import TileDataset
-
         imgs, tg, ok = [], [], []
         for sid, tid in zip(sample["slide_id"], sample["tile_id"]):
             info = self._slide(sid)
-            ds = TileDataset(info.path, info.tiles.iloc[[int(tid)]], mpp=info.mpp)
-            _, img, good, err = ds[0]
+            _, img, good, err = info.dataset[int(tid)]
             if not good:
                 logger.warning("slide %s tile %d: %s (left out of the metrics)", sid, tid, err)
             imgs.append(np.asarray(img))

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as M
-from .atomic import atomic_path, atomic_write_json
+from .atomic import atomic_write_json, atomic_write_parquet
 from .config import ClusterConfig, ExtractConfig, ScoreConfig
 from .errors import WsiExplainError
 from .run import RunFolder, now_iso, params_hash
@@ -160,17 +160,6 @@ def _ensemble_fits(wide: pd.DataFrame) -> dict:
     return out
 
 
-def _write_parquet(df: pd.DataFrame, path: Path, meta: dict | None = None) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    if meta:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"wsi_explain": json.dumps(meta, default=str).encode()})
-    with atomic_path(path, suffix=".parquet") as tmp:
-        pq.write_table(table, tmp)
-
-
 def read_cluster_metrics(run_path: str | Path) -> pd.DataFrame:
     """``cohort/cluster_metrics.parquet`` of a scored run."""
     return pd.read_parquet(Path(run_path) / "cohort" / "cluster_metrics.parquet")
@@ -229,8 +218,8 @@ def run_score_stage(run: RunFolder, cfg: ScoreConfig, *, on_progress: Callable[[
             scorer = SampleScorer(run.path, cfg, ecfg, methods, ccfg.positive_labels, tile_px)
             scorer.positive_class = positive
         values, sanity = scorer.score(c, sample)
-        _write_parquet(values, vpath)
-        _write_parquet(sanity, spath)
+        atomic_write_parquet(values, vpath)
+        atomic_write_parquet(sanity, spath)
         long_parts.append(values)
         sanity_parts.append(sanity)
     progress("sampled metrics", len(samples), len(samples))
@@ -253,7 +242,7 @@ def run_score_stage(run: RunFolder, cfg: ScoreConfig, *, on_progress: Callable[[
     extra = {}
     if "removal" in groups and "prob_pos" in tiles.columns:
         per_slide, rem_rows = _removal(tiles, cfg)
-        _write_parquet(per_slide, cdir / "cluster_removal.parquet")
+        atomic_write_parquet(per_slide, cdir / "cluster_removal.parquet")
         agg = pd.concat([agg, rem_rows], ignore_index=True)
         outputs.append("cohort/cluster_removal.parquet")
     sanity_df = pd.concat([s for s in sanity_parts if len(s)], ignore_index=True) if any(len(s) for s in sanity_parts) else pd.DataFrame()
@@ -267,7 +256,7 @@ def run_score_stage(run: RunFolder, cfg: ScoreConfig, *, on_progress: Callable[[
             last = g.sort_values("step").iloc[-1]
             sanity_verdict[m] = {"spearman": float(last["spearman"]), "ssim": float(last["ssim"]),
                                  "passed": bool(last["spearman"] < cfg.sanity_threshold)}
-        _write_parquet(sanity_df, cdir / "sanity.parquet")
+        atomic_write_parquet(sanity_df, cdir / "sanity.parquet")
         outputs.append("cohort/sanity.parquet")
     fits = _ensemble_fits(wide) if "ensemble" in groups else {}
     if fits:
@@ -276,8 +265,8 @@ def run_score_stage(run: RunFolder, cfg: ScoreConfig, *, on_progress: Callable[[
         extra["ensemble_fit"] = fits
     meta = {"config": cfg.model_dump(mode="json"), "methods": list(methods), "sanity": sanity_verdict,
             "cohort_row": COHORT_ROW, "positive_class": positive}
-    _write_parquet(wide, cdir / "tile_metrics.parquet", meta)
-    _write_parquet(agg.sort_values(["cluster", "method", "metric"], ignore_index=True), cdir / "cluster_metrics.parquet", meta)
+    atomic_write_parquet(wide, cdir / "tile_metrics.parquet", meta)
+    atomic_write_parquet(agg.sort_values(["cluster", "method", "metric"], ignore_index=True), cdir / "cluster_metrics.parquet", meta)
     shutil.rmtree(cdir / ".score_parts", ignore_errors=True)
     out = ScoreOutcome("done", len(agg), n_sampled, time.perf_counter() - t0, sanity_verdict)
     run.record(STAGE, COHORT, status="done", params=params, fingerprint=fp, outputs=outputs, n_rows=len(agg),

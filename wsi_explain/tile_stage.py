@@ -19,7 +19,7 @@ import pandas as pd
 
 import tiling
 
-from .atomic import atomic_path
+from .atomic import atomic_path, atomic_write_parquet
 from .config import TileConfig
 from .errors import DiskFullError, SlideError, is_disk_full
 from .run import RunFolder, now_iso, params_hash
@@ -111,8 +111,6 @@ def tile_slide(source: SlideSource, cfg: TileConfig, out_dir: Path, *, fingerpri
 
 
 def _write_outputs(out_dir, tiles, thumb, source, cfg, fingerprint, info, tissue) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from PIL import Image
 
     meta = {
@@ -131,8 +129,6 @@ def _write_outputs(out_dir, tiles, thumb, source, cfg, fingerprint, info, tissue
         "label_mask": str(source.label_mask) if source.label_mask is not None else None,
         "label_classes": {str(k): v for k, v in (cfg.label_classes or {}).items()} or None,
     }
-    table = pa.Table.from_pandas(tiles, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"wsi_explain": json.dumps(meta).encode()})
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "thumbnail.png", suffix=".png") as tmp:
         Image.fromarray(thumb).save(tmp, format="PNG")
@@ -143,8 +139,7 @@ def _write_outputs(out_dir, tiles, thumb, source, cfg, fingerprint, info, tissue
     # the plain slide image at the same scale (background of the report and explorer panels)
     with atomic_path(out_dir / "overview.png", suffix=".png") as tmp:
         Image.fromarray(np.ascontiguousarray(tissue.image[..., :3])).save(tmp, format="PNG")
-    with atomic_path(out_dir / "tiles.parquet", suffix=".parquet") as tmp:
-        pq.write_table(table, tmp)
+    atomic_write_parquet(tiles, out_dir / "tiles.parquet", meta)
 
 
 def read_tile_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
