@@ -160,17 +160,18 @@ def _fingerprint(src: SlideSource) -> str:
     return fp
 
 
-def tile_task(src: SlideSource, cfg: TileConfig, run_path: str) -> dict:
+def tile_task(src: SlideSource, cfg: TileConfig, run_path: str, fingerprints: dict[str, str] | None = None) -> dict:
     """Tile one slide into ``<run_path>/slides/<id>`` (a task: runs here or on a Dask worker).
 
-    Never raises for a bad slide: returns ``{"ok": False, "error": message}`` instead, so the
-    parent records it and the batch goes on.
+    ``fingerprints`` (slide id -> fingerprint) are those the parent computed for its skip check;
+    a slide without one is fingerprinted here. Never raises for a bad slide: returns
+    ``{"ok": False, "error": message}`` instead, so the parent records it and the batch goes on.
     """
     start, t0, fp = now_iso(), time.perf_counter(), None
     try:
         if not src.path.exists():
             raise tiling.SlideNotFoundError(src.path, "no such file")
-        fp = _fingerprint(src)
+        fp = (fingerprints or {}).get(src.slide_id) or _fingerprint(src)
         res = tile_slide(src, cfg, Path(run_path) / "slides" / src.slide_id, fingerprint=fp)
         return {"ok": True, "result": res, "fingerprint": fp, "start": start, "end": now_iso()}
     except (SlideError, OSError) as exc:
@@ -216,7 +217,7 @@ def run_tile_stage(
     run.set_config(STAGE, cfg.model_dump(mode="json"))
     executor = executor or SerialExecutor()
     results: dict[str, TileResult] = {}
-    pending = []
+    pending, fps = [], {}
     for src in sources:
         try:
             fp = _fingerprint(src) if src.path.exists() else None
@@ -230,7 +231,9 @@ def run_tile_stage(
                 on_slide(results[src.slide_id])
         else:
             pending.append(src)
-    for src, out in executor.map(tile_task, pending, cfg, str(run.path)):
+            if fp is not None:
+                fps[src.slide_id] = fp
+    for src, out in executor.map(tile_task, pending, cfg, str(run.path), fps):
         rel_dir = Path("slides") / src.slide_id
         outputs = [str(rel_dir / "tiles.parquet"), str(rel_dir / "thumbnail.png"), str(rel_dir / "tissue.png")]
         if out.get("disk_full"):
