@@ -24,6 +24,7 @@ import pandas as pd
 import viz
 from viz import escape
 
+from .explorer_inputs import cluster_table, colour_options
 from .run import RunFolder, now_iso
 
 __all__ = ["run_report_stage", "ReportOutcome", "STAGE"]
@@ -115,18 +116,6 @@ def _flags_html(row) -> str:
     return "<br>".join(f"<span class='flag'>&#9873; {escape(r)}</span>" for r in reasons)
 
 
-def _colour_options(ctx: _Ctx, tiles: pd.DataFrame) -> dict[str, str]:
-    opts = {"cluster": "cluster", "prediction": "pred", "probability": "prob_pos", "slide": "slide_id"}
-    for label, col in (("label", "label_pos"), ("slide label", "label"), ("site", "site"), ("outlier score", "outlier_score"),
-                       ("attribution off tissue", "cam_off_tissue")):
-        if col in tiles.columns and tiles[col].notna().any():
-            opts[label] = col
-    for col in (f"{ctx.cam}:deletion_auc_blur", f"{ctx.cam}:deletion_auc_constant", f"{ctx.cam}:gini"):
-        if col in tiles.columns and tiles[col].notna().any():
-            opts[col] = col
-    return opts
-
-
 def _slide_info(ctx: _Ctx, sid: str, prefix: str) -> dict:
     """Level-0 size and the thumbnail as a data URI (pages opened from disk may not load images
     into a canvas from file:// URLs), at most 640 px on its longer side."""
@@ -159,18 +148,12 @@ def _explorer(ctx: _Ctx, tiles: pd.DataFrame, prefix: str, *, slides: list[str])
         ctx.tile_img(s, int(t), "all")
     tiles = tiles.assign(has_thumb=has)
     info = {s: _slide_info(ctx, s, prefix) for s in slides}
-    table_cols = {"tiles": "size", "slides": "n_slides", "positive rate": "positive_rate", "confidence": "mean_confidence",
-                  "flags": "flags_text"}
-    cl = ctx.clusters.assign(flags_text=[", ".join(f) for f in ctx.clusters["flags"]])
-    if ctx.metrics is not None:
-        for metric in ("deletion_auc_blur", "road_combined", "pointing_game"):
-            sub = ctx.metrics[(ctx.metrics.method == ctx.cam) & (ctx.metrics.metric == metric)].set_index("cluster")["value"]
-            if len(sub):
-                cl[metric] = cl["cluster"].map(sub)
-                table_cols[f"{ctx.cam} {metric}"] = metric
+    cl, table_cols = cluster_table(ctx.clusters, ctx.metrics, [(ctx.cam, m, f"{ctx.cam} {m}")
+                                                            for m in ("deletion_auc_blur", "road_combined", "pointing_game")])
+    colour_by = colour_options(tiles, metric_columns=[f"{ctx.cam}:{m}" for m in ("deletion_auc_blur", "deletion_auc_constant", "gini")])
     parts = viz.explorer_layout(
         tiles, cl, slides={s: {k: v for k, v in i.items() if k != "meta"} for s, i in info.items()},
-        colour_by=_colour_options(ctx, tiles), thumb_template=prefix + "tiles/{slide}_{tile}_{method}.jpg",
+        colour_by=colour_by, thumb_template=prefix + "tiles/{slide}_{tile}_{method}.jpg",
         full_template=prefix + "tiles/{slide}_{tile}_all.jpg", methods=[ctx.cam], names=ctx.names,
         sort_by={"membership": "membership", "confidence": "confidence", "probability": "prob_pos"},
         has_thumb="has_thumb", table_columns=table_cols)

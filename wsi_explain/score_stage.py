@@ -180,6 +180,7 @@ def run_score_stage(run: RunFolder, cfg: ScoreConfig, *, on_progress: Callable[[
     ecfg = ExtractConfig(**run.manifest["config"]["extract"])
     methods = tuple(cfg.methods or ecfg.methods)
     from .extract_stage import split_methods
+    from .score_sample import sample_clusters
 
     split_methods(methods)  # unknown names stop here, before any work
     params = params_hash({**cfg.result_params(), "methods": list(methods)})
@@ -199,7 +200,7 @@ def run_score_stage(run: RunFolder, cfg: ScoreConfig, *, on_progress: Callable[[
     progress("cheap metrics", 1, 1)
 
     sampled_groups = groups & {"faithfulness", "robustness", "localisation", "sanity"} or (groups & {"ensemble"} and cfg.models)
-    samples = sample_clusters_for(tiles, cfg) if sampled_groups else {}
+    samples = sample_clusters(tiles, per_cluster=cfg.per_cluster, seed=cfg.seed, include_noise=cfg.include_noise) if sampled_groups else {}
     parts_dir = cdir / ".score_parts" / params
     parts_dir.mkdir(parents=True, exist_ok=True)
     long_parts, sanity_parts = [], []
@@ -274,8 +275,3 @@ def run_score_stage(run: RunFolder, cfg: ScoreConfig, *, on_progress: Callable[[
                seconds=round(out.seconds, 3), error=None)
     return out
 
-
-def sample_clusters_for(tiles: pd.DataFrame, cfg: ScoreConfig) -> dict[int, pd.DataFrame]:
-    from .score_sample import sample_clusters
-
-    return sample_clusters(tiles, per_cluster=cfg.per_cluster, seed=cfg.seed, include_noise=cfg.include_noise)

@@ -74,29 +74,17 @@ def explorer_document(doc, run_path: Path, images) -> None:
     import viz
 
     from .cluster_names import save_cluster_name
+    from .explorer_inputs import cluster_table, colour_options
 
     d = _load(run_path)
     tiles, clusters, cam = d["tiles"], d["clusters"], d["cam"]
-    colour_by = {"cluster": "cluster", "prediction": "pred", "probability": "prob_pos", "slide": "slide_id"}
-    for label, col in (("label", "label_pos"), ("slide label", "label"), ("site", "site"), ("outlier score", "outlier_score"),
-                       ("attribution off tissue", "cam_off_tissue")):
-        if col in tiles.columns and tiles[col].notna().any():
-            colour_by[label] = col
-    colour_by.update({c: c for c in tiles.columns if ":" in c})
+    colour_by = colour_options(tiles, metric_columns=[c for c in tiles.columns if ":" in c])
     methods = images.methods(tiles["slide_id"].iloc[0])
     methods = [cam] + [m for m in methods if m != cam]
-    clusters = clusters.assign(flags_text=[", ".join(f) for f in clusters["flags"]])
-    table_columns = {"tiles": "size", "slides": "n_slides", "positive rate": "positive_rate",
-                     "confidence": "mean_confidence", "flags": "flags_text"}
     metrics_path = run_path / "cohort" / "cluster_metrics.parquet"
-    if metrics_path.exists():  # the scored run's key metrics beside each cluster
-        cm = pd.read_parquet(metrics_path)
-        for method, metric in ((cam, "deletion_auc_blur"), (cam, "deletion_auc_constant"), (cam, "road_combined"),
-                               (cam, "pointing_game"), (cam, "sanity_spearman"), ("model", "removal_mean_abs_d_mean")):
-            sub = cm[(cm.method == method) & (cm.metric == metric)].set_index("cluster")["value"]
-            if len(sub):
-                clusters[metric] = clusters["cluster"].map(sub)
-                table_columns[metric.replace("removal_mean_abs_d_mean", "removal |Δ score|")] = metric
+    keys = [(cam, m, m) for m in ("deletion_auc_blur", "deletion_auc_constant", "road_combined", "pointing_game", "sanity_spearman")]
+    clusters, table_columns = cluster_table(clusters, pd.read_parquet(metrics_path) if metrics_path.exists() else None,
+                                            keys + [("model", "removal_mean_abs_d_mean", "removal |Δ score|")])
     parts = viz.explorer_layout(
         tiles, clusters, slides=d["slides"], colour_by=colour_by, thumb_template="/tiles/{slide}/{tile}.png?method={method}&size=96",
         full_template="/tiles/{slide}/{tile}.png?method=all&size=0", methods=methods, names=d["names"],

@@ -1,0 +1,43 @@
+"""What the explorer shows, shared by the cohort report and the explorer server: the colour menu
+and the cluster table's columns (with the scored run's metrics beside each cluster)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+__all__ = ["colour_options", "cluster_table"]
+
+#: menu label -> tile column, offered when the column exists and has values
+_OPTIONAL = (("label", "label_pos"), ("slide label", "label"), ("site", "site"), ("outlier score", "outlier_score"),
+             ("attribution off tissue", "cam_off_tissue"))
+
+
+def colour_options(tiles: pd.DataFrame, *, metric_columns=()) -> dict[str, str]:
+    """Colour menu (label -> tiles column): cluster, prediction, probability, slide, the optional
+    columns that have values, and the given per-tile metric columns that have values."""
+    opts = {"cluster": "cluster", "prediction": "pred", "probability": "prob_pos", "slide": "slide_id"}
+    for label, col in _OPTIONAL:
+        if col in tiles.columns and tiles[col].notna().any():
+            opts[label] = col
+    for col in metric_columns:
+        if col in tiles.columns and tiles[col].notna().any():
+            opts[col] = col
+    return opts
+
+
+def cluster_table(clusters: pd.DataFrame, metrics: pd.DataFrame | None, keys) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The cluster table: size, slides, positive rate, confidence, flags, then one column per
+    ``(method, metric, title)`` of ``keys`` found in ``metrics`` (cluster_metrics.parquet).
+
+    Returns the clusters with the added columns (input not modified) and title -> column.
+    """
+    out = clusters.assign(flags_text=[", ".join(f) for f in clusters["flags"]])
+    columns = {"tiles": "size", "slides": "n_slides", "positive rate": "positive_rate", "confidence": "mean_confidence",
+               "flags": "flags_text"}
+    if metrics is not None:
+        for method, metric, title in keys:
+            sub = metrics[(metrics.method == method) & (metrics.metric == metric)].set_index("cluster")["value"]
+            if len(sub):
+                out[metric] = out["cluster"].map(sub)
+                columns[title] = metric
+    return out, columns
