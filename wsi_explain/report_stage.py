@@ -70,7 +70,7 @@ class _Ctx:
         self.comments = {int(k): v for k, v in doc["comments"].items()}
         self.images = TileImages(run.path, cache=True)
         self.written: set[tuple[str, int, str]] = set()
-        self.thumbs: dict[str, str] = {}
+        self.slide_info: dict[str, dict] = {}
         self.max_points = max_points
 
     def cname(self, c: int) -> str:
@@ -116,9 +116,10 @@ def _flags_html(row) -> str:
     return "<br>".join(f"<span class='flag'>&#9873; {escape(r)}</span>" for r in reasons)
 
 
-def _slide_info(ctx: _Ctx, sid: str, prefix: str) -> dict:
-    """Level-0 size and the thumbnail as a data URI (pages opened from disk may not load images
-    into a canvas from file:// URLs), at most 640 px on its longer side."""
+def _slide_info(ctx: _Ctx, sid: str) -> dict:
+    """Level-0 size, tile-table metadata and the overview as a data URI (pages opened from disk
+    may not load images into a canvas from file:// URLs), at most 640 px on its longer side;
+    computed once per slide (the index and the slide page both use it)."""
     import base64
     import io
 
@@ -126,16 +127,17 @@ def _slide_info(ctx: _Ctx, sid: str, prefix: str) -> dict:
 
     from .tile_stage import read_tile_table
 
-    _, meta = read_tile_table(ctx.run.slide_dir(sid) / "tiles.parquet")
-    W, H = meta["level0_dimensions"]
-    if sid not in ctx.thumbs:
+    if sid not in ctx.slide_info:
         sdir = ctx.run.slide_dir(sid)
+        _, meta = read_tile_table(sdir / "tiles.parquet")
+        W, H = meta["level0_dimensions"]
         im = Image.open(sdir / "overview.png" if (sdir / "overview.png").exists() else sdir / "thumbnail.png").convert("RGB")
         im.thumbnail((640, 640))
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=85)
-        ctx.thumbs[sid] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-    return {"url": ctx.thumbs[sid], "width": int(W), "height": int(H), "meta": meta}
+        url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+        ctx.slide_info[sid] = {"url": url, "width": int(W), "height": int(H), "meta": meta}
+    return ctx.slide_info[sid]
 
 
 def _explorer(ctx: _Ctx, tiles: pd.DataFrame, prefix: str, *, slides: list[str]):
@@ -147,7 +149,7 @@ def _explorer(ctx: _Ctx, tiles: pd.DataFrame, prefix: str, *, slides: list[str])
         ctx.tile_img(s, int(t), ctx.cam)
         ctx.tile_img(s, int(t), "all")
     tiles = tiles.assign(has_thumb=has)
-    info = {s: _slide_info(ctx, s, prefix) for s in slides}
+    info = {s: _slide_info(ctx, s) for s in slides}
     cl, table_cols = cluster_table(ctx.clusters, ctx.metrics, [(ctx.cam, m, f"{ctx.cam} {m}")
                                                             for m in ("deletion_auc_blur", "road_combined", "pointing_game")])
     colour_by = colour_options(tiles, metric_columns=[f"{ctx.cam}:{m}" for m in ("deletion_auc_blur", "deletion_auc_constant", "gini")])
@@ -313,7 +315,7 @@ def _slide_page(ctx: _Ctx, sid: str) -> None:
     from bokeh.models import ColumnDataSource, HoverTool, Range1d
     from bokeh.plotting import figure
 
-    info = _slide_info(ctx, sid, "../")
+    info = _slide_info(ctx, sid)
     meta = info["meta"]
     g = ctx.tiles[ctx.tiles.slide_id == sid].reset_index(drop=True)
     W, H = info["width"], info["height"]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Callable
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["as_tensor_maps", "minmax", "target_probs", "as_targets", "model_device", "chunks", "CHUNK"]
+__all__ = ["as_tensor_maps", "minmax", "target_probs", "as_targets", "model_device", "chunks", "seeded", "CHUNK"]
 
 #: inputs per seeded chunk of the stochastic metrics (infidelity, sensitivity)
 CHUNK = 8
@@ -75,3 +77,11 @@ def chunks(n: int, samples: int, max_examples: int | None) -> list[tuple[int, in
         mepb = k * samples if max_examples is None else min(max(max_examples, k), k * samples)
         out.append((s0, s1, mepb))
     return out
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Torch's CPU generator seeded with ``seed`` inside the block, restored after it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._common import as_targets, as_tensor_maps, chunks, minmax, model_device, target_probs
+from ._common import as_targets, as_tensor_maps, chunks, minmax, model_device, seeded, target_probs
 
 __all__ = ["perturbation_curve", "curve_auc", "make_baseline", "confidence_change", "road", "infidelity_score"]
 
@@ -183,8 +183,7 @@ def road(
     # so the scores do not depend on the caller's batching
     for s0, s1, _ in chunks(n, 1, None):
         tg = [ClassifierOutputSoftmaxTarget(int(c)) for c in t[s0:s1]]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + s0)
+        with seeded(seed + s0):
             morf.append(np.asarray(morf_m(x[s0:s1], cams[s0:s1], tg, model), np.float32).reshape(-1))
             lerf.append(np.asarray(lerf_m(x[s0:s1], cams[s0:s1], tg, model), np.float32).reshape(-1))
     mo, le = np.concatenate(morf), np.concatenate(lerf)
@@ -230,8 +229,7 @@ def infidelity_score(
 
     out = []
     for s0, s1, mepb in chunks(n, n_samples, max_examples_per_batch):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + s0)
+        with seeded(seed + s0):
             out.append(infidelity(forward, perturb, x[s0:s1], attr[s0:s1], target=t[s0:s1], n_perturb_samples=n_samples,
                                   max_examples_per_batch=mepb, normalize=True).detach().cpu())
     out = torch.cat(out)

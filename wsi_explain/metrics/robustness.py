@@ -7,7 +7,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ._common import as_targets, chunks
+from ._common import as_targets, chunks, seeded
 
 __all__ = ["sensitivity"]
 
@@ -55,8 +55,7 @@ def sensitivity(
     x = inputs.detach().float().cpu()
     out = []
     for s0, s1, mepb in chunks(n, n_samples, max_examples_per_batch):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + s0)
+        with seeded(seed + s0):
             out.append(sensitivity_max(fn, x[s0:s1], perturb_radius=radius, n_perturb_samples=n_samples,
                                        max_examples_per_batch=mepb, target=t[s0:s1]).detach().cpu())
     out = torch.cat(out)
