@@ -109,3 +109,81 @@ def test_embedding_is_classifier_input(model_and_batch):
 
 def test_registry_lists_six_methods():
     assert set(METHODS) <= set(FUSED_CAMS)
+
+
+@pytest.mark.parametrize(
+    ("shape", "act"),
+    [((120, 512, 7, 7), "relu"),      # ResNet-18/34 layer4 at 224 px: the LQ route
+     ((40, 1280, 7, 7), "relu6"),     # EfficientNet-Lite0's head
+     ((200, 576, 4, 4), "hardswish"),  # MobileNetV3-small at 128 px (negative values too)
+     ((100, 64, 14, 14), "relu")],    # fewer channels than 11/6 x positions: the direct SVD
+)
+def test_eigencam_projection_equals_pytorch_grad_cam_with_its_sign(shape, act):
+    """EigenCAM's singular-vector sign is arbitrary and pytorch-grad-cam keeps LAPACK's: our
+    cheaper factorisation must give the same maps, sign included, tile for tile."""
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    from wsi_explain.cams import first_component
+
+    rng = np.random.default_rng(sum(shape))
+    a = rng.standard_normal(shape).astype(np.float32)
+    a = {"relu": np.maximum(a, 0), "relu6": np.clip(a * 3, 0, 6), "hardswish": a * np.clip(a + 3, 0, 6) / 6}[act]
+    a *= rng.gamma(1.0, 1.0, shape[:2] + (1, 1)).astype(np.float32)  # channels of unequal scale
+    before = a.copy()
+    n, c, h, w = shape
+    ours = first_component(a.reshape(n, c, h * w).transpose(0, 2, 1)).reshape(n, h, w)
+    ref = get_2d_projection(a)
+    np.testing.assert_array_equal(a, before)
+    scale = np.abs(ref).max(axis=(1, 2))
+    err = np.abs(ours - ref).max(axis=(1, 2)) / scale
+    assert (err <= 1e-4).all(), f"{(err > 1e-4).sum()} of {n} tiles differ (sign flips: {(err > 1).sum()})"
+
+
+def _activations(shape, act, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(shape).astype(np.float32)
+    a = {"relu": np.maximum(a, 0), "relu6": np.clip(a * 3, 0, 6), "hardswish": a * np.clip(a + 3, 0, 6) / 6}[act]
+    return a * rng.gamma(1.0, 1.0, shape[:2] + (1, 1)).astype(np.float32)
+
+
+@pytest.mark.parametrize(("shape", "act"), [((200, 512, 7, 7), "relu"), ((100, 576, 4, 4), "hardswish"),
+                                            ((50, 64, 14, 14), "relu")])
+def test_signed_eigencam_equals_pytorch_grad_cam_sign_correction(shape, act):
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
+
+    a = _activations(shape, act, seed=shape[1])
+    before = a.copy()
+    ours = FUSED_CAMS["eigencam_signed"](torch.from_numpy(a), None).numpy()
+    np.testing.assert_array_equal(a, before)
+    ref = get_2d_projection_with_sign_correction(a)
+    err = np.abs(ours - ref).max(axis=(1, 2)) / np.abs(ref).max(axis=(1, 2))
+    assert (err <= 1e-4).all(), f"{(err > 1e-4).sum()} of {len(a)} tiles differ"
+
+
+def test_signed_eigencam_is_stable_under_round_off():
+    """On activations with no dominant structure (small gaps between singular values), relative
+    noise of 1e-6, the round-off of a different forward, must not invert a signed map: its sign
+    comes from the map itself, not from the SVD's arithmetic."""
+    rng = np.random.default_rng(7)
+    a = np.maximum(rng.standard_normal((300, 1280, 7, 7)), 0).astype(np.float32)
+    b = a * (1 + 1e-6 * rng.standard_normal(a.shape)).astype(np.float32)
+    p, q = (FUSED_CAMS["eigencam_signed"](torch.from_numpy(v), None).numpy().reshape(len(v), -1) for v in (a, b))
+    assert ((p * q).sum(1) > 0).all()
+    np.testing.assert_allclose(p, q, atol=1e-3 * np.abs(p).max(), rtol=0)
+
+
+def test_signed_eigencam_in_the_fused_pass(model_and_batch):
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
+
+    lm, x, px = model_and_batch
+    fx = FusedExtractor(lm, methods=("gradcam", "eigencam_signed"), tile_px=px)
+    seen = {}
+    layer = dict(lm.module.named_modules())[fx.target_layer]
+    with fx:
+        h = layer.register_forward_hook(lambda m, i, o: seen.update(a=o.detach().clone()))  # returns None
+        try:
+            out = fx(x)
+        finally:
+            h.remove()
+    ref = np.maximum(get_2d_projection_with_sign_correction(seen["a"].float().numpy()), 0)
+    np.testing.assert_allclose(out.cams["eigencam_signed"], ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
