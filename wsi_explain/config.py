@@ -86,7 +86,7 @@ class ExtractConfig(_Frozen):
     trust_checkpoint : bool
         Allow full unpickling of checkpoints that need it.
     methods : tuple of str
-        Fused CAMs (gradcam, gradcampp, xgradcam, hirescam, layercam, eigencam).
+        Fused CAMs (gradcam, gradcampp, xgradcam, hirescam, layercam, eigencam, eigencam_signed).
     target : str
         "pred" (predicted class) or a class index / name explained by the CAMs.
     target_layer, embedding_layer : str or None
