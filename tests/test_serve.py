@@ -35,9 +35,10 @@ def server(audit_run, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
-            urllib.request.urlopen(url + "/explorer", timeout=2)
+            # the first page builds the explorer document: seconds on a loaded 2-core machine
+            urllib.request.urlopen(url + "/explorer", timeout=30)
             break
-        except (urllib.error.URLError, ConnectionError):
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
             if proc.poll() is not None:
                 pytest.fail(proc.stdout.read())
             time.sleep(0.5)
