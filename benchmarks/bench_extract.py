@@ -14,6 +14,11 @@ Everything is measured in one process on one machine, and reported as ratios:
 4. peak RSS while extracting ``--mem-tiles`` tiles with a tiny model (32 px tiles), sampled as the
    run goes: it must not grow with the number of tiles.
 
+``--device cuda`` runs everything on the GPU (autocast as the extraction stage uses it, tiles read
+by worker processes into pinned memory) and adds the GPU's busy share during the pipeline runs:
+``nvidia-smi``'s utilisation sampled every 100 ms, and the pipeline / bare ratio (the bare forward
+keeps the GPU busy all the time, so the ratio is the share of the time it is busy in the pipeline).
+
 Prints Markdown for benchmarks/RESULTS.md.
 """
 
@@ -55,20 +60,63 @@ def rss_mb(field: str = "VmRSS") -> float:
     return float("nan")
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device):
+    """The extraction stage's autocast on CUDA (bf16 where supported), nothing on the CPU."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
 def bare_forward(module, x: torch.Tensor, reps: int, repeats: int = 3) -> float:
-    """tiles/s of ``module(x)`` under inference_mode, x already in memory (channels_last);
-    the median of ``repeats`` timings of ``reps`` batches."""
+    """tiles/s of ``module(x)`` under inference_mode, x already in memory on its device
+    (channels_last); the median of ``repeats`` timings of ``reps`` batches."""
     module = module.to(memory_format=torch.channels_last).eval()
     x = x.contiguous(memory_format=torch.channels_last)
     rates = []
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(x.device):
         module(x)
+        sync(x.device)
         for _ in range(repeats):
             t0 = time.perf_counter()
             for _ in range(reps):
                 module(x)
+            sync(x.device)
             rates.append(reps * len(x) / (time.perf_counter() - t0))
     return float(np.median(rates))
+
+
+class GpuBusy:
+    """Mean GPU utilisation (%) reported by ``nvidia-smi`` every 100 ms while the block runs
+    (None when nvidia-smi is not there)."""
+
+    def __enter__(self):
+        import shutil
+        import subprocess
+
+        self.samples: list[float] = []
+        self._proc = None
+        if shutil.which("nvidia-smi"):
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100", "-i", "0"],
+                stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self._proc is not None:
+            self._proc.terminate()
+            out, _ = self._proc.communicate(timeout=10)
+            self.samples = [float(v) for v in out.split() if v.replace(".", "", 1).isdigit()]
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
 
 
 def interleaved(fns: dict, rounds: int, n_per_call: int) -> dict:
@@ -104,11 +152,12 @@ def pgc(module, layer, x: torch.Tensor, reps: int) -> float:
     return reps * len(x) / (time.perf_counter() - t0)
 
 
-def pipeline(arch: str, slide: Path, tiles, methods, workers: int, repeats: int = 2, reader: str = "auto") -> float:
+def pipeline(arch: str, slide: Path, tiles, methods, workers: int, repeats: int = 2, reader: str = "auto",
+             device: str = "cpu") -> float:
     """tiles/s of the whole extraction of ``tiles`` (best of ``repeats``; includes worker start-up,
     the probe forward and the Zarr writes)."""
     cfg = ExtractConfig(arch=arch, num_classes=1000 if arch == "efficientnet_lite0" else 2, methods=methods,
-                        batch_size=BATCH, workers=workers, chunk_tiles=1024, device="cpu", reader=reader)
+                        batch_size=BATCH, workers=workers, chunk_tiles=1024, device=device, reader=reader)
     [fx] = build_extractors(cfg, 224)
     rates = []
     for _ in range(repeats):
@@ -162,7 +211,9 @@ def main() -> None:
     ap.add_argument("--mem-tiles", type=int, default=100_000)
     ap.add_argument("--archs", nargs="+", default=["resnet18", "resnet50", "efficientnet_lite0"])
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = ap.parse_args()
+    device = torch.device(args.device)
     tune_malloc()
     torch.set_num_threads(os.cpu_count() or 1)
     scale = 0.25 / args.slide_mpp
@@ -174,13 +225,14 @@ def main() -> None:
     rows = []
     for arch in args.archs:
         lm = load_model(arch, num_classes=1000 if arch == "efficientnet_lite0" else 2)
-        fx = FusedExtractor(lm, methods=METHODS, tile_px=224, device="cpu")
+        fx = FusedExtractor(lm, methods=METHODS, tile_px=224, device=args.device)
         x = fx.normalise(imgs).contiguous(memory_format=torch.channels_last)
         module = lm.module.to(memory_format=torch.channels_last).eval()
 
         def bare_call():
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(device):
                 module(x)
+            sync(device)
 
         def fused_call():
             with fx:  # hooks only while the fused pass runs (registering them costs microseconds)
@@ -191,8 +243,10 @@ def main() -> None:
         # the pipeline over the slide, bracketed by bare timings over as many tiles
         n_batches = max(len(tiles) // BATCH, 1)
         b0 = bare_forward(module, x, n_batches, repeats=1)
-        pipe = pipeline(arch, slide, tiles, (), args.workers)
-        pipe_cams = pipeline(arch, slide, tiles, METHODS, args.workers)
+        with GpuBusy() as busy:
+            pipe = pipeline(arch, slide, tiles, (), args.workers, device=args.device)
+        with GpuBusy() as busy_cams:
+            pipe_cams = pipeline(arch, slide, tiles, METHODS, args.workers, device=args.device)
         b1 = bare_forward(module, x, n_batches, repeats=1)
         bare_pipe = (b0 + b1) / 2
         layer = dict(lm.module.named_modules())[fx.target_layer]
@@ -200,6 +254,9 @@ def main() -> None:
         rows.append((arch, bare, bare_pipe, pipe, fus, pipe_cams, ref))
         print(f"{arch}: bare {bare:.1f} (around the pipeline {b0:.1f}, {b1:.1f}), pipeline {pipe:.1f}, fused {fus:.1f}, "
               f"pipeline+cams {pipe_cams:.1f}, pytorch-grad-cam x6 {ref:.2f} tiles/s", flush=True)
+        if device.type == "cuda":
+            print(f"{arch}: GPU busy during the pipeline (nvidia-smi mean, %): emb + logits {busy.mean}, "
+                  f"+ 6 CAMs {busy_cams.mean}; pipeline / bare {pipe / bare_pipe:.2f}", flush=True)
     mem = []
     if args.mem_tiles:  # in a fresh process, so that the models above do not inflate its RSS
         import json
@@ -209,7 +266,8 @@ def main() -> None:
                              capture_output=True, text=True, check=True).stdout
         mem = json.loads(out.strip().splitlines()[-1])
     print()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, batch {BATCH}, 224 px, channels_last, workers {args.workers}, "
           f"slide level-0 mpp {args.slide_mpp}, {len(tiles)} tiles per pipeline run")
     print("| model | bare forward (tiles/s) | fused 6 CAMs (tiles/s) | fused time / bare | pytorch-grad-cam 6 CAMs (tiles/s) | "
