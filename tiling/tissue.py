@@ -120,12 +120,9 @@ def tissue_mask_from_rgb(
     ink = np.zeros_like(tissue)
     if remove_ink:
         # H&E is pink to purple (hue ~0.75-1.0 and 0-0.05). Blue and green ink sit in 0.25-0.70;
-        # black/dark ink is very dark and unsaturated compared with stained tissue. Dense
-        # haematoxylin is dark too (CMU-1: RGB ~(84, 46, 86), value 0.30-0.35) but keeps the H&E
-        # hue and a saturation near 0.5, so dark pixels that are saturated purple/pink stay tissue.
+        # black/dark ink is very dark and unsaturated compared with stained tissue.
         blue_green = (hue > 0.25) & (hue < 0.70) & (sat > 0.25)
-        stained = ((hue >= 0.75) | (hue <= 0.05)) & (sat >= 0.3)
-        dark = (val < 0.35) & (sat < 0.5) & ~black & ~stained
+        dark = (val < 0.35) & (sat < 0.5) & ~black
         ink = blue_green | dark
         ink = ndi.binary_dilation(ink, iterations=1)
         tissue &= ~ink
