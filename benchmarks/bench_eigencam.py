@@ -100,11 +100,14 @@ def main() -> None:
     a, a_contig, layer = layer_activations(args.arch, tiles)
     n, c, h, w = a.shape
 
+    def centred(t):  # one tile's (hw, C) matrix, centred as the reference does
+        f = t.reshape(c, -1).T
+        return f - f.mean(axis=0)
+
     def direct(v):  # the previous route: one full_matrices=False SVD per tile
         out = np.empty((len(v), h * w), np.float32)
         for i, t in enumerate(v):
-            f = t.reshape(c, -1).T
-            f = f - f.mean(axis=0)
+            f = centred(t)
             _, _, vt = np.linalg.svd(f, full_matrices=False)
             out[i] = f @ vt[0]
         return out
@@ -146,8 +149,7 @@ def main() -> None:
 
         out = []
         for t in v:
-            f = t.reshape(c, -1).T
-            f = f - f.mean(axis=0)
+            f = centred(t)
             p = f @ np.linalg.svd(f, full_matrices=True)[2][0]
             q = f @ scipy.linalg.svd(f, full_matrices=True, lapack_driver="gesdd")[2][0]
             out.append(p @ q < 0)

@@ -25,6 +25,7 @@ Prints Markdown for benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -65,22 +66,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast(device: torch.device):
-    """The extraction stage's autocast on CUDA (bf16 where supported), nothing on the CPU."""
-    import contextlib
-
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-
-
-def bare_forward(module, x: torch.Tensor, reps: int, repeats: int = 3) -> float:
-    """tiles/s of ``module(x)`` under inference_mode, x already in memory on its device
-    (channels_last); the median of ``repeats`` timings of ``reps`` batches."""
+def bare_forward(module, x: torch.Tensor, reps: int, repeats: int = 3, autocast=contextlib.nullcontext) -> float:
+    """tiles/s of ``module(x)`` under inference_mode (and ``autocast()``: the fused pass's, so that
+    both run in the same precision), x already in memory on its device (channels_last); the median
+    of ``repeats`` timings of ``reps`` batches."""
     module = module.to(memory_format=torch.channels_last).eval()
     x = x.contiguous(memory_format=torch.channels_last)
     rates = []
-    with torch.inference_mode(), autocast(x.device):
+    with torch.inference_mode(), autocast():
         module(x)
         sync(x.device)
         for _ in range(repeats):
@@ -230,7 +223,7 @@ def main() -> None:
         module = lm.module.to(memory_format=torch.channels_last).eval()
 
         def bare_call():
-            with torch.inference_mode(), autocast(device):
+            with torch.inference_mode(), fx.autocast():
                 module(x)
             sync(device)
 
@@ -242,12 +235,12 @@ def main() -> None:
         bare, fus = r["bare"], r["fused"]
         # the pipeline over the slide, bracketed by bare timings over as many tiles
         n_batches = max(len(tiles) // BATCH, 1)
-        b0 = bare_forward(module, x, n_batches, repeats=1)
+        b0 = bare_forward(module, x, n_batches, repeats=1, autocast=fx.autocast)
         with GpuBusy() as busy:
             pipe = pipeline(arch, slide, tiles, (), args.workers, device=args.device)
         with GpuBusy() as busy_cams:
             pipe_cams = pipeline(arch, slide, tiles, METHODS, args.workers, device=args.device)
-        b1 = bare_forward(module, x, n_batches, repeats=1)
+        b1 = bare_forward(module, x, n_batches, repeats=1, autocast=fx.autocast)
         bare_pipe = (b0 + b1) / 2
         layer = dict(lm.module.named_modules())[fx.target_layer]
         ref = pgc(lm.module.to(memory_format=torch.contiguous_format), layer, x.contiguous(), args.pgc_reps)

@@ -111,6 +111,14 @@ def test_registry_lists_six_methods():
     assert set(METHODS) <= set(FUSED_CAMS)
 
 
+def _activations(shape, act, seed):
+    """ReLU / ReLU6 / hard-swish activations, channels of unequal scale (seeded)."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(shape).astype(np.float32)
+    a = {"relu": np.maximum(a, 0), "relu6": np.clip(a * 3, 0, 6), "hardswish": a * np.clip(a + 3, 0, 6) / 6}[act]
+    return a * rng.gamma(1.0, 1.0, shape[:2] + (1, 1)).astype(np.float32)
+
+
 @pytest.mark.parametrize(
     ("shape", "act"),
     [((120, 512, 7, 7), "relu"),      # ResNet-18/34 layer4 at 224 px: the LQ route
@@ -125,10 +133,7 @@ def test_eigencam_projection_equals_pytorch_grad_cam_with_its_sign(shape, act):
 
     from wsi_explain.cams import first_component
 
-    rng = np.random.default_rng(sum(shape))
-    a = rng.standard_normal(shape).astype(np.float32)
-    a = {"relu": np.maximum(a, 0), "relu6": np.clip(a * 3, 0, 6), "hardswish": a * np.clip(a + 3, 0, 6) / 6}[act]
-    a *= rng.gamma(1.0, 1.0, shape[:2] + (1, 1)).astype(np.float32)  # channels of unequal scale
+    a = _activations(shape, act, seed=sum(shape))
     before = a.copy()
     n, c, h, w = shape
     ours = first_component(a.reshape(n, c, h * w).transpose(0, 2, 1)).reshape(n, h, w)
@@ -137,13 +142,6 @@ def test_eigencam_projection_equals_pytorch_grad_cam_with_its_sign(shape, act):
     scale = np.abs(ref).max(axis=(1, 2))
     err = np.abs(ours - ref).max(axis=(1, 2)) / scale
     assert (err <= 1e-4).all(), f"{(err > 1e-4).sum()} of {n} tiles differ (sign flips: {(err > 1).sum()})"
-
-
-def _activations(shape, act, seed):
-    rng = np.random.default_rng(seed)
-    a = rng.standard_normal(shape).astype(np.float32)
-    a = {"relu": np.maximum(a, 0), "relu6": np.clip(a * 3, 0, 6), "hardswish": a * np.clip(a + 3, 0, 6) / 6}[act]
-    return a * rng.gamma(1.0, 1.0, shape[:2] + (1, 1)).astype(np.float32)
 
 
 @pytest.mark.parametrize(("shape", "act"), [((200, 512, 7, 7), "relu"), ((100, 576, 4, 4), "hardswish"),

@@ -162,6 +162,10 @@ class FusedExtractor:
     def _grad(self) -> bool:
         return needs_grad(self.methods)
 
+    def autocast(self):
+        """The forward's autocast context: bf16 (else fp16) on CUDA when ``amp``, else nothing."""
+        return torch.autocast("cuda", dtype=self._amp_dtype) if self.amp else contextlib.nullcontext()
+
     def forward(self, x: torch.Tensor, *, targets: torch.Tensor | np.ndarray | None = None) -> FusedOutput:
         """Run the fused pass on a normalised batch ``x`` (N, 3, H, W) float (any device).
 
@@ -172,7 +176,7 @@ class FusedExtractor:
         self._state = {}
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         prev = torch.is_grad_enabled()
-        amp = torch.autocast("cuda", dtype=self._amp_dtype) if self.amp else contextlib.nullcontext()
+        amp = self.autocast()
         try:
             with amp:
                 torch.set_grad_enabled(False)
