@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CMU = REPO.parent / "shared" / "data" / "CMU-1-Small-Region.svs"
+DATA = REPO / "data"  # real H&E shipped with the repository (data/README.md: sources, licences)
+CMU = DATA / "CMU-1-Small-Region.svs"
+FIELDS = ("he_breast_glands.png", "he_tumour_dense_nuclei.png")
 
 
 def synthetic_he(h: int, w: int, *, seed: int = 0, blob=(0.5, 0.5, 0.3, 0.35)) -> tuple[np.ndarray, np.ndarray]:
@@ -74,6 +76,22 @@ def slides(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def he_image() -> tuple[np.ndarray, np.ndarray]:
     return synthetic_he(1024, 1536, seed=2)
+
+
+@pytest.fixture(scope="session")
+def real_fields() -> dict[str, tuple[np.ndarray, float]]:
+    """The real H&E images of ``data/``: name -> ((H, W, 3) uint8 level-0 RGB, µm per pixel)."""
+    from PIL import Image
+
+    import tiling
+
+    out = {}
+    for name in FIELDS:
+        with Image.open(DATA / name) as im:
+            out[name.split(".")[0]] = (np.asarray(im.convert("RGB")), 0.5)
+    with tiling.OpenSlideReader(CMU) as r:
+        out["cmu1"] = (r.read_level(0), r.info.mpp)
+    return out
 
 
 @pytest.fixture()

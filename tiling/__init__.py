@@ -28,7 +28,11 @@ from .errors import (
 from .grid import TILE_COLUMNS, GridSpec, make_grid, read_tile, tile_boxes
 from .readers import ArrayReader, OpenSlideReader, SlideInfo, SlideReader, open_slide
 from .thumbnail import grid_thumbnail
-from .tissue import TissueMask, detect_tissue, tissue_mask_from_rgb
+from .ink import InkResult, InkRules, detect_ink
+from .markers import MARKER_COLOURS, Stroke, random_strokes, render_strokes, stroke_coverage
+from .qc import QC_COLUMNS, compute_tile_qc, sharpness, tile_measures
+from .stain import StainVectors, estimate_stains, glass_level, optical_density, standard_stains
+from .tissue import MASK_CODES, TissueMask, detect_tissue, tissue_mask_from_rgb
 from .writer import write_pyramidal_tiff, write_svs, write_tiled_tiff
 
 __all__ = [
@@ -36,6 +40,13 @@ __all__ = [
     "Annotations",
     "ArrayReader",
     "GridError",
+    "InkResult",
+    "InkRules",
+    "MARKER_COLOURS",
+    "MASK_CODES",
+    "QC_COLUMNS",
+    "StainVectors",
+    "Stroke",
     "GridSpec",
     "MissingMppError",
     "NoTissueError",
@@ -50,18 +61,29 @@ __all__ = [
     "TILE_COLUMNS",
     "TileReadError",
     "TissueMask",
+    "compute_tile_qc",
+    "detect_ink",
     "detect_tissue",
+    "estimate_stains",
     "geojson_label_fractions",
     "geojson_tile_masks",
+    "glass_level",
     "grid_thumbnail",
     "label_column",
     "make_grid",
     "mask_label_fractions",
     "mask_tile_labels",
     "open_slide",
+    "optical_density",
+    "random_strokes",
     "read_geojson",
     "read_label_mask",
     "read_tile",
+    "render_strokes",
+    "sharpness",
+    "standard_stains",
+    "stroke_coverage",
+    "tile_measures",
     "tile_boxes",
     "tissue_mask_from_rgb",
     "write_pyramidal_tiff",

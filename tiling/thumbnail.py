@@ -10,8 +10,11 @@ from .tissue import TissueMask
 __all__ = ["grid_thumbnail"]
 
 
-def grid_thumbnail(tissue: TissueMask, tiles: pd.DataFrame, *, colour=(0, 160, 0), outline=(30, 30, 220)) -> np.ndarray:
-    """Draw the tiles' boxes and the tissue outline on the tissue mask's image.
+def grid_thumbnail(tissue: TissueMask, tiles: pd.DataFrame, *, colour=(0, 160, 0), outline=(30, 30, 220),
+                   ink_colour=(255, 0, 255)) -> np.ndarray:
+    """Draw the tiles' boxes, the tissue outline and the pen-ink mask on the tissue mask's image.
+
+    Ink is tinted half-way to ``ink_colour`` and outlined in it.
 
     Parameters
     ----------
@@ -29,6 +32,10 @@ def grid_thumbnail(tissue: TissueMask, tiles: pd.DataFrame, *, colour=(0, 160, 0
     img = tissue.image.copy()
     edge = tissue.mask & ~ndi.binary_erosion(tissue.mask)
     img[edge] = outline
+    if tissue.ink.any():
+        ink = tissue.ink
+        img[ink] = ((img[ink].astype(np.uint16) + np.asarray(ink_colour, np.uint16)) // 2).astype(np.uint8)
+        img[ink & ~ndi.binary_erosion(ink)] = ink_colour
     h, w = img.shape[:2]
     s = tissue.scale
     for x, y, size in tiles[["x", "y", "size0"]].to_numpy():

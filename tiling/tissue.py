@@ -1,32 +1,39 @@
 """Tissue detection on a low-resolution level of a slide.
 
-Otsu on saturation, with pen ink and pure white/black background removed, then
-morphological clean-up and a minimum object size in µm².
+Pen ink is found first, from optical density (:mod:`tiling.ink`); tissue is Otsu on saturation
+over what is neither ink nor background, then the tissue under ink is filled in from the
+nearest tissue around it (tissue under ink is still tissue: a shortcut model was trained on
+it), then morphological clean-up and a minimum object size in µm².
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .errors import MissingMppError, NoTissueError
+from .ink import InkRules, detect_ink
 from .readers import SlideReader
+from .stain import StainVectors, estimate_stains, glass_level, optical_density
 
-__all__ = ["TissueMask", "detect_tissue", "tissue_mask_from_rgb", "choose_level_for_mpp"]
+__all__ = ["TissueMask", "detect_tissue", "tissue_mask_from_rgb", "choose_level_for_mpp", "MASK_CODES"]
 
 logger = logging.getLogger(__name__)
+
+#: codes of the coded tissue mask (``tissue.png`` of a run): background, tissue, ink over tissue, ink on glass
+MASK_CODES = {"background": 0, "tissue": 1, "ink_on_tissue": 2, "ink_on_glass": 3}
 
 
 @dataclass(frozen=True)
 class TissueMask:
-    """A boolean tissue mask and how it maps to level 0.
+    """Tissue and pen-ink masks of a slide at low resolution, and how they map to level 0.
 
     Attributes
     ----------
     mask : (h, w) bool
-        True on tissue.
+        Tissue, including tissue under pen ink (what the grid covers).
     scale : float
         Level-0 pixels per mask pixel (same in x and y).
     mpp : float
@@ -36,7 +43,9 @@ class TissueMask:
     image : (h, w, 3) uint8
         The RGB image the mask was computed from (used for thumbnails).
     ink : (h, w) bool
-        Pixels recognised as pen ink (excluded from ``mask``).
+        Pen ink, over tissue or over glass.
+    stains : StainVectors
+        The slide's H and E vectors (estimated from the tissue at this resolution, or standard).
     """
 
     mask: np.ndarray
@@ -45,10 +54,20 @@ class TissueMask:
     level: int
     image: np.ndarray
     ink: np.ndarray
+    stains: StainVectors
 
     @property
     def tissue_fraction(self) -> float:
         return float(self.mask.mean())
+
+    @property
+    def ink_on_tissue_fraction(self) -> float:
+        """Share of the tissue that lies under pen ink."""
+        return float((self.ink & self.mask).sum() / max(self.mask.sum(), 1))
+
+    def coded(self) -> np.ndarray:
+        """(h, w) uint8 with :data:`MASK_CODES`: 0 background, 1 tissue, 2 ink over tissue, 3 ink on glass."""
+        return np.where(self.ink, np.where(self.mask, 2, 3), np.where(self.mask, 1, 0)).astype(np.uint8)
 
 
 def choose_level_for_mpp(level_mpps: list[float], target: float) -> int:
@@ -60,10 +79,9 @@ def choose_level_for_mpp(level_mpps: list[float], target: float) -> int:
     return best
 
 
-def _rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
-    from skimage.color import rgb2hsv
-
-    return rgb2hsv(rgb)
+def _min_max(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return np.minimum(np.minimum(r, g), b), np.maximum(np.maximum(r, g), b)
 
 
 def tissue_mask_from_rgb(
@@ -74,14 +92,15 @@ def tissue_mask_from_rgb(
     min_hole_um2: float = 5_000.0,
     sat_floor: float = 0.04,
     sat_cap: float = 0.15,
-    remove_ink: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Tissue and pen-ink masks of an RGB image.
+    find_ink: bool = True,
+    ink_rules: InkRules = InkRules(),
+) -> TissueMask:
+    """Tissue, pen ink and stain vectors of an RGB image.
 
     Parameters
     ----------
     rgb : (h, w, 3) uint8
-        Low-resolution image (8-32 µm per pixel works best). Not modified.
+        Low-resolution image (4-32 µm per pixel works best). Not modified.
     mpp : float
         µm per pixel of ``rgb``; sizes below are converted with it.
     min_object_um2 : float
@@ -91,51 +110,88 @@ def tissue_mask_from_rgb(
     sat_floor, sat_cap : float
         The Otsu threshold on saturation is clipped to this range, so a blank slide stays blank
         (floor) and a slide that is all tissue is not split in two (cap).
-    remove_ink : bool
-        Remove blue/green/black pen ink from the mask.
+    find_ink : bool
+        Look for pen ink (:func:`tiling.detect_ink`). Without it, ink is whatever saturation calls it.
+    ink_rules : InkRules
 
     Returns
     -------
-    tissue : (h, w) bool
-    ink : (h, w) bool
+    TissueMask with ``scale=1`` and ``level=0`` (:func:`detect_tissue` sets the slide's).
     """
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
     from skimage.morphology import remove_small_holes, remove_small_objects
 
-    rgb = np.asarray(rgb)[..., :3]
-    hsv = _rgb_to_hsv(rgb)
-    hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    mx = rgb.max(axis=2)
-    white = rgb.min(axis=2) >= 215
-    black = mx <= 40
-    background = white | black
-    candidates = sat[~background]
-    if candidates.size and np.ptp(candidates) > 1e-6:
+    rgb = np.ascontiguousarray(np.asarray(rgb)[..., :3])
+    glass = glass_level(rgb)
+    od = optical_density(rgb, glass)
+    stains = estimate_stains(od, glass=glass)
+    if find_ink:
+        ink = detect_ink(rgb, mpp=mpp, stains=stains, rules=ink_rules).mask
+    else:
+        ink = np.zeros(rgb.shape[:2], bool)
+    # the semi-transparent fringe of a stroke is neither tissue evidence nor background
+    fringe = ndi.binary_dilation(ink, iterations=2) if ink.any() else ink
+    lo, hi = _min_max(rgb)
+    sat = np.where(hi > 0, (hi.astype(np.float32) - lo) / np.maximum(hi, 1), 0.0)  # HSV saturation
+    background = (lo >= 215) | (hi <= 40)
+    candidates = sat[~background & ~fringe]
+    if candidates.size and candidates.max() - candidates.min() > 1e-6:
         thr = float(threshold_otsu(candidates))
     else:
         thr = sat_cap
     thr = float(np.clip(thr, sat_floor, sat_cap))
-    tissue = (sat > thr) & ~background
-    ink = np.zeros_like(tissue)
-    if remove_ink:
-        # H&E is pink to purple (hue ~0.75-1.0 and 0-0.05). Blue and green ink sit in 0.25-0.70;
-        # black/dark ink is very dark and unsaturated compared with stained tissue.
-        blue_green = (hue > 0.25) & (hue < 0.70) & (sat > 0.25)
-        dark = (val < 0.35) & (sat < 0.5) & ~black
-        ink = blue_green | dark
-        ink = ndi.binary_dilation(ink, iterations=1)
-        tissue &= ~ink
+    visible = (sat > thr) & ~background & ~fringe
+    tissue = visible
+    if ink.any() and visible.any():
+        lumen_px = max(int(round(min(50_000.0, 10 * min_hole_um2) / (mpp * mpp))), 1)
+        tissue = visible | (fringe & _tissue_under_ink(od.sum(axis=-1), ink, fringe, visible, lumen_px=lumen_px))
     px_area = mpp * mpp
     tissue = ndi.binary_opening(tissue, structure=np.ones((2, 2), bool))
     tissue = ndi.binary_closing(tissue, structure=np.ones((3, 3), bool))
-    min_obj = max(int(round(min_object_um2 / px_area)), 1)
-    min_hole = max(int(round(min_hole_um2 / px_area)), 1)
-    tissue = remove_small_objects(tissue, max_size=min_obj)
-    tissue = remove_small_holes(tissue, max_size=min_hole)
-    if remove_ink:
-        tissue &= ~ink
-    return tissue.astype(bool), ink.astype(bool)
+    tissue = remove_small_objects(tissue, max_size=max(int(round(min_object_um2 / px_area)), 1))
+    tissue = remove_small_holes(tissue, max_size=max(int(round(min_hole_um2 / px_area)), 1))
+    return TissueMask(mask=tissue.astype(bool), scale=1.0, mpp=float(mpp), level=0, image=rgb, ink=ink.astype(bool),
+                      stains=stains)
+
+
+def _tissue_under_ink(od_sum: np.ndarray, ink: np.ndarray, fringe: np.ndarray, visible: np.ndarray,
+                      *, lumen_px: int, tissue_od: float = 0.08, glass_share: float = 0.08,
+                      min_glass_px: int = 20) -> np.ndarray:
+    """Which pixels of ``fringe`` (ink and its edge) have tissue under them.
+
+    Each pixel first takes the class of the nearest pixel beside the stroke (holes in the tissue
+    smaller than ``lumen_px`` count as tissue). Then, in each stroke
+    that also runs over glass (at least ``glass_share`` of its pixels have glass as their nearest
+    neighbour, so that a stroke over tissue with lumens does not count), the ink pixels are judged
+    by their darkness:
+    ink adds the same optical density
+    over glass and over tissue (Beer-Lambert), so a pixel whose summed OD exceeds the stroke's
+    palest tenth (ink on glass, or on a lumen) by ``tissue_od`` has tissue under it. A marker whose
+    density varies along the stroke by more than ``tissue_od`` blurs this line.
+    """
+    from scipy import ndimage as ndi
+
+    from skimage.morphology import remove_small_holes
+
+    # lumens are not glass beside a stroke: fill holes of the tissue (the stroke counting as tissue)
+    # smaller than ``lumen_px`` before asking what lies beside each stroke pixel
+    beside = remove_small_holes(visible | fringe, max_size=lumen_px) & ~fringe
+    _, (iy, ix) = ndi.distance_transform_edt(fringe, return_indices=True)
+    under = beside[iy, ix] & fringe
+    lab, _ = ndi.label(fringe)
+    for i, box in enumerate(ndi.find_objects(lab), start=1):
+        if box is None:
+            continue
+        stroke = (lab[box] == i) & ink[box]
+        glass_side = stroke & ~under[box]
+        if glass_side.sum() < max(min_glass_px, glass_share * stroke.sum()):
+            continue  # the stroke lies on tissue (lumens aside): its neighbours decide
+        core = stroke & ndi.binary_erosion(stroke, iterations=2)  # edge pixels hold only part of the ink
+        ref = float(np.percentile(od_sum[box][core if core.any() else stroke], 10))
+        sub = under[box]
+        sub[stroke] = od_sum[box][stroke] > ref + tissue_od
+    return under
 
 
 def detect_tissue(
@@ -143,10 +199,11 @@ def detect_tissue(
     *,
     target_mpp: float = 16.0,
     min_object_um2: float = 20_000.0,
-    remove_ink: bool = True,
+    find_ink: bool = True,
+    ink_rules: InkRules = InkRules(),
     max_pixels: int = 16_000_000,
 ) -> TissueMask:
-    """Detect tissue on the pyramid level closest to ``target_mpp`` (µm per pixel).
+    """Detect tissue and pen ink on the pyramid level closest to ``target_mpp`` (µm per pixel).
 
     The level at or finer than ``target_mpp`` is read and block-averaged down to about
     ``target_mpp`` (so a slide with few levels still gets an 8-32 µm mask).
@@ -156,7 +213,7 @@ def detect_tissue(
     MissingMppError
         When the slide has no mpp (pass ``--mpp``).
     NoTissueError
-        When nothing is found.
+        When nothing is found, or when pen ink covers the slide and no tissue is left to see.
     """
     from skimage.transform import downscale_local_mean
 
@@ -176,8 +233,15 @@ def detect_tissue(
         img = np.clip(np.rint(downscale_local_mean(img, (factor, factor, 1))), 0, 255).astype(np.uint8)
         scale *= factor
     mpp = info.mpp * scale
-    tissue, ink = tissue_mask_from_rgb(img, mpp=mpp, min_object_um2=min_object_um2, remove_ink=remove_ink)
-    if not tissue.any():
+    tm = tissue_mask_from_rgb(img, mpp=mpp, min_object_um2=min_object_um2, find_ink=find_ink, ink_rules=ink_rules)
+    tm = replace(tm, scale=float(scale), level=level)
+    if not tm.mask.any():
+        not_glass = _min_max(img)[0] < 215
+        if tm.ink.sum() >= 0.5 * not_glass.sum() > 0:
+            raise NoTissueError(info.path, f"no tissue found: pen ink covers {100 * tm.ink.mean():.0f}% of the slide "
+                                           f"({100 * tm.ink.sum() / not_glass.sum():.0f}% of what is not glass) and no "
+                                           "stained tissue is visible beside it")
         raise NoTissueError(info.path, "no tissue found (blank or out-of-focus slide, or thresholds too strict)")
-    logger.debug("%s: tissue %.1f%% at %.2f µm/px (level %d)", info.path, 100 * tissue.mean(), mpp, level)
-    return TissueMask(mask=tissue, scale=float(scale), mpp=float(mpp), level=level, image=img, ink=ink)
+    logger.debug("%s: tissue %.1f%% (%.1f%% of it under ink) at %.2f µm/px (level %d), stains %s", info.path,
+                 100 * tm.tissue_fraction, 100 * tm.ink_on_tissue_fraction, mpp, level, tm.stains.source)
+    return tm
