@@ -251,3 +251,43 @@ def test_pipeline_on_an_existing_dask_scheduler(slides, tmp_path):
     man = json.loads((tmp_path / "run/manifest.json").read_text())
     assert man["config"]["pipeline"]["executor"] == "dask"
     assert (tmp_path / "run/slides/generic/tiles.parquet").exists()
+
+
+def test_run_with_empty_qupath_annotations(slides, tmp_path):
+    """A cohort CSV with one GeoJSON per slide: QuPath's empty FeatureCollection for the clean
+    slides means "no annotated area" (label fractions 0, the slides stay in the audit); a file that
+    is not GeoJSON fails its slide with a clear message and the rest finish."""
+    import yaml
+
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    tumour = {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {"classification": {"name": "tumour"}},
+              "geometry": {"type": "Polygon", "coordinates": [[[1000, 1000], [9000, 1000], [9000, 6000], [1000, 6000], [1000, 1000]]]}}]}
+    (ann / "t.geojson").write_text(json.dumps(tumour))
+    (ann / "empty.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    (ann / "broken.geojson").write_text("<html>not geojson</html>")
+    rows = [("pos_a", slides["tiff"], "t.geojson", 1), ("pos_b", slides["svs"], "t.geojson", 1),
+            ("clean_a", slides["tiff"], "empty.geojson", 0), ("clean_b", slides["svs"], "empty.geojson", 0),
+            ("broken", slides["tiff"], "broken.geojson", 0)]
+    (tmp_path / "cohort.csv").write_text("slide_id,path,annotations,label\n" + "".join(
+        f"{sid},{path},{ann / a},{lab}\n" for sid, path, a, lab in rows))
+    cfg = {"slides": [str(tmp_path / "cohort.csv")], "out": "run",
+           "tile": {"tile_px": 32, "mpp_target": 2.0, "verify": "none"},
+           "extract": {"arch": "tests.tiny_models:tiny_cnn", "num_classes": 2, "methods": ["gradcam"], "workers": 0},
+           "cluster": {"method": "kmeans", "k": 3, "pca": 8, "positive_labels": ["tumour"]},
+           "score": {"per_cluster": 4, "steps": 4, "road_percentiles": [50], "infidelity_samples": 2, "groups": ["faithfulness", "localisation"],
+                     "sensitivity_samples": 2, "sanity_tiles": 2, "baselines": ["constant"]}}
+    (tmp_path / "audit.yaml").write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "wsi_explain.cli", "run", str(tmp_path / "audit.yaml")], cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 1, res.stdout + res.stderr  # the broken annotation file is a failure
+    man = json.loads((tmp_path / "run/manifest.json").read_text())
+    tile = man["stages"]["tile"]["slides"]
+    assert {s for s, r in tile.items() if r["status"] == "done"} == {"pos_a", "pos_b", "clean_a", "clean_b"}
+    assert "broken.geojson" in tile["broken"]["error"] and "not valid JSON" in tile["broken"]["error"]
+    assert man["stages"]["cluster"]["slides"]["cohort"]["status"] == "done"
+    tiles = pd.read_parquet(tmp_path / "run/cohort/tiles.parquet")
+    assert set(tiles["slide_id"]) == {"pos_a", "pos_b", "clean_a", "clean_b"}
+    clean = tiles[tiles["slide_id"].str.startswith("clean")]
+    assert (clean["label_tumour"] == 0).all() and (clean["label_pos"] == 0).all()
+    assert tiles.loc[tiles["slide_id"] == "pos_a", "label_tumour"].max() == 1.0

@@ -145,3 +145,69 @@ def test_cli_folder_input(slides, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     tiles, _ = read_tile_table(tmp_path / "run/slides/generic/tiles.parquet")
     assert (tiles["mpp"] == 1.0).all()
+
+
+@pytest.fixture(scope="module")
+def inked_slides(tmp_path_factory, real_fields):
+    """Pyramidal slides from real H&E: CMU-1 with two marker strokes over its tissue, a slide that
+    is nearly all green ink, and CMU-1 as it is."""
+    import tiling
+
+    d = tmp_path_factory.mktemp("inked")
+    img, mpp = real_fields["cmu1"]
+    from shapely.geometry import LineString
+
+    strokes = [tiling.Stroke(LineString([(900, 200), (1300, 2800)]).buffer(300), "blue", 0.7, 600.0),
+               tiling.Stroke(LineString([(400, 1500), (1900, 1700)]).buffer(250), "black", 0.6, 500.0)]
+    out = {"marked": tiling.write_svs(d / "marked.svs", tiling.render_strokes(img, strokes), mpp=mpp, magnification=20),
+           "clean": tiling.write_svs(d / "clean.svs", img, mpp=mpp, magnification=20)}
+    ink = np.full((2048, 2048, 3), 244, np.uint8)
+    ink[100:1900, 100:1900] = tiling.MARKER_COLOURS["green"]
+    out["all_ink"] = tiling.write_pyramidal_tiff(d / "all_ink.tif", ink, mpp=2.0)
+    return out, strokes
+
+
+def test_qc_columns_ink_and_artefact_option(inked_slides, tmp_path):
+    """Every documented QC column is in tiles.parquet within its range; inked tissue stays in the
+    grid with its ink fraction; the thumbnail shows the ink; --drop-artefacts leaves inked tiles out;
+    a slide that is nearly all ink fails with a message that says so."""
+    import tiling
+
+    paths, strokes = inked_slides
+    with RunFolder(tmp_path / "run") as run:
+        res = run_tile_stage(run, discover_slides([paths["marked"], paths["clean"], paths["all_ink"]]),
+                             TileConfig(tile_px=112, mpp_target=1.0))
+    by_id = {r.slide_id: r for r in res}
+    assert by_id["all_ink"].status == "failed" and "pen ink covers" in by_id["all_ink"].error
+    marked, meta = read_tile_table(tmp_path / "run/slides/marked/tiles.parquet")
+    clean, _ = read_tile_table(tmp_path / "run/slides/clean/tiles.parquet")
+    for col, (unit, rng, _) in tiling.QC_COLUMNS.items():
+        v = marked[col].dropna()
+        assert len(v) == len(marked), col
+        assert (v >= 0).all() and (v <= 1).all() if rng == "[0, 1]" else (v >= 0).all(), col
+    assert meta["stains"]["source"] == "estimated"
+    # the tissue under the strokes is still tiled: (almost) every clean tile is in the marked grid
+    assert len(set(zip(clean.x, clean.y)) - set(zip(marked.x, marked.y))) <= 0.05 * len(clean)
+    assert (marked["ink_frac"] > 0.5).sum() >= 5 and (clean["ink_frac"] == 0).all()
+    assert by_id["marked"].qc["ink_on_tissue"] > 0.05
+    thumb = np.asarray(Image.open(tmp_path / "run/slides/marked/thumbnail.png"))
+    assert (thumb == (255, 0, 255)).all(-1).sum() > 50  # the ink outline is drawn
+    codes = np.asarray(Image.open(tmp_path / "run/slides/marked/tissue.png"))
+    assert set(np.unique(codes)) <= {0, 1, 2, 3} and (codes == 2).any()
+    with RunFolder(tmp_path / "run2") as run:
+        res2 = run_tile_stage(run, discover_slides([paths["marked"]]), TileConfig(tile_px=112, mpp_target=1.0,
+                                                                                  drop_artefacts=True))
+    dropped, _ = read_tile_table(tmp_path / "run2/slides/marked/tiles.parquet")
+    assert (dropped["ink_frac"] < 0.05).all() and (dropped["sharpness"] >= 0.06).all()
+    assert dropped["tile_id"].tolist() == list(range(len(dropped)))
+    assert res2[0].qc["n_dropped_artefacts"] == len(marked) - len(dropped) > 0
+
+
+def test_glass_tiles_get_a_note_not_a_crash(slides, tmp_path):
+    """With min_tissue 0 the grid covers glass: those tiles get NaN stain measures and the slide a note."""
+    with RunFolder(tmp_path / "run") as run:
+        res = run_tile_stage(run, discover_slides([slides["svs"]]), TileConfig(tile_px=224, mpp_target=2.0, min_tissue=0.0))
+    assert res[0].status == "done" and res[0].qc["n_glass_tiles"] > 0 and "all glass" in res[0].qc["note"]
+    tiles, _ = read_tile_table(tmp_path / "run/slides/aperio/tiles.parquet")
+    glass = tiles["stained_frac"] == 0
+    assert glass.any() and tiles.loc[glass, "od_h"].isna().all() and tiles.loc[~glass, "brightness"].notna().all()

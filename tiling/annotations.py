@@ -89,12 +89,14 @@ def read_geojson(path: str | Path) -> Annotations:
 
     Polygons and multipolygons are kept (points and lines are ignored); each is grouped by
     ``properties.classification.name`` (falling back to ``class``/``label``/``name``, else
-    ``"annotation"``). Invalid polygons are repaired with ``make_valid``.
+    ``"annotation"``). Invalid polygons are repaired with ``make_valid``. A file with no feature
+    at all (QuPath's export of a slide with nothing annotated is an empty FeatureCollection) means
+    "no annotated area": the result has no classes and the slide's label fractions are 0.
 
     Raises
     ------
     AnnotationError
-        Unreadable JSON, or no polygon at all.
+        Unreadable JSON, JSON that is not GeoJSON, or features none of which is a polygon.
     """
     import shapely
     from shapely.geometry import shape
@@ -107,7 +109,8 @@ def read_geojson(path: str | Path) -> Annotations:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AnnotationError(path, f"not valid JSON ({exc})") from exc
     groups: dict[str, list] = {}
-    for i, feat in enumerate(_features(doc, path)):
+    features = _features(doc, path)
+    for i, feat in enumerate(features):
         geom = (feat or {}).get("geometry")
         if not geom or geom.get("type") not in ("Polygon", "MultiPolygon"):
             continue
@@ -118,8 +121,9 @@ def read_geojson(path: str | Path) -> Annotations:
         if not g.is_valid:
             g = shapely.make_valid(g)
         groups.setdefault(_class_name(feat.get("properties") or {}), []).append(g)
-    if not groups:
-        raise AnnotationError(path, "contains no polygon or multipolygon")
+    if not groups and features:
+        raise AnnotationError(path, f"its {len(features)} feature(s) include no polygon or multipolygon (points and "
+                                    "lines are not areas); export annotations, or an empty FeatureCollection for none")
     return Annotations(str(path), {k: shapely.union_all(v) for k, v in groups.items()})
 
 

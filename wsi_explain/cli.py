@@ -71,17 +71,19 @@ def _print_tile_summary(results) -> int:
     from rich.table import Table
 
     table = Table(title="Tiling")
-    for col in ("slide", "status", "tiles", "tissue %", "seconds", "error"):
+    for col in ("slide", "status", "tiles", "tissue %", "under ink %", "seconds", "error / note"):
         table.add_column(col, overflow="fold")
     for r in results:
         colour = {"done": "green", "skipped": "cyan", "failed": "red"}[r.status]
+        qc = r.qc or {}
         table.add_row(
             r.slide_id,
             f"[{colour}]{r.status}[/]",
             str(r.n_tiles),
             f"{100 * r.tissue_frac:.1f}",
+            f"{100 * qc['ink_on_tissue']:.1f}" if "ink_on_tissue" in qc else "",
             f"{r.seconds:.2f}",
-            r.error or "",
+            r.error or qc.get("note", ""),
         )
     Console().print(table)
     failed = sum(r.status == "failed" for r in results)
@@ -126,6 +128,9 @@ def tile(
     mpp: Optional[float] = typer.Option(None, help="Level-0 µm per pixel, overriding the files' own."),
     verify: str = typer.Option("sample", help="Read tiles to catch decode errors: none, sample or all."),
     label_preset: Optional[str] = typer.Option(None, help="Class names of label masks: panda-radboud or panda-karolinska."),
+    find_ink: bool = typer.Option(True, help="Detect pen ink (tissue under ink stays in the grid, with its ink fraction)."),
+    qc: bool = typer.Option(True, help="Measure every tile: sharpness, H and E optical density, brightness."),
+    drop_artefacts: bool = typer.Option(False, help="Leave tiles with ink fraction >= 0.05 or sharpness < 0.06 out of the grid."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Tile slides into RUN/slides/<id>/tiles.parquet (+ a thumbnail with the grid)."""
@@ -146,6 +151,9 @@ def tile(
         min_tissue=min_tissue,
         verify=verify,
         label_classes=classes,
+        find_ink=find_ink,
+        qc=qc,
+        drop_artefacts=drop_artefacts,
     )
     failed = _run_tiling(slides, out, mpp, cfg)
     raise typer.Exit(1 if failed else 0)
@@ -526,7 +534,7 @@ def demo(
     _setup_logging(verbose)
     from rich.console import Console
 
-    from .demo import print_demo_summary, run_demo_audit
+    from .demo import DEMO_TILE_MPP, print_demo_summary, run_demo_audit
     from .demo_data import build_demo_cohort, find_demo_source
 
     console = Console()
@@ -535,7 +543,7 @@ def demo(
     slides_dir = Path(out) / "demo_slides"
     with console.status("building demo slides"):
         build_demo_cohort(slides_dir, n_slides=n_slides, seed=seed)
-    failed = _run_tiling([str(slides_dir / "cohort.csv")], out, None, _tile_config())
+    failed = _run_tiling([str(slides_dir / "cohort.csv")], out, None, _tile_config(mpp_target=DEMO_TILE_MPP))
     with _open_run(out) as run:
         res = run_demo_audit(run, Path(out), workers=workers, per_cluster=per_cluster, seed=seed,
                              status=lambda msg: console.status(msg))

@@ -32,8 +32,20 @@ class TileConfig(_Frozen):
         Resolution of the tissue mask, µm per pixel (8-32 is sensible).
     min_object_um2 : float
         Tissue pieces smaller than this (µm²) are dropped.
-    remove_ink : bool
-        Exclude pen ink from the tissue mask.
+    find_ink : bool
+        Detect pen ink (optical-density residual of the slide's own H&E, see ``tiling.detect_ink``).
+        Tissue under ink stays tissue; each tile records its ink fraction.
+    qc : bool
+        Measure every tile (sharpness, H and E optical density, brightness, stained share) as
+        columns of the tile table; this reads every tile once.
+    qc_threads : int
+        Threads reading tiles for the QC (an execution setting, not in the params hash).
+    drop_artefacts : bool
+        Leave artefact tiles out of the grid: ink fraction at least ``max_ink_frac`` or
+        sharpness below ``min_sharpness`` (needs ``qc``). Off by default: an audit keeps them,
+        because a shortcut model was trained on them.
+    max_ink_frac, min_sharpness : float
+        The artefact thresholds (the cluster flags use the same defaults).
     verify : {"none", "sample", "all"}
         Read tiles after gridding to catch slides that fail to decode part way: none, up to
         ``verify_n`` tiles spread over the slide, or every tile.
@@ -48,7 +60,12 @@ class TileConfig(_Frozen):
     min_tissue: float = Field(0.5, ge=0.0, le=1.0)
     tissue_mpp: float = Field(16.0, ge=1.0, le=256.0)
     min_object_um2: float = Field(20_000.0, ge=0.0)
-    remove_ink: bool = True
+    find_ink: bool = True
+    qc: bool = True
+    qc_threads: int = Field(2, ge=1, le=64)
+    drop_artefacts: bool = False
+    max_ink_frac: float = Field(0.05, ge=0.0, le=1.0)
+    min_sharpness: float = Field(0.06, ge=0.0, le=1.0)
     verify: Literal["none", "sample", "all"] = "sample"
     verify_n: int = Field(32, ge=1)
     label_classes: dict[int, str] | None = None
@@ -59,7 +76,15 @@ class TileConfig(_Frozen):
             raise ValueError(f"overlap ({self.overlap}) must be smaller than tile_px ({self.tile_px})")
         if self.mpp_target is None and self.magnification is None:
             raise ValueError("give mpp_target or magnification")
+        if self.drop_artefacts and not self.qc:
+            raise ValueError("drop_artefacts needs qc (the sharpness of every tile)")
         return self
+
+    def result_params(self) -> dict:
+        """The fields that determine the results (hashed into the manifest)."""
+        d = self.model_dump(mode="json")
+        d.pop("qc_threads", None)
+        return d
 
     def grid_spec(self):
         """The :class:`tiling.GridSpec` of this config."""

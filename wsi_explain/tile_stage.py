@@ -46,6 +46,7 @@ class TileResult:
     tissue_frac: float = 0.0
     seconds: float = 0.0
     error: str | None = None
+    qc: dict | None = None
 
 
 def _verify(reader: tiling.SlideReader, tiles: pd.DataFrame, cfg: TileConfig) -> None:
@@ -71,7 +72,7 @@ def tile_slide(source: SlideSource, cfg: TileConfig, out_dir: Path, *, fingerpri
     reader = tiling.open_slide(source.path, mpp=source.mpp)
     try:
         tissue = tiling.detect_tissue(
-            reader, target_mpp=cfg.tissue_mpp, min_object_um2=cfg.min_object_um2, remove_ink=cfg.remove_ink
+            reader, target_mpp=cfg.tissue_mpp, min_object_um2=cfg.min_object_um2, find_ink=cfg.find_ink
         )
         try:
             tiles = tiling.make_grid(reader, tissue, cfg.grid_spec())
@@ -95,6 +96,11 @@ def tile_slide(source: SlideSource, cfg: TileConfig, out_dir: Path, *, fingerpri
             )
             tiles = pd.concat([tiles, fr], axis=1)
         _verify(reader, tiles, cfg)
+        qc = _qc_summary(tissue)
+        if cfg.qc:
+            tiles = _measure_tiles(reader, tiles, tissue, cfg, qc)
+        if cfg.drop_artefacts:
+            tiles = _drop_artefacts(tiles, cfg, qc, source.path)
         thumb = tiling.grid_thumbnail(tissue, tiles)
         info = reader.info
     finally:
@@ -107,7 +113,43 @@ def tile_slide(source: SlideSource, cfg: TileConfig, out_dir: Path, *, fingerpri
         n_tiles=len(tiles),
         tissue_frac=tissue.tissue_fraction,
         seconds=time.perf_counter() - t0,
+        qc=qc,
     )
+
+
+def _qc_summary(tissue: tiling.TissueMask) -> dict:
+    return {"ink_on_tissue": round(tissue.ink_on_tissue_fraction, 4), "stains": tissue.stains.source}
+
+
+def _measure_tiles(reader, tiles: pd.DataFrame, tissue, cfg: TileConfig, qc: dict) -> pd.DataFrame:
+    """The per-tile QC columns; tiles that fail to decode get NaN (the extraction marks them too)."""
+    errors: list[str] = []
+    measured = tiling.compute_tile_qc(reader, tiles, tissue.stains, threads=cfg.qc_threads,
+                                      on_error=lambda i, exc: errors.append(f"tile {i}: {exc.problem}"))
+    tiles = pd.concat([tiles, measured], axis=1)
+    blank = int((tiles["stained_frac"] == 0).sum())
+    qc.update(n_read_errors=len(errors), n_glass_tiles=blank)
+    if errors:
+        qc["read_errors"] = errors[:5]
+        logger.warning("%s tiles of %s failed to decode during QC (measures NaN), e.g. %s", len(errors),
+                       reader.info.path, errors[0])
+    if blank:
+        logger.warning("%s: %d tile(s) are all glass (no stained pixel): their stain measures are NaN", reader.info.path, blank)
+        qc["note"] = f"{blank} tile(s) are all glass (no stained pixel): their stain and sharpness measures are NaN"
+    return tiles
+
+
+def _drop_artefacts(tiles: pd.DataFrame, cfg: TileConfig, qc: dict, path) -> pd.DataFrame:
+    """Leave out tiles with ink fraction >= max_ink_frac or sharpness < min_sharpness; renumber tile ids."""
+    bad = (tiles["ink_frac"] >= cfg.max_ink_frac) | (tiles["sharpness"] < cfg.min_sharpness)
+    qc["n_dropped_artefacts"] = int(bad.sum())
+    if bad.all():
+        raise tiling.NoTissueError(path, f"every one of its {len(tiles)} tiles is an artefact (pen ink >= "
+                                         f"{cfg.max_ink_frac:.0%} or sharpness < {cfg.min_sharpness}); "
+                                         "tile it without --drop-artefacts")
+    tiles = tiles[~bad].reset_index(drop=True)
+    tiles["tile_id"] = np.arange(len(tiles), dtype=np.int64)
+    return tiles
 
 
 def _write_outputs(out_dir, tiles, thumb, source, cfg, fingerprint, info, tissue) -> None:
@@ -123,6 +165,7 @@ def _write_outputs(out_dir, tiles, thumb, source, cfg, fingerprint, info, tissue
         "vendor": info.vendor,
         "objective_power": info.objective_power,
         "tissue_mask_scale": tissue.scale,
+        "stains": tissue.stains.to_dict(),
         "meta": source.meta,
         # annotation sources, for the localisation metrics (per-pixel masks are cut from them)
         "annotations": str(source.annotations) if source.annotations is not None else None,
@@ -132,10 +175,10 @@ def _write_outputs(out_dir, tiles, thumb, source, cfg, fingerprint, info, tissue
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "thumbnail.png", suffix=".png") as tmp:
         Image.fromarray(thumb).save(tmp, format="PNG")
-    # the tissue mask (0 background, 1 tissue, 2 pen ink) at tissue_mask_scale level-0 px per pixel
-    coded = np.where(tissue.ink, 2, np.where(tissue.mask, 1, 0)).astype(np.uint8)
+    # the coded mask (tiling.MASK_CODES: 0 background, 1 tissue, 2 ink over tissue, 3 ink on glass)
+    # at tissue_mask_scale level-0 px per pixel
     with atomic_path(out_dir / "tissue.png", suffix=".png") as tmp:
-        Image.fromarray(coded).save(tmp, format="PNG")
+        Image.fromarray(tissue.coded()).save(tmp, format="PNG")
     # the plain slide image at the same scale (background of the report and explorer panels)
     with atomic_path(out_dir / "overview.png", suffix=".png") as tmp:
         Image.fromarray(np.ascontiguousarray(tissue.image[..., :3])).save(tmp, format="PNG")
@@ -213,7 +256,7 @@ def run_tile_stage(
     """
     from .executor import SerialExecutor
 
-    params = params_hash(cfg.model_dump(mode="json"))
+    params = params_hash(cfg.result_params())
     run.set_config(STAGE, cfg.model_dump(mode="json"))
     executor = executor or SerialExecutor()
     results: dict[str, TileResult] = {}
@@ -243,7 +286,7 @@ def run_tile_stage(
             run.record(
                 STAGE, src.slide_id, status="done", path=str(src.path), params=params, fingerprint=out["fingerprint"],
                 outputs=outputs, n_tiles=res.n_tiles, tissue_frac=res.tissue_frac, start=out["start"], end=out["end"],
-                seconds=round(res.seconds, 3), error=None, meta=src.meta,
+                seconds=round(res.seconds, 3), error=None, meta=src.meta, qc=res.qc,
             )
         else:
             res = _failed(run, src, params, out["fingerprint"], out["start"], time.perf_counter() - out["seconds"], out["error"])
