@@ -25,6 +25,9 @@ class ClusterResult:
     method : str
     n_fitted : int
         Points the model was fitted on (the rest were assigned).
+    guard : str or None
+        Set when HDBSCAN's excess-of-mass selection collapsed the cohort into one giant cluster and
+        the fit was redone with a maximum cluster size (what happened, in words).
     """
 
     labels: np.ndarray
@@ -32,6 +35,7 @@ class ClusterResult:
     outlier_scores: np.ndarray
     method: str
     n_fitted: int
+    guard: str | None = None
 
 
 def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
@@ -49,24 +53,44 @@ def hdbscan_cluster(
     min_samples: int | None = None,
     fit_max: int = 200_000,
     seed: int = 0,
+    collapse_share: float = 0.8,
 ) -> ClusterResult:
     """HDBSCAN on ``Y`` (n, d), typically a 5-10-d UMAP.
 
     Above ``fit_max`` points, HDBSCAN is fitted on a seeded sample and the rest are assigned with
     ``hdbscan.approximate_predict`` (labels, probabilities) and ``approximate_predict_scores``
     (GLOSH outlier scores). Labels are renumbered by decreasing cluster size.
+
+    Guard: excess-of-mass selection can keep the root of the hierarchy and return one cluster for
+    most of the cohort (it prefers a stable parent to its many children). When one cluster holds at
+    least ``collapse_share`` of the fitted points, the fit is redone with ``max_cluster_size`` = half
+    of them, which makes HDBSCAN pick among the children; ``guard`` says so.
     """
     import hdbscan
 
     Y = np.ascontiguousarray(Y, np.float64)
     n = len(Y)
     fit_idx = np.arange(n) if n <= fit_max else np.sort(np.random.default_rng(seed).choice(n, fit_max, replace=False))
-    model = hdbscan.HDBSCAN(
-        min_cluster_size=int(min_cluster_size),
-        min_samples=None if min_samples is None else int(min_samples),
-        prediction_data=n > fit_max,
-        core_dist_n_jobs=1,
-    ).fit(Y[fit_idx])
+
+    def fit(**extra):
+        return hdbscan.HDBSCAN(
+            min_cluster_size=int(min_cluster_size),
+            min_samples=None if min_samples is None else int(min_samples),
+            prediction_data=n > fit_max,
+            core_dist_n_jobs=1,
+            **extra,
+        ).fit(Y[fit_idx])
+
+    model = fit()
+    guard = None
+    _, counts = np.unique(model.labels_[model.labels_ >= 0], return_counts=True)
+    if counts.size and counts.max() >= collapse_share * len(fit_idx) and len(fit_idx) >= 4 * min_cluster_size:
+        share = counts.max() / len(fit_idx)
+        model = fit(max_cluster_size=len(fit_idx) // 2)
+        n_new = len(np.unique(model.labels_[model.labels_ >= 0]))
+        guard = (f"excess-of-mass selection put {100 * share:.0f}% of the tiles in one cluster; refitted with "
+                 f"max_cluster_size={len(fit_idx) // 2}: {n_new} clusters")
+        logger.warning("HDBSCAN: %s", guard)
     labels = np.full(n, -1, np.int64)
     probs = np.zeros(n, np.float32)
     scores = np.zeros(n, np.float32)
@@ -88,6 +112,7 @@ def hdbscan_cluster(
         outlier_scores=np.clip(scores, 0, 1).astype(np.float32),
         method="hdbscan",
         n_fitted=len(fit_idx),
+        guard=guard,
     )
 
 

@@ -5,9 +5,10 @@ when present:
 
 - ``slide_id``, ``tile_id``, ``cluster`` (-1 = noise), ``membership``, ``outlier_score``
 - ``pred`` (int), ``confidence`` (max probability), ``prob_pos`` (probability of the positive class)
-- optional: ``tissue_frac``, ``ink_frac``, ``cam_off_tissue`` (share of attribution mass off tissue),
-  ``label_pos`` (1/0/NaN: tile or slide label, positive or not), a site column (``site``,
-  ``provider``, ``data_provider``, ``scanner`` or ``center``: the first present), ``concept_<k>``
+- optional: ``tissue_frac``, ``ink_frac``, ``sharpness``, ``od_h``, ``od_e``, ``brightness`` (the
+  tiling QC columns), ``cam_off_tissue`` (share of attribution mass off tissue), ``label_pos``
+  (1/0/NaN: tile or slide label, positive or not), a site column (``site``, ``provider``,
+  ``data_provider``, ``scanner`` or ``center``: the first present), ``concept_<k>``
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ SITE_COLUMNS = ("site", "provider", "data_provider", "scanner", "center", "centr
 
 FLAG_NAMES = {
     "dominated": "dominated by one slide or site",
-    "artefact_positive": "high positive rate on low-tissue or artefact-like tiles",
+    "artefact_positive": "the model leans on artefact tiles (pen ink, blur or little tissue)",
     "off_tissue": "attribution mass mostly off tissue",
     "label_disagreement": "labels disagree with predictions",
 }
@@ -44,10 +45,13 @@ class FlagRules:
     min_slides : ...and the cohort has at least this many slides.
     site_dominance : or when its largest site holds this share while the cohort has 2+ sites and
         that site's cohort share is at least ``site_excess`` lower.
-    positive_rate, positive_excess : artefact flag when the positive rate is at least
-        ``positive_rate`` and exceeds the cohort's by ``positive_excess``...
-    low_tissue, ink : ...and the mean tissue fraction is below ``low_tissue`` or the mean ink
-        fraction at least ``ink``.
+    positive_rate, positive_excess, removal : artefact flag when the model leans on the cluster
+        (its positive rate is at least ``positive_rate`` and exceeds the cohort's by
+        ``positive_excess``, or removing it moves some slide's top-k score by at least ``removal``)...
+    low_tissue, tile_ink, ink_share, sharpness, blur_share : ...and its tiles are artefacts: mean
+        tissue fraction below ``low_tissue``, or at least ``ink_share`` of its tiles with an ink
+        fraction of ``tile_ink`` or more, or at least ``blur_share`` of its tiles out of focus
+        (sharpness below ``sharpness``, the tiling QC's measure).
     off_tissue : attribution flag when the mean share of attribution off tissue is at least this.
     agreement : label flag when fewer than this share of labelled tiles agree with predictions...
     min_labelled : ...among at least this many labelled tiles.
@@ -60,8 +64,12 @@ class FlagRules:
     site_excess: float = 0.3
     positive_rate: float = 0.5
     positive_excess: float = 0.2
+    removal: float = 0.1
     low_tissue: float = 0.6
-    ink: float = 0.05
+    tile_ink: float = 0.05
+    ink_share: float = 0.3
+    sharpness: float = 0.06
+    blur_share: float = 0.5
     off_tissue: float = 0.5
     agreement: float = 0.5
     min_labelled: int = 10
@@ -112,6 +120,7 @@ def summarize_clusters(
     rules: FlagRules = FlagRules(),
     n_representatives: int = 8,
     positive_name: str = "positive",
+    removal: dict | None = None,
 ) -> pd.DataFrame:
     """One row per cluster (noise, -1, last) with composition, representatives and flags.
 
@@ -123,12 +132,16 @@ def summarize_clusters(
     rules : FlagRules
     n_representatives : int
         Tiles listed per kind of representative.
+    removal : dict cluster -> float, optional
+        How far removing the cluster moves some slide's top-k score (``max_abs_d_topk`` of the
+        cluster-removal experiment); read by the artefact flag.
 
     Returns
     -------
     DataFrame with ``cluster, size, n_slides, top_slide, slide_dominance, top_site, site_dominance,
     pred_mix (JSON), positive_rate, mean_confidence, mean_membership, mean_tissue, mean_ink,
-    mean_cam_off_tissue, n_labelled, label_purity, label_agreement, concept_mix (JSON), top_concept,
+    ink_tile_share, blur_tile_share, mean_sharpness, mean_od_h, mean_od_e, mean_brightness,
+    removal_effect, mean_cam_off_tissue, n_labelled, label_purity, label_agreement, concept_mix (JSON), top_concept,
     representatives (JSON of "slide:tile" lists), flags (list of keys), flag_reasons (list of
     sentences)``.
     """
@@ -155,6 +168,10 @@ def summarize_clusters(
             "mean_membership": float(g["membership"].mean()),
             "mean_tissue": float(g["tissue_frac"].mean()) if "tissue_frac" in g else float("nan"),
             "mean_ink": float(g["ink_frac"].mean()) if "ink_frac" in g else float("nan"),
+            "ink_tile_share": float((g["ink_frac"] >= rules.tile_ink).mean()) if "ink_frac" in g else float("nan"),
+            "blur_tile_share": float((g["sharpness"] < rules.sharpness).mean()) if "sharpness" in g else float("nan"),
+            **{f"mean_{c}": float(g[c].mean()) if c in g else float("nan") for c in ("sharpness", "od_h", "od_e", "brightness")},
+            "removal_effect": float((removal or {}).get(int(cl), float("nan"))),
             "mean_cam_off_tissue": float(g["cam_off_tissue"].mean()) if "cam_off_tissue" in g else float("nan"),
             "mean_cam_on_ink": float(g["cam_on_ink"].mean()) if "cam_on_ink" in g else float("nan"),
             # slide-level grades of the cohort CSV (PANDA-style), as the share of tiles per value
@@ -208,19 +225,11 @@ def _flags(row, rules: FlagRules, n_slides_cohort, cohort_pos, site_share, posit
                 f"{100 * row['site_dominance']:.0f}% of its tiles come from {row['site_column']} {row['top_site']} "
                 f"(which holds {100 * cohort:.0f}% of the cohort's tiles)"
             )
-    pos = row["positive_rate"]
-    if pos >= rules.positive_rate and pos - cohort_pos >= rules.positive_excess:
-        why = []
-        if row["mean_tissue"] < rules.low_tissue:
-            why.append(f"its mean tissue fraction is only {row['mean_tissue']:.2f}")
-        if row["mean_ink"] >= rules.ink:
-            why.append(f"{100 * row['mean_ink']:.0f}% of its area is pen ink on average")
-        if why:
-            flags.append("artefact_positive")
-            reasons.append(
-                f"{100 * pos:.0f}% of its tiles are predicted {positive_name} (cohort: {100 * cohort_pos:.0f}%) "
-                f"while {' and '.join(why)}"
-            )
+    artefact = _artefact_reasons(row, rules)
+    leans = _leaning_reasons(row, rules, cohort_pos, positive_name)
+    if artefact and leans:
+        flags.append("artefact_positive")
+        reasons.append(f"{' and '.join(artefact)}, and the model leans on it: {' and '.join(leans)}")
     if row["mean_cam_off_tissue"] >= rules.off_tissue:
         flags.append("off_tissue")
         reasons.append(
@@ -234,3 +243,27 @@ def _flags(row, rules: FlagRules, n_slides_cohort, cohort_pos, site_share, posit
             "the model's prediction"
         )
     return flags, reasons
+
+
+def _artefact_reasons(row: dict, rules: FlagRules) -> list[str]:
+    """What makes a cluster's tiles artefacts, in words (empty when nothing does)."""
+    why = []
+    if row["mean_tissue"] < rules.low_tissue:
+        why.append(f"its mean tissue fraction is only {row['mean_tissue']:.2f}")
+    if row["ink_tile_share"] >= rules.ink_share:
+        why.append(f"{100 * row['ink_tile_share']:.0f}% of its tiles carry pen ink (ink fraction of "
+                   f"{100 * rules.tile_ink:.0f}% or more; {100 * row['mean_ink']:.0f}% of its area on average)")
+    if row["blur_tile_share"] >= rules.blur_share:
+        why.append(f"{100 * row['blur_tile_share']:.0f}% of its tiles are out of focus (sharpness below {rules.sharpness:g})")
+    return why
+
+
+def _leaning_reasons(row: dict, rules: FlagRules, cohort_pos: float, positive_name: str) -> list[str]:
+    """Why the model's output rests on the cluster, in words (empty when it does not)."""
+    why = []
+    pos = row["positive_rate"]
+    if pos >= rules.positive_rate and pos - cohort_pos >= rules.positive_excess:
+        why.append(f"{100 * pos:.0f}% of its tiles are predicted {positive_name} (cohort: {100 * cohort_pos:.0f}%)")
+    if row["removal_effect"] >= rules.removal:
+        why.append(f"removing it moves a slide's top-k score by up to {row['removal_effect']:.2f}")
+    return why

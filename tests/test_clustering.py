@@ -84,6 +84,28 @@ def test_hdbscan_fitted_on_a_sample(umap5, mixture):
     assert full.n_fitted == len(Y)
 
 
+def test_hdbscan_guard_against_one_giant_cluster():
+    """Nine close blobs and one far one: excess of mass keeps the nine as one cluster (96 % of the
+    points); the guard refits with a maximum cluster size and recovers the blobs."""
+    import hdbscan
+
+    rng = np.random.default_rng(0)
+    centres = [(4.0 * i, 4.0 * j) for i in range(3) for j in range(3)]
+    Y = np.concatenate([c + rng.normal(size=(150, 2)) for c in centres] + [np.array([40.0, 40.0]) + rng.normal(size=(60, 2))])
+    plain = hdbscan.HDBSCAN(min_cluster_size=20).fit(Y).labels_
+    assert np.bincount(plain[plain >= 0]).max() >= 0.9 * len(Y)
+    res = C.hdbscan_cluster(Y, min_cluster_size=20)
+    assert res.guard and "one cluster" in res.guard
+    sizes = np.bincount(res.labels[res.labels >= 0])
+    assert len(sizes) >= 8 and sizes.max() <= len(Y) // 2
+    truth = np.repeat(np.arange(10), [150] * 9 + [60])
+    ok = res.labels >= 0
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(truth[ok], res.labels[ok]) > 0.8
+    assert C.hdbscan_cluster(Y[:-60] / 4.0, min_cluster_size=20).guard is None  # nothing collapsed: no guard
+
+
 def test_kmeans(mixture):
     X, truth = mixture
     a = C.kmeans_cluster(X, 6, seed=0)
@@ -182,6 +204,31 @@ def test_planted_shortcut_raises_every_flag():
     assert all(r.startswith("s5:") for r in reps["medoid"])
     for cl in (0, 1, 2):
         assert out.set_index("cluster").loc[cl, "flags"] == []
+
+
+def test_artefact_flag_reads_ink_and_blur_and_needs_the_model_to_lean():
+    """Blurred tiles the model calls positive are flagged in words; inked tiles the model ignores
+    (no positive excess, no removal effect) are not; an inked cluster whose removal moves a slide's
+    score is, even at the cohort's positive rate."""
+    rng = np.random.default_rng(4)
+    df = _cohort(rng)
+    df["sharpness"] = 0.15
+    blur = df[df["cluster"] == 0].head(60).copy()
+    blur["cluster"], blur["tile_id"], blur["pred"], blur["prob_pos"], blur["sharpness"] = 3, blur["tile_id"] + 1000, 1, 0.9, 0.03
+    inert = df[df["cluster"] == 1].head(60).copy()
+    inert["cluster"], inert["tile_id"], inert["ink_frac"] = 4, inert["tile_id"] + 2000, 0.4
+    inert["pred"], inert["prob_pos"] = 0, 0.1
+    df = pd.concat([df, blur, inert], ignore_index=True)
+    out = C.summarize_clusters(df).set_index("cluster")
+    assert "artefact_positive" in out.loc[3, "flags"]
+    text = " ".join(out.loc[3, "flag_reasons"])
+    assert "100% of its tiles are out of focus (sharpness below 0.06)" in text and "predicted positive" in text
+    assert out.loc[3, "blur_tile_share"] == 1.0 and out.loc[3, "mean_sharpness"] == pytest.approx(0.03)
+    assert "artefact_positive" not in out.loc[4, "flags"] and out.loc[4, "ink_tile_share"] == 1.0
+    leaned = C.summarize_clusters(df, removal={4: 0.25}).set_index("cluster")
+    assert "artefact_positive" in leaned.loc[4, "flags"]
+    text = " ".join(leaned.loc[4, "flag_reasons"])
+    assert "100% of its tiles carry pen ink" in text and "removing it moves a slide's top-k score by up to 0.25" in text
 
 
 def test_site_dominance_flag():

@@ -47,9 +47,10 @@ class ClusterOutcome:
     timings: dict | None = None
 
 
-def tissue_cells(tiles: pd.DataFrame, tissue_png: Path, scale: float, h: int, w: int, *, code: int = 1) -> np.ndarray:
-    """(n, h, w) bool: is the centre of each CAM cell on tissue (``code`` 1 in the coded mask;
-    2 = pen ink)?"""
+def tissue_cells(tiles: pd.DataFrame, tissue_png: Path, scale: float, h: int, w: int, *,
+                 code: int | tuple[int, ...] = 1) -> np.ndarray:
+    """(n, h, w) bool: is the centre of each CAM cell on tissue (``code`` 1 in the coded mask,
+    ``tiling.MASK_CODES``; 2 = pen ink over tissue, 3 = pen ink on glass)?"""
     from PIL import Image
 
     coded = np.asarray(Image.open(tissue_png))
@@ -61,7 +62,7 @@ def tissue_cells(tiles: pd.DataFrame, tissue_png: Path, scale: float, h: int, w:
     xi = np.clip((x / scale).astype(int), 0, W - 1)
     yi = np.clip((y / scale).astype(int), 0, H - 1)
     xi, yi = np.broadcast_arrays(xi, yi)
-    return coded[yi, xi] == code
+    return np.isin(coded[yi, xi], np.atleast_1d(code))
 
 
 def _label_pos(df: pd.DataFrame, meta: dict, cfg: ClusterConfig) -> np.ndarray:
@@ -97,7 +98,7 @@ def load_cohort(run: RunFolder, slide_ids: list[str], cfg: ClusterConfig, *, chu
     from .features import open_store, read_cams
     from .tile_stage import read_tile_table
 
-    frames, embs, cams_all, acts = [], [], [], []
+    frames, embs, cams_all, acts, annotated = [], [], [], [], []
     class_names: list[str] = []
     cam_method = cfg.cam_method
     for sid in slide_ids:
@@ -125,11 +126,13 @@ def load_cohort(run: RunFolder, slide_ids: list[str], cfg: ClusterConfig, *, chu
         for k, v in (meta.get("meta") or {}).items():
             df[f"slide_{k}" if k in df.columns else k] = v
         df["label_pos"] = _label_pos(df, meta, cfg)
+        if meta.get("annotations") or meta.get("label_mask"):
+            annotated.append(sid)
         if cam_method and f"cams/{cam_method}" in g:
             cam = read_cams(g, cam_method, ok)
             cells = tissue_cells(df, sdir / "tissue.png", float(meta["tissue_mask_scale"]), *cam.shape[1:])
             df["cam_off_tissue"] = clustering.off_tissue_fraction(cam, cells)
-            ink = tissue_cells(df, sdir / "tissue.png", float(meta["tissue_mask_scale"]), *cam.shape[1:], code=2)
+            ink = tissue_cells(df, sdir / "tissue.png", float(meta["tissue_mask_scale"]), *cam.shape[1:], code=(2, 3))
             # share of the CAM mass on pen-ink cells (the "off" cells of a mask that is True off ink)
             df["cam_on_ink"] = clustering.off_tissue_fraction(cam, ~ink) if ink.any() else np.where(
                 cam.reshape(len(cam), -1).max(1) > 0, 0.0, np.nan).astype(np.float32)
@@ -141,6 +144,11 @@ def load_cohort(run: RunFolder, slide_ids: list[str], cfg: ClusterConfig, *, chu
     if not frames:
         raise WsiExplainError(f"{run.path}: no slide has extracted features; run `wsi-explain extract` first")
     tiles = pd.concat(frames, ignore_index=True)
+    # an annotated slide without some class (an empty GeoJSON: nothing annotated) has 0 of it, not "unknown"
+    label_cols = [c for c in tiles.columns if c.startswith("label_") and c != "label_pos"]
+    if label_cols and annotated:
+        rows = tiles["slide_id"].isin(annotated)
+        tiles.loc[rows, label_cols] = tiles.loc[rows, label_cols].fillna(0.0)
     cams = np.concatenate(cams_all) if cams_all and len(cams_all) == len(frames) else None
     return tiles, np.concatenate(embs), cams, acts, class_names, cam_method
 
@@ -253,13 +261,18 @@ def run_cluster_stage(run: RunFolder, cfg: ClusterConfig, *, on_step: Callable[[
     elif (cohort_dir / "concepts.zarr").exists():
         shutil.rmtree(cohort_dir / "concepts.zarr")
     names = class_names[cfg.positive_class] if len(class_names) > cfg.positive_class else "positive"
-    summary = timed("summary", clustering.summarize_clusters, tiles, space=space, positive_name=names)
+    from .metrics import cluster_removal
+
+    _, removal = cluster_removal(tiles, topk=8)
+    summary = timed("summary", clustering.summarize_clusters, tiles, space=space, positive_name=names,
+                    removal=dict(zip(removal["cluster"], removal["max_abs_d_topk"])))
     atomic_write_parquet(tiles, cohort_dir / "tiles.parquet", {"cam_method": cam_method, "class_names": class_names, "config": cfg.model_dump(mode="json")})
     atomic_write_parquet(summary, cohort_dir / "clusters.parquet", {"flag_names": clustering.FLAG_NAMES})
     n_clusters = int((summary["cluster"] >= 0).sum())
     flagged = int(sum(bool(f) for f in summary["flags"]))
     outcome = ClusterOutcome("done", n, n_clusters, int((res.labels < 0).sum()), flagged, time.perf_counter() - t_start, timings)
     run.record(STAGE, COHORT, status="done", params=params, fingerprint=fp, outputs=outputs, slides=ids, n_tiles=n,
-               n_clusters=n_clusters, n_noise=outcome.n_noise, flagged=flagged, knn=info["knn"], umap_fitted=info["n_fitted"], timings=timings,
+               n_clusters=n_clusters, n_noise=outcome.n_noise, flagged=flagged, knn=info["knn"], umap_fitted=info["n_fitted"],
+               hdbscan_guard=res.guard, timings=timings,
                start=start, end=now_iso(), seconds=round(outcome.seconds, 3), error=None)
     return outcome

@@ -9,7 +9,8 @@ __all__ = ["colour_options", "cluster_table"]
 
 #: menu label -> tile column, offered when the column exists and has values
 _OPTIONAL = (("label", "label_pos"), ("slide label", "label"), ("site", "site"), ("outlier score", "outlier_score"),
-             ("attribution off tissue", "cam_off_tissue"))
+             ("attribution off tissue", "cam_off_tissue"), ("pen ink", "ink_frac"), ("sharpness", "sharpness"),
+             ("haematoxylin OD", "od_h"), ("eosin OD", "od_e"), ("brightness", "brightness"))
 
 
 def colour_options(tiles: pd.DataFrame, *, metric_columns=()) -> dict[str, str]:
