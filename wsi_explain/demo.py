@@ -11,10 +11,13 @@ import pandas as pd
 
 from .run import RunFolder
 
-__all__ = ["DemoResult", "run_demo_audit", "print_demo_summary", "DEMO_METHODS"]
+__all__ = ["DemoResult", "run_demo_audit", "print_demo_summary", "DEMO_METHODS", "DEMO_TILE_MPP"]
 
 #: the CAMs of the demo's extraction (plus Integrated Gradients on a sample of tiles)
 DEMO_METHODS = ("gradcam", "gradcampp", "hirescam", "layercam", "eigencam", "integratedgradients")
+
+#: the demo tiles 224 px at 2 µm/px (448 µm: 5x), so that 0.5-1.2 mm marker strokes cover whole tiles
+DEMO_TILE_MPP = 2.0
 
 
 @dataclass
@@ -42,7 +45,7 @@ def run_demo_audit(run: RunFolder, out: Path, *, workers: int = 2, per_cluster: 
 
     step = status or (lambda msg: contextlib.nullcontext())
     with step("fitting the demo head on EfficientNet-Lite0 features"):
-        weights = train_demo_model(run, out / "model", seed=seed, workers=workers)
+        weights = train_demo_model(run, out / "model", seed=seed, workers=workers, mpp=DEMO_TILE_MPP)
     cfg = ExtractConfig(arch="efficientnet_lite0", weights=str(weights), activations=True, workers=workers, seed=seed,
                         attr_sample=8, methods=DEMO_METHODS)
     with step("extracting predictions, embeddings and CAMs"):
@@ -66,6 +69,8 @@ def print_demo_summary(out: Path, res: DemoResult, console) -> None:
     summary = pd.read_parquet(cdir / "clusters.parquet")
     metrics = pd.read_parquet(cdir / "cluster_metrics.parquet")
     ext, cl = res.extract, res.cluster
+    for line in _ink_detector_lines(out):
+        console.print(line, highlight=False)
     console.print(f"extraction: {sum(r.status != 'failed' for r in ext)} slide(s) done, {len(res.failed_slides)} failed")
     console.print(f"clustering: {cl.n_tiles} tiles, {cl.n_clusters} clusters, {cl.n_noise} noise, {cl.flagged} flagged")
     model = metrics[metrics.method == "model"]
@@ -73,7 +78,7 @@ def print_demo_summary(out: Path, res: DemoResult, console) -> None:
     for _, r in summary.iterrows():
         flags = "; ".join(r["flag_reasons"]) or "-"
         console.print(f"  cluster {r['cluster']:>2}: {r['size']:>4} tiles from {r['n_slides']} slide(s), "
-                      f"positive rate {r['positive_rate']:.2f}, mean ink {r['mean_ink']:.2f}, "
+                      f"positive rate {r['positive_rate']:.2f}, inked tiles {r['ink_tile_share']:.2f}, "
                       f"CAM mass on ink {r['mean_cam_on_ink']:.2f}; without it a slide's top-8 score moves by up to "
                       f"{removal.get(r['cluster'], float('nan')):.3f}; flags: {flags}", highlight=False)
     rem = pd.read_parquet(cdir / "cluster_removal.parquet")
@@ -92,3 +97,26 @@ def print_demo_summary(out: Path, res: DemoResult, console) -> None:
     console.print(f"report: {res.report.index.resolve()}")
     console.print(f"run folder: {out.resolve()}  (manifest: {out.resolve() / 'manifest.json'}; "
                   "tables: cohort/tiles.parquet, clusters.parquet, cluster_metrics.parquet)")
+
+
+def _ink_detector_lines(out: Path) -> list[str]:
+    """How well the tiling's ink masks found the drawn strokes, per inked demo slide."""
+    import json
+
+    from .demo_data import DemoSlide, ink_detection_scores
+    from .tile_stage import read_tile_table
+
+    stamp = out / "demo_slides" / "demo_params.json"
+    if not stamp.exists():
+        return []
+    lines = []
+    for rec in json.loads(stamp.read_text())["slides"]:
+        slide = DemoSlide(out / "demo_slides" / rec["path"], rec["label"], rec["ink"])
+        sdir = out / "slides" / slide.path.stem
+        if not slide.ink or not (sdir / "tissue.png").exists() or not slide.strokes_path.exists():
+            continue
+        _, meta = read_tile_table(sdir / "tiles.parquet")
+        sc = ink_detection_scores(slide, sdir / "tissue.png", float(meta["tissue_mask_scale"]))
+        lines.append(f"ink detector on {slide.path.stem}: recall {sc['recall']:.3f}, precision {sc['precision']:.3f} "
+                     "of the drawn strokes' area")
+    return lines

@@ -20,7 +20,7 @@ __all__ = ["train_demo_model"]
 logger = logging.getLogger(__name__)
 
 
-def train_demo_model(run, out_dir: Path, *, seed: int = 0, workers: int = 2, batch_size: int = 32) -> Path:
+def train_demo_model(run, out_dir: Path, *, seed: int = 0, workers: int = 2, batch_size: int = 32, mpp: float = 2.0) -> Path:
     """Fit the demo head on the tiled slides of ``run`` and save ``out_dir/demo_effnet.pt`` (+ card).
 
     Returns the weights path; an existing file is reused (the demo's reruns are no-ops).
@@ -69,5 +69,5 @@ def train_demo_model(run, out_dir: Path, *, seed: int = 0, workers: int = 2, bat
     tmp = weights.with_suffix(".tmp")
     torch.save(lm.module.state_dict(), tmp)
     tmp.replace(weights)
-    weights.with_suffix(".yaml").write_text(yaml.safe_dump({"class_names": ["negative", "positive"], "tile_px": 224, "mpp": 0.5}))
+    weights.with_suffix(".yaml").write_text(yaml.safe_dump({"class_names": ["negative", "positive"], "tile_px": 224, "mpp": mpp}))
     return weights
