@@ -4,7 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_eigencam.py [--tiles 96] [--arch efficientnet_lite0]
 
-Tiles of real H&E (``../shared/data/CMU-1-Small-Region.svs``, 224 px at 0.5 µm; generated H&E-like
+Tiles of real H&E (``data/CMU-1-Small-Region.svs``, 224 px at 0.5 µm; generated H&E-like
 texture when the slide is absent) go through the model once; its target-layer activations
 (N, C, 7, 7) are then fed to:
 
