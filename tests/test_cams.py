@@ -107,8 +107,18 @@ def test_embedding_is_classifier_input(model_and_batch):
     np.testing.assert_allclose(logits.numpy(), out.logits, atol=1e-4, rtol=1e-4)
 
 
-def test_registry_lists_six_methods():
-    assert set(METHODS) <= set(FUSED_CAMS)
+def test_registry_holds_the_six_default_cams_and_each_gives_maps():
+    """The extraction's default methods are the six registered CAMs (plus the signed EigenCAM),
+    and every registered CAM turns activations and gradients into one (N, h, w) map per tile."""
+    from wsi_explain.config import ExtractConfig
+
+    assert tuple(ExtractConfig().methods) == METHODS
+    assert set(FUSED_CAMS) == set(METHODS) | {"eigencam_signed"}
+    a = torch.rand(3, 8, 5, 5)
+    g = torch.randn(3, 8, 5, 5)
+    for name, fn in FUSED_CAMS.items():
+        out = fn(a, g)
+        assert out.shape == (3, 5, 5) and torch.isfinite(out).all() and out.abs().sum() > 0, name
 
 
 def _activations(shape, act, seed):

@@ -125,4 +125,6 @@ def test_grid_does_not_mutate_inputs(tiff_grid):
     m = tissue.mask.copy()
     make_grid(r, tissue, GridSpec())
     np.testing.assert_array_equal(m, tissue.mask)
-    assert isinstance(tiling.tile_boxes(pd.DataFrame({"x": [1], "y": [2], "size0": [3]})), np.ndarray)
+    boxes = tiling.tile_boxes(pd.DataFrame({"x": [1, 10], "y": [2, 20], "size0": [3, 5]}))
+    np.testing.assert_array_equal(boxes, [[1, 2, 4, 5], [10, 20, 15, 25]])
+    assert boxes.dtype == np.float64

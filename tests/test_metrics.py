@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from wsi_explain import metrics as M
+from wsi_explain.metrics import _common as common
 
 H = W = 16
 
@@ -70,7 +71,7 @@ def test_deletion_curve_monotone_where_theory_says_so(known):
     np.testing.assert_allclose(ins[:, -1], c[:, 0], atol=1e-6)
 
 
-def test_metrics_invariant_to_batch_size_and_do_not_mutate(known):
+def test_metrics_invariant_to_batch_size_and_do_not_mutate(known, monkeypatch):
     model, x, true, rnd, _ = known
     x0, m0 = x.clone(), true.copy()
     a = M.perturbation_curve(model, x, true, targets=1, steps=6, batch_size=1)
@@ -80,9 +81,18 @@ def test_metrics_invariant_to_batch_size_and_do_not_mutate(known):
     c2 = M.confidence_change(model, x, true, targets=1, batch_size=5)
     for k in c1:
         np.testing.assert_allclose(c1[k], c2[k], atol=1e-6)
+    # ROAD's imputer draws noise per chunk of inputs, seeded by the chunk's first index: scoring the
+    # batch whole or in two parts split at a chunk boundary (the second seeded where it starts) gives
+    # the same scores. Chunks of 2 here, so that the 6 inputs make three of them
+    monkeypatch.setattr(common, "CHUNK", 2)
     r1 = M.road(model, x, rnd, targets=1, percentiles=(20, 60))
-    r2 = M.road(model, x, rnd, targets=1, percentiles=(20, 60))
-    np.testing.assert_allclose(r1["combined"], r2["combined"], atol=1e-6)  # seeded: repeatable
+    k = 2
+    parts = [M.road(model, x[:k], rnd[:k], targets=1, percentiles=(20, 60)),
+             M.road(model, x[k:], rnd[k:], targets=1, percentiles=(20, 60), seed=k)]
+    for key in ("morf", "lerf", "combined"):
+        np.testing.assert_allclose(r1[key], np.concatenate([p[key] for p in parts]), atol=1e-6)
+    other = M.road(model, x[k:], rnd[k:], targets=1, percentiles=(20, 60))  # another seed: other noise
+    assert not np.allclose(other["morf"], r1["morf"][k:], atol=1e-6)
     assert torch.equal(x, x0) and np.array_equal(true, m0)
 
 

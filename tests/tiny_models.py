@@ -26,12 +26,13 @@ class TinyCNN(nn.Module):
 
 
 def tiny_cnn(num_classes: int = 2) -> nn.Module:
-    torch.manual_seed(0)
-    m = TinyCNN(num_classes)
-    for bn in m.modules():
-        if isinstance(bn, nn.BatchNorm2d):  # non-trivial running statistics
-            bn.running_mean.uniform_(-0.1, 0.1)
-            bn.running_var.uniform_(0.5, 1.5)
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+        torch.manual_seed(0)
+        m = TinyCNN(num_classes)
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):  # non-trivial running statistics
+                bn.running_mean.uniform_(-0.1, 0.1)
+                bn.running_var.uniform_(0.5, 1.5)
     return m
 
 
@@ -47,8 +48,9 @@ class NaNOnBright(TinyCNN):
 
 
 def nan_on_bright(num_classes: int = 2) -> nn.Module:
-    torch.manual_seed(0)
-    return NaNOnBright(num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return NaNOnBright(num_classes)
 
 
 class SlowCNN(TinyCNN):
@@ -63,7 +65,8 @@ class SlowCNN(TinyCNN):
 
 def slow_cnn(num_classes: int = 2) -> nn.Module:
     m = tiny_cnn(num_classes)
-    s = SlowCNN(num_classes)
+    with torch.random.fork_rng(devices=[]):
+        s = SlowCNN(num_classes)
     s.load_state_dict(m.state_dict())
     return s
 
