@@ -10,7 +10,7 @@ texture when the slide is absent) go through the model once; its target-layer ac
 
 1. cost, ms per tile on one thread (median of interleaved rounds): pytorch-grad-cam's
    ``get_2d_projection`` (full SVD), a direct ``np.linalg.svd(full_matrices=False)`` per tile (our
-   previous route), :func:`wsi_explain.cams.first_component` (our route: the triangle of a QR, then its
+   previous route), :func:`wsi_explain.explain.cams.first_component` (our route: the triangle of a QR, then its
    SVD), and ``eigencam_signed`` (batched Gram eigendecomposition in float64);
 2. how often the reference's sign is the one Seg-Eigen-CAM's rule rejects (the ReLU'd map then
    shows the other end of the first component);
@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 def he_tiles(n: int) -> tuple[np.ndarray, str]:
     """``n`` (224, 224, 3) uint8 tiles of real H&E when the slide is there, else generated texture."""
     import tiling
-    from wsi_explain.demo_data import find_demo_source
+    from wsi_explain.demo.data import find_demo_source
 
     src = find_demo_source()
     if src is not None:
@@ -61,8 +61,9 @@ def he_tiles(n: int) -> tuple[np.ndarray, str]:
 
 def layer_activations(arch: str, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
     """Target-layer activations from the channels_last forward and from the contiguous one."""
-    from wsi_explain.fused import FusedExtractor
-    from wsi_explain.models import find_module, load_model
+    from wsi_explain.explain.fused import FusedExtractor
+    from wsi_explain.explain.layers import find_module
+    from wsi_explain.explain.load import load_model
 
     lm = load_model(arch, num_classes=1000 if arch == "efficientnet_lite0" else 2)
     fx = FusedExtractor(lm, methods=("eigencam",), tile_px=224, device="cpu")
@@ -88,7 +89,7 @@ def main() -> None:
     from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
     from threadpoolctl import threadpool_limits
 
-    from wsi_explain.cams import FUSED_CAMS, first_component
+    from wsi_explain.explain.cams import FUSED_CAMS, first_component
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tiles", type=int, default=96)

@@ -41,11 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tiling  # noqa: E402
 from bench_tiling import make_slide  # noqa: E402
-from wsi_explain.config import ExtractConfig  # noqa: E402
-from wsi_explain.extract_stage import extract_slide, build_extractors  # noqa: E402
-from wsi_explain.fused import FusedExtractor  # noqa: E402
-from wsi_explain.models import load_model  # noqa: E402
-from wsi_explain.perf import tune_malloc  # noqa: E402
+from wsi_explain.core.config import ExtractConfig  # noqa: E402
+from wsi_explain.explain.extractors import build_extractors  # noqa: E402
+from wsi_explain.stages.extract import extract_slide  # noqa: E402
+from wsi_explain.explain.fused import FusedExtractor  # noqa: E402
+from wsi_explain.explain.load import load_model  # noqa: E402
+from wsi_explain.core.perf import tune_malloc  # noqa: E402
 
 METHODS = ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "eigencam")
 BATCH = 32

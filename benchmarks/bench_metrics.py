@@ -44,8 +44,8 @@ def throughput(n: int, arch: str) -> list[tuple[str, float, float]]:
 
     from tests.conftest import synthetic_he
     from wsi_explain import metrics as M
-    from wsi_explain.attributors import make_explainer
-    from wsi_explain.perf import tune_malloc
+    from wsi_explain.explain.attributors import make_explainer
+    from wsi_explain.core.perf import tune_malloc
 
     tune_malloc()
     torch.manual_seed(0)
@@ -99,9 +99,9 @@ def _build_run(root: Path, n_tiles: int, tile_px: int, arch: str) -> Path:
     from tests.conftest import synthetic_he
     from tiling import write_pyramidal_tiff
     from wsi_explain import RunFolder, TileConfig, discover_slides, run_tile_stage
-    from wsi_explain.cluster_stage import run_cluster_stage
-    from wsi_explain.config import ClusterConfig, ExtractConfig
-    from wsi_explain.extract_stage import run_extract_stage
+    from wsi_explain.stages.cluster import run_cluster_stage
+    from wsi_explain.core.config import ClusterConfig, ExtractConfig
+    from wsi_explain.stages.extract import run_extract_stage
 
     side = int(np.ceil(np.sqrt(n_tiles * 1.1))) * tile_px
     img = np.full((side, side, 3), 0, np.uint8)
@@ -119,9 +119,9 @@ def score_child(run_dir: str, per_cluster: int) -> dict:
     import shutil
 
     from wsi_explain import RunFolder
-    from wsi_explain.config import ScoreConfig
-    from wsi_explain.perf import tune_malloc
-    from wsi_explain.score_stage import run_score_stage
+    from wsi_explain.core.config import ScoreConfig
+    from wsi_explain.core.perf import tune_malloc
+    from wsi_explain.stages.score import run_score_stage
 
     tune_malloc()
     dst = Path(run_dir).parent / f"run_{per_cluster}"

@@ -31,8 +31,8 @@ SCORE = dict(methods=("gradcam", "hirescam"), per_cluster=12, steps=8, baselines
 
 
 def _run(slides: list[str], out: Path, extract: dict, workers: int) -> tuple[float, dict, int]:
-    from wsi_explain.config import ClusterConfig, ExtractConfig, ScoreConfig, TileConfig
-    from wsi_explain.pipeline import PipelineConfig, run_pipeline
+    from wsi_explain.core.config import ClusterConfig, ExtractConfig, ScoreConfig, TileConfig
+    from wsi_explain.stages.pipeline import PipelineConfig, run_pipeline
 
     cfg = PipelineConfig(slides=tuple(slides), out=str(out), tile=TileConfig(), extract=ExtractConfig(**extract),
                          cluster=ClusterConfig(seed=0), score=ScoreConfig(**SCORE), workers=workers)
@@ -55,9 +55,9 @@ def _table(title: str, rows: list[tuple[str, float, dict, int]]) -> None:
 
 def demo_cohort(tmp: Path) -> tuple[list[str], dict]:
     from wsi_explain import RunFolder, discover_slides, run_tile_stage
-    from wsi_explain.config import TileConfig
-    from wsi_explain.demo_data import build_demo_cohort
-    from wsi_explain.demo_model import train_demo_model
+    from wsi_explain.core.config import TileConfig
+    from wsi_explain.demo.data import build_demo_cohort
+    from wsi_explain.demo.model import train_demo_model
 
     build_demo_cohort(tmp / "demo_slides", seed=0)
     csv = str(tmp / "demo_slides" / "cohort.csv")

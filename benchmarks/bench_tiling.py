@@ -125,9 +125,9 @@ def per_tile_ms(reader, grid, stains, rounds: int, n: int = 300) -> tuple[float,
 
 
 def stage_seconds(path: Path, qc: bool, rounds: int) -> float:
-    from wsi_explain.config import TileConfig
-    from wsi_explain.slides import SlideSource
-    from wsi_explain.tile_stage import tile_slide
+    from wsi_explain.core.config import TileConfig
+    from wsi_explain.io.slides import SlideSource
+    from wsi_explain.stages.tile import tile_slide
 
     cfg = TileConfig(tile_px=224, mpp_target=0.5, qc=qc)
     best = []

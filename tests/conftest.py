@@ -137,8 +137,8 @@ def tiled(tmp_path_factory, slides):
 def extracted(tiled, tmp_path_factory):
     """The tiled run, extracted with the tiny CNN (gradcam, activations kept)."""
     from wsi_explain import RunFolder
-    from wsi_explain.config import ExtractConfig
-    from wsi_explain.extract_stage import run_extract_stage
+    from wsi_explain.core.config import ExtractConfig
+    from wsi_explain.stages.extract import run_extract_stage
 
     run_dir = copy_run(tiled, tmp_path_factory.mktemp("extracted") / "run")
     cfg = ExtractConfig(arch="tests.tiny_models:tiny_cnn", num_classes=2, methods=("gradcam",), activations=True,
@@ -160,9 +160,9 @@ def audit_run(tmp_path_factory, slides):
 
     from tests.tiny_models import tiny_cnn
     from wsi_explain import RunFolder, TileConfig, discover_slides, run_tile_stage
-    from wsi_explain.cluster_stage import run_cluster_stage
-    from wsi_explain.config import ClusterConfig, ExtractConfig
-    from wsi_explain.extract_stage import run_extract_stage
+    from wsi_explain.stages.cluster import run_cluster_stage
+    from wsi_explain.core.config import ClusterConfig, ExtractConfig
+    from wsi_explain.stages.extract import run_extract_stage
 
     d = tmp_path_factory.mktemp("audit")
     ckpts = []

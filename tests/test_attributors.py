@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from tests.tiny_models import tiny_cnn
-from wsi_explain.attributors import ATTRIBUTORS, Attributor, make_attributor
-from wsi_explain.models import ModelError, load_model
+from wsi_explain.explain.attributors import ATTRIBUTORS, Attributor, make_attributor
+from wsi_explain.explain.card import ModelError
+from wsi_explain.explain.load import load_model
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_explain.cams import FUSED_CAMS
-from wsi_explain.fused import FusedExtractor
-from wsi_explain.models import load_model
+from wsi_explain.explain.cams import FUSED_CAMS
+from wsi_explain.explain.fused import FusedExtractor
+from wsi_explain.explain.load import load_model
 
 METHODS = ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "eigencam")
 
@@ -110,7 +110,7 @@ def test_embedding_is_classifier_input(model_and_batch):
 def test_registry_holds_the_six_default_cams_and_each_gives_maps():
     """The extraction's default methods are the six registered CAMs (plus the signed EigenCAM),
     and every registered CAM turns activations and gradients into one (N, h, w) map per tile."""
-    from wsi_explain.config import ExtractConfig
+    from wsi_explain.core.config import ExtractConfig
 
     assert tuple(ExtractConfig().methods) == METHODS
     assert set(FUSED_CAMS) == set(METHODS) | {"eigencam_signed"}
@@ -141,7 +141,7 @@ def test_eigencam_projection_equals_pytorch_grad_cam_with_its_sign(shape, act):
     cheaper factorisation must give the same maps, sign included, tile for tile."""
     from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 
-    from wsi_explain.cams import first_component
+    from wsi_explain.explain.cams import first_component
 
     a = _activations(shape, act, seed=sum(shape))
     before = a.copy()

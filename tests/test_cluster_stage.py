@@ -15,9 +15,9 @@ import zarr
 
 from tests.conftest import copy_run
 from wsi_explain import RunFolder
-from wsi_explain.cluster_stage import run_cluster_stage
-from wsi_explain.config import ClusterConfig
-from wsi_explain.errors import WsiExplainError
+from wsi_explain.stages.cluster import run_cluster_stage
+from wsi_explain.core.config import ClusterConfig
+from wsi_explain.core.errors import WsiExplainError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,8 +86,8 @@ def test_kmeans_option(extracted, tmp_path):
 
 
 def test_needs_extraction_and_activations(tiled, tmp_path):
-    from wsi_explain.config import ExtractConfig
-    from wsi_explain.extract_stage import run_extract_stage
+    from wsi_explain.core.config import ExtractConfig
+    from wsi_explain.stages.extract import run_extract_stage
 
     with RunFolder(copy_run(tiled, tmp_path / "t")) as run:
         with pytest.raises(WsiExplainError, match="run `wsi-explain extract` first"):
@@ -113,7 +113,7 @@ def test_cli_cluster(extracted, tmp_path):
 
 def test_cam_share_on_ink_cells():
     """cam_on_ink is the share of a CAM's mass on pen-ink cells of the coded tissue mask."""
-    from wsi_explain.cluster_stage import tissue_cells
+    from wsi_explain.io.tile_table import tissue_cells
     import clustering
 
     cam = np.zeros((1, 2, 2), np.float32)

@@ -29,7 +29,7 @@ def test_demo_runs_finds_the_ink_shortcut_and_rerun_is_a_noop(tmp_path):
     clusters = pd.read_parquet(run / "cohort/clusters.parquet")
     metrics = pd.read_parquet(run / "cohort/cluster_metrics.parquet")
     assert {"deletion_auc_blur", "road_combined", "sensitivity", "sanity_spearman", "gini"} <= set(metrics.metric)
-    from wsi_explain.demo_data import find_demo_source
+    from wsi_explain.demo.data import find_demo_source
 
     assert find_demo_source().parent.name == "data" and "demo source:" in res.stdout  # the shipped real H&E
     # the ink detector finds the drawn strokes (their outlines are saved beside the slides) ...

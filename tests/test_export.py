@@ -15,10 +15,10 @@ import tiling
 from tests.conftest import copy_run
 from viz import tiles_to_geojson
 from wsi_explain import RunFolder
-from wsi_explain.cluster_stage import run_cluster_stage
-from wsi_explain.config import ClusterConfig
-from wsi_explain.errors import WsiExplainError
-from wsi_explain.export import export_run
+from wsi_explain.stages.cluster import run_cluster_stage
+from wsi_explain.core.config import ClusterConfig
+from wsi_explain.core.errors import WsiExplainError
+from wsi_explain.report.export import export_run
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = 'benign <glands> & "stroma"'  # a pathologist's name, with characters that need escaping

@@ -18,10 +18,10 @@ import zarr
 from tests.conftest import copy_run
 from tests.tiny_models import tiny_cnn
 from wsi_explain import RunFolder, read_tile_table
-from wsi_explain.config import ExtractConfig
-from wsi_explain.extract_stage import STATUS_NONFINITE, STATUS_OK, STATUS_READ_ERROR, run_extract_stage
-from wsi_explain.features import read_cams
-from wsi_explain.models import ModelError
+from wsi_explain.core.config import ExtractConfig
+from wsi_explain.stages.extract import STATUS_NONFINITE, STATUS_OK, STATUS_READ_ERROR, run_extract_stage
+from wsi_explain.io.features import read_cams
+from wsi_explain.explain.card import ModelError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "tests.tiny_models:tiny_cnn"
@@ -65,8 +65,8 @@ def test_outputs_match_a_direct_forward(run_dir):
     assert g.attrs["target_layer"] == "features" and g.attrs["embedding_layer"] == "fc"
     # recompute 5 tiles directly from the slide and compare
     import tiling
-    from wsi_explain.fused import FusedExtractor
-    from wsi_explain.models import load_model
+    from wsi_explain.explain.fused import FusedExtractor
+    from wsi_explain.explain.load import load_model
 
     fx = FusedExtractor(load_model(TINY, num_classes=2), methods=("gradcam", "hirescam", "eigencam"), tile_px=32)
     idx = np.array([0, 3, n // 2, n - 2, n - 1])
@@ -165,7 +165,7 @@ def test_activations_and_other_methods(run_dir, caplog):
     import logging
 
     cfg = _cfg(activations=True, methods=("gradcam", "saliency", "integratedgradients"), attr_sample=6, attr_px=8)
-    with caplog.at_level(logging.INFO, logger="wsi_explain.extract_stage"), RunFolder(run_dir) as run:
+    with caplog.at_level(logging.INFO, logger="wsi_explain.stages.extract"), RunFolder(run_dir) as run:
         run_extract_stage(run, cfg, slide_ids=["generic"])
     assert "GB before compression" in caplog.text   # the size is said before the run
     g = zarr.open_group(str(run_dir / "slides/generic/features.zarr"), mode="r")
@@ -184,8 +184,8 @@ def test_sigkill_resume_equals_uninterrupted(run_dir, tmp_path):
     shutil.copytree(run_dir, clean)
     cfg = _cfg(arch="tests.tiny_models:slow_cnn", chunk_tiles=32, batch_size=16)
     code = (
-        "import sys; from wsi_explain import RunFolder; from wsi_explain.config import ExtractConfig; "
-        "from wsi_explain.extract_stage import run_extract_stage; "
+        "import sys; from wsi_explain import RunFolder; from wsi_explain.core.config import ExtractConfig; "
+        "from wsi_explain.stages.extract import run_extract_stage; "
         f"cfg = ExtractConfig.model_validate_json({cfg.model_dump_json()!r}); "
         "run = RunFolder(sys.argv[1]); run_extract_stage(run, cfg, slide_ids=['generic'])"
     )

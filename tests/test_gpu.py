@@ -13,11 +13,11 @@ import zarr
 
 from tests.conftest import copy_run
 from wsi_explain import RunFolder
-from wsi_explain.cams import normalise_maps
-from wsi_explain.config import ExtractConfig
-from wsi_explain.extract_stage import STATUS_OK, run_extract_stage
-from wsi_explain.fused import FusedExtractor
-from wsi_explain.models import load_model
+from wsi_explain.explain.maps import scale_maps
+from wsi_explain.core.config import ExtractConfig
+from wsi_explain.stages.extract import STATUS_OK, run_extract_stage
+from wsi_explain.explain.fused import FusedExtractor
+from wsi_explain.explain.load import load_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -51,7 +51,7 @@ def test_fused_pass_on_cuda_equals_cpu():
     np.testing.assert_allclose(gpu.embeddings, cpu.embeddings, atol=1e-3, rtol=1e-3)
     np.testing.assert_array_equal(gpu.targets, cpu.targets)
     for m in METHODS:
-        a, b = normalise_maps(cpu.cams[m]), normalise_maps(gpu.cams[m])
+        a, b = scale_maps(cpu.cams[m]), scale_maps(gpu.cams[m])
         if m == "eigencam":  # the reference's LAPACK sign may differ where round-off differs
             same = np.abs(a - b).max(axis=(1, 2)) <= 1e-3
             assert same.mean() >= 0.75, f"eigencam: {same.sum()} of {len(a)} maps agree"
@@ -65,7 +65,7 @@ def test_autocast_keeps_predictions_and_maps():
     full, amp = _pass("cuda", x, amp=False), _pass("cuda", x, amp=True)
     assert (full.logits.argmax(1) == amp.logits.argmax(1)).mean() >= 0.9
     for m in ("gradcam", "hirescam", "eigencam_signed"):
-        a, b = (normalise_maps(o.cams[m]).reshape(len(x), -1) for o in (full, amp))
+        a, b = (scale_maps(o.cams[m]).reshape(len(x), -1) for o in (full, amp))
         corr = [np.corrcoef(p, q)[0, 1] for p, q in zip(a, b) if p.std() > 0 and q.std() > 0]
         assert np.median(corr) > 0.95, f"{m}: median correlation {np.median(corr):.3f}"
 
@@ -89,7 +89,7 @@ def test_extract_stage_on_cuda_equals_cpu(tiled, tmp_path):
 
 def test_eigencam_signed_runs_on_the_device():
     a = torch.relu(torch.randn(16, 512, 7, 7, generator=torch.Generator().manual_seed(4)))
-    from wsi_explain.cams import FUSED_CAMS
+    from wsi_explain.explain.cams import FUSED_CAMS
 
     out = FUSED_CAMS["eigencam_signed"](a.cuda(), None)
     assert out.device.type == "cuda"

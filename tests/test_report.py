@@ -11,10 +11,10 @@ import pytest
 
 from tests.conftest import PageWatch, copy_run
 from wsi_explain import RunFolder
-from wsi_explain.cluster_names import save_cluster_name
-from wsi_explain.config import ScoreConfig
-from wsi_explain.report_stage import run_report_stage
-from wsi_explain.score_stage import run_score_stage
+from wsi_explain.report.names import save_cluster_name
+from wsi_explain.core.config import ScoreConfig
+from wsi_explain.stages.report import run_report_stage
+from wsi_explain.stages.score import run_score_stage
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from wsi_explain import RunFolder, RunLockedError, discover_slides, safe_slide_id, slide_fingerprint
-from wsi_explain.errors import ManifestError, SlideListError
-from wsi_explain.run import SCHEMA_VERSION
+from wsi_explain.core.errors import ManifestError, SlideListError
+from wsi_explain.core.run import SCHEMA_VERSION
 
 
 def test_manifest_roundtrip_and_skip_logic(tmp_path):

@@ -12,8 +12,8 @@ import pytest
 
 from tests.conftest import copy_run
 from wsi_explain import RunFolder
-from wsi_explain.config import ScoreConfig
-from wsi_explain.score_stage import COHORT_ROW, run_score_stage
+from wsi_explain.core.config import ScoreConfig
+from wsi_explain.stages.score import COHORT_ROW, run_score_stage
 
 FAST = dict(per_cluster=6, steps=4, road_percentiles=(50,), infidelity_samples=3, sensitivity_samples=2,
             sanity_tiles=3, n_boot=100, baselines=("constant",))
@@ -112,7 +112,7 @@ def test_killed_score_resumes_to_the_same_result(audit_run, tmp_path):
     code = f"""
 import os, signal
 from wsi_explain import RunFolder
-from wsi_explain.config import ScoreConfig
+from wsi_explain.core.config import ScoreConfig
 from wsi_explain import score_stage
 orig = score_stage.atomic_write_parquet
 def write(df, path, meta=None):
@@ -135,8 +135,8 @@ with RunFolder({str(killed)!r}) as run:
 
 
 def test_unknown_method_and_unclustered_run_are_clear_errors(audit_run, extracted, tmp_path):
-    from wsi_explain.errors import WsiExplainError
-    from wsi_explain.models import ModelError
+    from wsi_explain.core.errors import WsiExplainError
+    from wsi_explain.explain.card import ModelError
 
     d = copy_run(audit_run, tmp_path / "run")
     with RunFolder(d) as run, pytest.raises(ModelError, match="unknown method"):
@@ -170,7 +170,7 @@ def test_cli_score_with_extra_models(audit_run, tmp_path):
 
 def test_chunking_of_the_sample_does_not_change_values(audit_run, tmp_path, monkeypatch):
     """Samples are scored in chunks (bounded memory); the values do not depend on the chunk."""
-    from wsi_explain.score_sample import SampleScorer
+    from wsi_explain.stages.score_sample import SampleScorer
 
     out = []
     for chunk in (64, 8):

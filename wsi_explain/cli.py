@@ -51,8 +51,8 @@ def _config(cls, what: str, **kw):
 
 def _open_run(path: Path):
     """The run folder opened for writing, or exit 2 with the reason (locked, bad manifest)."""
-    from .errors import ManifestError, RunLockedError
-    from .run import RunFolder
+    from wsi_explain.core.errors import ManifestError, RunLockedError
+    from wsi_explain.core.run import RunFolder
 
     try:
         return RunFolder(path)
@@ -61,7 +61,7 @@ def _open_run(path: Path):
 
 
 def _tile_config(**kw):
-    from .config import TileConfig
+    from wsi_explain.core.config import TileConfig
 
     return _config(TileConfig, "tiling", **{k: v for k, v in kw.items() if v is not None})
 
@@ -95,9 +95,9 @@ def _print_tile_summary(results) -> int:
 def _run_tiling(slides: list[str], out: Path, mpp: Optional[float], cfg) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .errors import SlideListError
-    from .slides import discover_slides
-    from .tile_stage import run_tile_stage
+    from wsi_explain.core.errors import SlideListError
+    from wsi_explain.io.slides import discover_slides
+    from wsi_explain.stages.tile import run_tile_stage
 
     try:
         sources = discover_slides(slides, mpp=mpp)
@@ -198,9 +198,9 @@ def extract(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .config import ExtractConfig
-    from .errors import WsiExplainError
-    from .extract_stage import run_extract_stage
+    from wsi_explain.core.config import ExtractConfig
+    from wsi_explain.core.errors import WsiExplainError
+    from wsi_explain.stages.extract import run_extract_stage
 
     cfg = _config(
             ExtractConfig, "extraction",
@@ -257,9 +257,9 @@ def cluster(
     from rich.console import Console
     from rich.table import Table
 
-    from .cluster_stage import run_cluster_stage
-    from .config import ClusterConfig
-    from .errors import WsiExplainError
+    from wsi_explain.stages.cluster import run_cluster_stage
+    from wsi_explain.core.config import ClusterConfig
+    from wsi_explain.core.errors import WsiExplainError
 
     cfg = _config(ClusterConfig, "clustering", method=method, k=k, min_cluster_size=min_cluster_size, pca=pca, l2=l2,
                   n_neighbors=n_neighbors, concepts=concepts, seed=seed,
@@ -314,10 +314,10 @@ def score(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from .config import METRIC_GROUPS, ScoreConfig
-    from .errors import WsiExplainError
-    from .models import ModelError
-    from .score_stage import COHORT_ROW, run_score_stage
+    from wsi_explain.core.config import METRIC_GROUPS, ScoreConfig
+    from wsi_explain.core.errors import WsiExplainError
+    from wsi_explain.explain.card import ModelError
+    from wsi_explain.stages.score import COHORT_ROW, run_score_stage
 
     try:
         pct = tuple(int(p) for p in _csv(road_percentiles))
@@ -370,8 +370,8 @@ def report(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .errors import WsiExplainError
-    from .report_stage import run_report_stage
+    from wsi_explain.core.errors import WsiExplainError
+    from wsi_explain.stages.report import run_report_stage
 
     console = Console()
     rf = _open_run(run)
@@ -396,8 +396,8 @@ def serve(
     _setup_logging(verbose)
     from rich.console import Console
 
-    from .errors import WsiExplainError
-    from .serve import make_server
+    from wsi_explain.core.errors import WsiExplainError
+    from wsi_explain.report.serve import make_server
 
     try:
         server = make_server(run, port=port, address=address, allow_origin=allow_origin)
@@ -419,8 +419,8 @@ def export(run: Path = typer.Argument(..., help="Run folder (clustered).")) -> N
     exports/cohort_tiles.csv."""
     from rich.console import Console
 
-    from .errors import WsiExplainError
-    from .export import export_run
+    from wsi_explain.core.errors import WsiExplainError
+    from wsi_explain.report.export import export_run
 
     with _open_run(run) as rf:
         try:
@@ -436,8 +436,8 @@ def status(run: Path = typer.Argument(..., help="Run folder.")) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .errors import ManifestError
-    from .run import RunFolder
+    from wsi_explain.core.errors import ManifestError
+    from wsi_explain.core.run import RunFolder
 
     try:
         rf = RunFolder(run, readonly=True)
@@ -479,9 +479,9 @@ def run_cmd(
     _setup_logging(verbose)
     from rich.console import Console
 
-    from .errors import WsiExplainError
-    from .models import ModelError
-    from .pipeline import PipelineConfig, read_pipeline_yaml, run_pipeline
+    from wsi_explain.core.errors import WsiExplainError
+    from wsi_explain.explain.card import ModelError
+    from wsi_explain.stages.pipeline import PipelineConfig, read_pipeline_yaml, run_pipeline
 
     def section(base: dict, **kw) -> dict:
         return {**base, **{k: v for k, v in kw.items() if v is not None}}
@@ -534,8 +534,8 @@ def demo(
     _setup_logging(verbose)
     from rich.console import Console
 
-    from .demo import DEMO_TILE_MPP, print_demo_summary, run_demo_audit
-    from .demo_data import build_demo_cohort, find_demo_source
+    from wsi_explain.demo.audit import DEMO_TILE_MPP, print_demo_summary, run_demo_audit
+    from wsi_explain.demo.data import build_demo_cohort, find_demo_source
 
     console = Console()
     src = find_demo_source()

@@ -3,7 +3,7 @@
 Faithfulness (deletion/insertion, Drop/Increase in Confidence, ROAD, infidelity), robustness
 (sensitivity), localisation (pointing game, graded hit, relevance mass and rank, IoU/coverage),
 complexity (Gini, entropy, mass on a region), ensemble spread, the cascading randomisation sanity
-check and cluster removal. The score stage (:mod:`wsi_explain.score_stage`) applies them per
+check and cluster removal. The score stage (:mod:`wsi_explain.stages.score`) applies them per
 cluster.
 """
 

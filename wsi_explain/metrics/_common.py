@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["as_tensor_maps", "minmax", "target_probs", "as_targets", "model_device", "chunks", "seeded", "CHUNK"]
+__all__ = ["as_tensor_maps", "target_probs", "as_targets", "model_device", "chunks", "seeded", "CHUNK"]
 
 #: inputs per seeded chunk of the stochastic metrics (infidelity, sensitivity)
 CHUNK = 8
@@ -29,14 +29,6 @@ def as_tensor_maps(maps: np.ndarray | torch.Tensor, size: tuple[int, int]) -> to
     if tuple(t.shape[-2:]) == tuple(size):
         return t.clone()
     return F.interpolate(t[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-
-
-def minmax(maps: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Per-map min-max normalisation to [0, 1] (as pytorch-grad-cam's ``scale_cam_image``)."""
-    flat = maps.flatten(1)
-    lo = flat.min(1).values[:, None, None]
-    hi = flat.max(1).values[:, None, None]
-    return (maps - lo) / (hi - lo + eps)
 
 
 def as_targets(targets, n: int) -> torch.Tensor:

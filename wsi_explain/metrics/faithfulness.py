@@ -22,7 +22,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._common import as_targets, as_tensor_maps, chunks, minmax, model_device, seeded, target_probs
+from wsi_explain.explain.maps import scale_maps
+
+from ._common import as_targets, as_tensor_maps, chunks, model_device, seeded, target_probs
 
 __all__ = ["perturbation_curve", "curve_auc", "make_baseline", "confidence_change", "road", "infidelity_score"]
 
@@ -137,7 +139,7 @@ def confidence_change(
     n, _, h, w = inputs.shape
     t = as_targets(targets, n)
     x = inputs.detach().float().cpu()
-    m01 = minmax(as_tensor_maps(maps, (h, w)))
+    m01 = scale_maps(as_tensor_maps(maps, (h, w)))
     y = target_probs(model, x, t, batch_size=batch_size)
     o = target_probs(model, _perturb_by_map(x, m01, how, threshold, fill), t, batch_size=batch_size)
     drop_abs = np.maximum(y - o, 0).astype(np.float32)
@@ -176,7 +178,7 @@ def road(
     n, _, h, w = inputs.shape
     t = as_targets(targets, n)
     x = inputs.detach().float().to(model_device(model))  # pytorch-grad-cam runs the model on the input's device
-    cams = minmax(as_tensor_maps(maps, (h, w))).numpy()
+    cams = scale_maps(as_tensor_maps(maps, (h, w))).numpy()
     morf_m, lerf_m = ROADMostRelevantFirstAverage(list(percentiles)), ROADLeastRelevantFirstAverage(list(percentiles))
     morf, lerf = [], []
     # the imputer adds noise: inputs go in chunks of CHUNK, each seeded with seed + its first index,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from wsi_explain.explain.maps import minmax_maps
+
 from ._common import as_tensor_maps
 
 __all__ = ["pointing_game", "graded_hit", "relevance_mass", "relevance_rank", "iou_coverage"]
@@ -85,9 +87,7 @@ def iou_coverage(maps, masks, *, threshold: float = 0.5) -> dict[str, np.ndarray
     annotated region the map covers), ``precision`` = |S ∩ M| / |S|; NaN for an empty mask.
     """
     m, mk = _resized(maps, masks)
-    flat = m.reshape(len(m), -1)
-    lo, hi = flat.min(1, keepdims=True), flat.max(1, keepdims=True)
-    s = ((flat - lo) / np.where(hi > lo, hi - lo, 1)) >= threshold
+    s = minmax_maps(m).reshape(len(m), -1) >= threshold
     mk = mk.astype(bool).reshape(len(mk), -1)
     inter = (s & mk).sum(1).astype(np.float64)
     union = (s | mk).sum(1)

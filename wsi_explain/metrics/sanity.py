@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsi_explain.explain.maps import minmax_maps
+
 __all__ = ["randomisation_blocks", "cascading_randomisation", "spearman_rows", "ssim_rows"]
 
 logger = logging.getLogger(__name__)
@@ -64,18 +66,15 @@ def ssim_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """SSIM of each pair of maps after per-map min-max to [0, 1] -> (N,) float32."""
     from skimage.metrics import structural_similarity
 
-    def mm(x):
-        lo, hi = x.min(), x.max()
-        return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-
     out = []
+    a, b = minmax_maps(np.asarray(a, np.float64)), minmax_maps(np.asarray(b, np.float64))
     for x, y in zip(a, b):
         win = min(7, *x.shape)
         win -= 1 - win % 2  # odd
         if win < 3:
             out.append(np.nan)
             continue
-        out.append(structural_similarity(mm(x.astype(np.float64)), mm(y.astype(np.float64)), data_range=1.0, win_size=win))
+        out.append(structural_similarity(x, y, data_range=1.0, win_size=win))
     return np.asarray(out, np.float32)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_write_bytes
+from wsi_explain.core.atomic import atomic_write_bytes
 
 __all__ = ["TileImages", "TileImageError"]
 
@@ -61,9 +61,9 @@ class TileImages:
     def _slide(self, slide_id: str):
         with self._lock:
             if slide_id not in self._slides:
-                from .features import open_store
-                from .tile_stage import read_tile_table
-                from .tiles_io import TileDataset
+                from wsi_explain.io.features import open_store
+                from wsi_explain.io.tile_table import read_tile_table
+                from wsi_explain.io.loader import TileDataset
 
                 sdir = self.run_path / "slides" / slide_id
                 tiles, meta = read_tile_table(sdir / "tiles.parquet")
@@ -82,7 +82,7 @@ class TileImages:
 
     def map(self, slide_id: str, tile_id: int, method: str) -> np.ndarray | None:
         """The stored map of a method for a tile (raw, at its stored resolution), or None."""
-        from .features import read_cams
+        from wsi_explain.io.features import read_cams
 
         _, _, g = self._slide(slide_id)
         if f"cams/{method}" in g:

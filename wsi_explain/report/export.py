@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .atomic import atomic_path
-from .errors import WsiExplainError
-from .run import RunFolder
+from wsi_explain.core.atomic import atomic_path
+from wsi_explain.core.errors import WsiExplainError
+from wsi_explain.core.run import RunFolder
 
 __all__ = ["export_run", "cluster_names"]
 
@@ -18,8 +18,8 @@ logger = logging.getLogger(__name__)
 
 def cluster_names(run: RunFolder) -> dict[int, str]:
     """Names pathologists gave to clusters (``cohort/cluster_names.json``, see
-    :mod:`wsi_explain.cluster_names`)."""
-    from .cluster_names import read_cluster_names
+    :mod:`wsi_explain.report.names`)."""
+    from wsi_explain.report.names import read_cluster_names
 
     return {int(k): str(v) for k, v in read_cluster_names(run.path)["names"].items()}
 

@@ -16,15 +16,14 @@ from typing import Callable
 import yaml
 from pydantic import Field
 
-from .config import ClusterConfig, ExtractConfig, ScoreConfig, TileConfig, _Frozen
-from .errors import DiskFullError, WsiExplainError, is_disk_full
-from .run import RunFolder
+from wsi_explain.core.config import ClusterConfig, ExtractConfig, ScoreConfig, TileConfig, _Frozen
+from wsi_explain.core.errors import DiskFullError, WsiExplainError, is_disk_full
+from wsi_explain.core.run import STAGES, RunFolder
 
 __all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "load_pipeline_config", "read_pipeline_yaml", "STAGES"]
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("tile", "extract", "cluster", "score", "report")
 
 
 class PipelineConfig(_Frozen):
@@ -102,13 +101,13 @@ def run_pipeline(cfg: PipelineConfig, *, executor=None, on_event: Callable[[str,
         one given here is not closed).
     on_event : callable(stage, message), optional (progress in the CLI).
     """
-    from .cluster_stage import run_cluster_stage
-    from .executor import make_executor
-    from .extract_stage import run_extract_stage
-    from .report_stage import run_report_stage
-    from .score_stage import run_score_stage
-    from .slides import discover_slides
-    from .tile_stage import run_tile_stage
+    from wsi_explain.stages.cluster import run_cluster_stage
+    from wsi_explain.core.executor import make_executor
+    from wsi_explain.stages.extract import run_extract_stage
+    from wsi_explain.stages.report import run_report_stage
+    from wsi_explain.stages.score import run_score_stage
+    from wsi_explain.io.slides import discover_slides
+    from wsi_explain.stages.tile import run_tile_stage
 
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .fused import resolve_device
-from .models import LoadedModel, ModelError, default_target_layer, find_module
+from wsi_explain.explain.fused import resolve_device
+from wsi_explain.explain.card import LoadedModel, ModelError
+from wsi_explain.explain.layers import default_target_layer, find_module
 
 __all__ = [
     "Attributor",
@@ -270,11 +271,11 @@ def _deeplift_factory(model, *, name, attribute_kwargs=None, tile_px=224, **kw):
     checked here, with a clear message, instead of failing in the middle of a run."""
     from captum.attr import DeepLift
 
-    from .models import _trace
+    from wsi_explain.explain.layers import trace
 
     module = model.module if isinstance(model, LoadedModel) else model
     counts: dict[str, int] = {}
-    for n, m, _ in _trace(module, tile_px):
+    for n, m, _ in trace(module, tile_px):
         if isinstance(m, (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh)):
             counts[n] = counts.get(n, 0) + 1
     reused = sorted(n for n, c in counts.items() if c > 1)
@@ -322,7 +323,7 @@ class FusedCamAttributor(Attributor):
     """
 
     def __init__(self, model, *, name: str, target_layer=None, tile_px: int = 224, **kw) -> None:
-        from .fused import FusedExtractor
+        from wsi_explain.explain.fused import FusedExtractor
 
         super().__init__(model, **kw)
         self.name = name
@@ -340,7 +341,7 @@ class FusedCamAttributor(Attributor):
 
 def make_explainer(name: str, model: LoadedModel | nn.Module, **options) -> Attributor:
     """An :class:`Attributor` for any method name: fused CAMs and the registered attributors."""
-    from .cams import FUSED_CAMS
+    from wsi_explain.explain.cams import FUSED_CAMS
 
     if name in FUSED_CAMS:
         return FusedCamAttributor(model, name=name, **options)

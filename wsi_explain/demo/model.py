@@ -29,10 +29,10 @@ def train_demo_model(run, out_dir: Path, *, seed: int = 0, workers: int = 2, bat
     import yaml
     from sklearn.linear_model import LogisticRegression
 
-    from .fused import FusedExtractor
-    from .models import load_model
-    from .tile_stage import read_tile_table
-    from .tiles_io import TileDataset, tile_batches
+    from wsi_explain.explain.fused import FusedExtractor
+    from wsi_explain.explain.load import load_model
+    from wsi_explain.io.tile_table import read_tile_table
+    from wsi_explain.io.loader import TileDataset, tile_batches
 
     out_dir = Path(out_dir)
     weights = out_dir / "demo_effnet.pt"

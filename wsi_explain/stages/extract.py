@@ -29,16 +29,17 @@ from typing import Callable
 
 import numpy as np
 
-from .cams import normalise_maps
-from .config import ExtractConfig
-from .errors import DiskFullError, SlideError, WsiExplainError, is_disk_full
-from .run import RunFolder, now_iso, params_hash
+from wsi_explain.explain.maps import scale_maps, softmax
+from wsi_explain.core.config import ExtractConfig
+from wsi_explain.core.errors import DiskFullError, SlideError, WsiExplainError, is_disk_full
+from wsi_explain.core.run import STAGES, now_iso, params_hash, RunFolder
+from wsi_explain.explain.extractors import build_extractors, split_methods
 
-__all__ = ["ExtractResult", "run_extract_stage", "extract_slide", "open_features", "build_extractors", "STAGE"]
+__all__ = ["ExtractResult", "run_extract_stage", "extract_slide", "open_features", "STAGE"]
 
 logger = logging.getLogger(__name__)
 
-STAGE = "extract"
+STAGE = STAGES[1]  # "extract"
 STATUS_PENDING, STATUS_OK, STATUS_READ_ERROR, STATUS_NONFINITE = 0, 1, 2, 3
 
 
@@ -53,53 +54,6 @@ class ExtractResult:
     tiles_per_s: float = 0.0
     error: str | None = None
     problems: list = field(default_factory=list)
-
-
-def split_methods(methods) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(fused CAM methods, other attribution methods); unknown names raise ModelError."""
-    from .attributors import ATTRIBUTORS
-    from .cams import FUSED_CAMS
-    from .models import ModelError
-
-    unknown = [m for m in methods if m not in FUSED_CAMS and m not in ATTRIBUTORS]
-    if unknown:
-        raise ModelError(f"unknown method(s) {unknown}; fused CAMs: {sorted(FUSED_CAMS)}; others: {sorted(ATTRIBUTORS)}")
-    return tuple(m for m in methods if m in FUSED_CAMS), tuple(m for m in methods if m not in FUSED_CAMS)
-
-
-def build_extractors(cfg: ExtractConfig, tile_px: int):
-    """Load the model(s) and wrap them in :class:`FusedExtractor` (validates shapes and layers
-    with a dummy forward, before any tile is read)."""
-    from .fused import FusedExtractor
-    from .models import load_model
-
-    fused, _ = split_methods(cfg.methods)
-
-    weights = [cfg.weights] + list(cfg.ensemble) if cfg.ensemble else [cfg.weights]
-    out = []
-    for w in weights:
-        lm = load_model(
-            cfg.arch,
-            weights=w,
-            num_classes=cfg.num_classes,
-            class_names=list(cfg.class_names) if cfg.class_names else None,
-            card=cfg.card,
-            trust_checkpoint=cfg.trust_checkpoint,
-        )
-        out.append(
-            FusedExtractor(
-                lm,
-                methods=fused,
-                target_layer=cfg.target_layer,
-                embedding_layer=cfg.embedding_layer,
-                target=cfg.target,
-                device=cfg.device,
-                keep_activations=cfg.activations,
-                amp=cfg.amp,
-                tile_px=tile_px,
-            )
-        )
-    return out
 
 
 def _probe(fx, tile_px: int):
@@ -149,12 +103,6 @@ def open_features(path: Path, *, n: int, probe, cfg: ExtractConfig, params: str,
     return g
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of logits (n, K), numerically stable."""
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def _read_done(g) -> np.ndarray:
     try:
         return np.asarray(g["done"][:], dtype=bool)
@@ -187,7 +135,7 @@ def extract_slide(
     on_tiles : callable(int), optional
         Called with the number of tiles finished after each batch (progress bars).
     """
-    from .tiles_io import TileDataset, chunk_batches, tile_batches
+    from wsi_explain.io.loader import TileDataset, chunk_batches, tile_batches
 
     t0 = time.perf_counter()
     n = len(tiles)
@@ -277,7 +225,7 @@ def _collect(buf: dict, outs: list, ok: np.ndarray, errs: list, ids: np.ndarray,
         add("ensemble/probs_mean", []).append(probs.mean(1))
         add("ensemble/probs_std", []).append(probs.std(1))
         for m in main.cams:
-            stack = np.stack([normalise_maps(o.cams[m]) for o in outs], axis=1)  # (B, M, h, w)
+            stack = np.stack([scale_maps(o.cams[m]) for o in outs], axis=1)  # (B, M, h, w)
             add(f"ensemble/cams/{m}_mean", []).append(stack.mean(1))
             add(f"ensemble/cams/{m}_std", []).append(stack.std(1))
 
@@ -327,7 +275,7 @@ def _models(cfg: ExtractConfig, tile_px: int) -> tuple[list, list]:
     if key not in _MODELS:
         extractors = build_extractors(cfg, tile_px)
         if extractors[0].device.type == "cpu":
-            from .perf import tune_malloc
+            from wsi_explain.core.perf import tune_malloc
 
             tune_malloc()
         _MODELS.clear()
@@ -338,8 +286,8 @@ def _models(cfg: ExtractConfig, tile_px: int) -> tuple[list, list]:
 def extract_task(sid: str, run_path: str, cfg: ExtractConfig, params: str, tile_px: int, on_tiles=None) -> dict:
     """Extract one slide of a run (a task: runs here or on a Dask worker). Never raises for a
     bad slide: returns ``{"ok": False, "error": message}`` so the parent records it."""
-    from .executor import worker_setup
-    from .tile_stage import read_tile_table
+    from wsi_explain.core.executor import worker_setup
+    from wsi_explain.io.tile_table import read_tile_table
 
     start, t0 = now_iso(), time.perf_counter()
     device = worker_setup()
@@ -379,17 +327,16 @@ def run_extract_stage(
     """Extract features for every tiled slide of the run (or ``slide_ids``).
 
     The model is loaded and checked (output size, layer names) once, before any tile is read;
-    model errors raise :class:`wsi_explain.models.ModelError`. Per-slide failures are recorded in
+    model errors raise :class:`wsi_explain.explain.card.ModelError`. Per-slide failures are recorded in
     the manifest and the other slides go on; decode failures and non-finite outputs are per tile
     (``status`` array) and reported in the manifest. ``executor`` runs the slides (default: here,
     in order; a ``DaskExecutor`` spreads them over workers, each loading the model once).
     """
-    from .executor import SerialExecutor
-    from .tile_stage import STAGE as TILE_STAGE
-    from .tile_stage import read_tile_table
+    from wsi_explain.core.executor import SerialExecutor
+    from wsi_explain.io.tile_table import read_tile_table
 
     executor = executor or SerialExecutor()
-    tile_stage = run.stage(TILE_STAGE)["slides"]
+    tile_stage = run.stage(STAGES[0])  # the tiling stage's records["slides"]
     ids = slide_ids or [s for s, r in tile_stage.items() if r.get("status") == "done"]
     if not ids:
         raise WsiExplainError(f"{run.path}: no tiled slide to extract; run `wsi-explain tile` first")
@@ -442,7 +389,7 @@ def run_extract_stage(
 
 
 def _build_attributors(cfg: ExtractConfig, fx, tile_px: int) -> list:
-    from .attributors import make_attributor
+    from wsi_explain.explain.attributors import make_attributor
 
     _, others = split_methods(cfg.methods)
     return [
@@ -454,7 +401,7 @@ def _build_attributors(cfg: ExtractConfig, fx, tile_px: int) -> list:
 
 def _run_attributors(meta: dict, tiles, store: Path, fx, cfg: ExtractConfig, params: str, attributors: list) -> None:
     """Methods outside the fused pass, on a seeded sample of tiles, explaining the same targets."""
-    from .features import add_attributions, attribute_tiles, open_store
+    from wsi_explain.io.features import add_attributions, attribute_tiles, open_store
 
     if not attributors:
         return

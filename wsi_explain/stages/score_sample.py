@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import metrics as M
-from .config import ExtractConfig, ScoreConfig
+from wsi_explain import metrics as M
+from wsi_explain.core.config import ExtractConfig, ScoreConfig
+from wsi_explain.explain.maps import minmax_maps
 
 __all__ = ["SampleScorer", "sample_clusters", "grades_for"]
 
@@ -82,8 +83,8 @@ class SampleScorer:
 
     def __init__(self, run_path: Path, cfg: ScoreConfig, ecfg: ExtractConfig, methods: tuple[str, ...],
                  positive_labels: tuple[str, ...], tile_px: int) -> None:
-        from .attributors import make_explainer
-        from .extract_stage import build_extractors
+        from wsi_explain.explain.attributors import make_explainer
+        from wsi_explain.explain.extractors import build_extractors
 
         self.run_path, self.cfg, self.methods, self.positive = run_path, cfg, methods, positive_labels
         self.tile_px = tile_px
@@ -102,13 +103,13 @@ class SampleScorer:
     # -- inputs ----------------------------------------------------------------------------
     def _slide(self, sid: str) -> _SlideInfo:
         if sid not in self._slides:
-            from .features import open_store
-            from .tile_stage import read_tile_table
+            from wsi_explain.io.features import open_store
+            from wsi_explain.io.tile_table import read_tile_table
 
             sdir = self.run_path / "slides" / sid
             tiles, meta = read_tile_table(sdir / "tiles.parquet")
             targets = np.asarray(open_store(sdir / "features.zarr")["targets"][:], np.int64)
-            from .tiles_io import TileDataset
+            from wsi_explain.io.loader import TileDataset
 
             ds = TileDataset(meta["slide_path"], tiles, mpp=meta.get("level0_mpp"))
             info = _SlideInfo(tiles, meta, targets, ds)
@@ -265,7 +266,7 @@ class SampleScorer:
         return values, pd.DataFrame(sanity_rows)
 
     def _sanity_explain(self, method: str):
-        from .attributors import make_explainer
+        from wsi_explain.explain.attributors import make_explainer
 
         def explain(module, z, targets):
             return make_explainer(method, module, **self._opts).attribute(z, targets=targets)
@@ -274,8 +275,8 @@ class SampleScorer:
 
     def _ensemble(self, x: torch.Tensor, t: np.ndarray, labels: np.ndarray | None) -> dict:
         """Spread of the run's model and the ``--models`` checkpoints on the sample."""
-        from .extract_stage import build_extractors
-        from .fused import FusedExtractor
+        from wsi_explain.explain.extractors import build_extractors
+        from wsi_explain.explain.fused import FusedExtractor
 
         if self._extra is None:
             self._extra = [build_extractors(self.ecfg.model_copy(update={"weights": w}), self.tile_px)[0] for w in self.cfg.models]
@@ -288,9 +289,7 @@ class SampleScorer:
                 out = f.forward(x, targets=t)
             probs.append(torch.softmax(torch.from_numpy(out.logits), 1).numpy())
             for m in fused:
-                c = out.cams[m].reshape(len(x), -1)
-                lo, hi = c.min(1, keepdims=True), c.max(1, keepdims=True)
-                cams[m].append(((c - lo) / np.where(hi > lo, hi - lo, 1)).reshape(out.cams[m].shape))
+                cams[m].append(minmax_maps(out.cams[m]))
         p = np.stack(probs, 1)
         res = {}
         for m in fused:

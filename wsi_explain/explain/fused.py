@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cams import FUSED_CAMS, fused_cams, needs_grad
-from .models import LoadedModel, ModelError, default_classifier, default_target_layer, find_module
+from wsi_explain.explain.cams import FUSED_CAMS, fused_cams, needs_grad
+from wsi_explain.explain.card import LoadedModel, ModelError
+from wsi_explain.explain.layers import default_classifier, default_target_layer, find_module
 
 __all__ = ["FusedExtractor", "FusedOutput", "resolve_device"]
 
@@ -58,7 +59,7 @@ class FusedExtractor:
     ----------
     model : LoadedModel
     methods : sequence of str
-        Fused CAMs to compute (:data:`wsi_explain.cams.FUSED_CAMS`).
+        Fused CAMs to compute (:data:`wsi_explain.explain.cams.FUSED_CAMS`).
     target_layer : str, optional
         Dotted module name; default :func:`default_target_layer`.
     embedding_layer : str, optional

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 def _tile_handler():
     from tornado.web import HTTPError, RequestHandler
 
-    from .tile_images import TileImageError
+    from wsi_explain.io.tile_images import TileImageError
 
     class TileHandler(RequestHandler):
         def initialize(self, images) -> None:
@@ -45,8 +45,8 @@ def _tile_handler():
 def _load(run_path: Path) -> dict:
     import pyarrow.parquet as pq
 
-    from .cluster_names import read_cluster_names
-    from .tile_stage import read_tile_table
+    from wsi_explain.report.names import read_cluster_names
+    from wsi_explain.io.tile_table import read_tile_table
 
     cdir = run_path / "cohort"
     tiles = pd.read_parquet(cdir / "tiles.parquet")
@@ -73,8 +73,8 @@ def explorer_document(doc, run_path: Path, images) -> None:
 
     import viz
 
-    from .cluster_names import save_cluster_name
-    from .explorer_inputs import cluster_table, colour_options
+    from wsi_explain.report.names import save_cluster_name
+    from wsi_explain.report.explorer_inputs import cluster_table, colour_options
 
     d = _load(run_path)
     tiles, clusters, cam = d["tiles"], d["clusters"], d["cam"]
@@ -142,8 +142,8 @@ def make_server(run_path: str | Path, *, port: int = 5006, address: str = "127.0
     from bokeh.server.server import Server
     from tornado.web import HTTPError, RequestHandler
 
-    from .errors import WsiExplainError
-    from .tile_images import TileImages
+    from wsi_explain.core.errors import WsiExplainError
+    from wsi_explain.io.tile_images import TileImages
 
     run_path = Path(run_path).resolve()
     if not (run_path / "cohort" / "tiles.parquet").exists():

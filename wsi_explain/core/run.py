@@ -19,10 +19,13 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_json
-from .errors import ManifestError, RunLockedError
+from wsi_explain.core.atomic import atomic_write_json
+from wsi_explain.core.errors import ManifestError, RunLockedError
 
-__all__ = ["RunFolder", "SCHEMA_VERSION", "params_hash", "package_versions", "now_iso"]
+__all__ = ["RunFolder", "SCHEMA_VERSION", "STAGES", "params_hash", "package_versions", "now_iso"]
+
+# the stages, in pipeline order: their names in the manifest (each stage module sets STAGE to one)
+STAGES = ("tile", "extract", "cluster", "score", "report")
 
 logger = logging.getLogger(__name__)
 

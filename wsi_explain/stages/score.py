@@ -32,17 +32,17 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from . import metrics as M
-from .atomic import atomic_write_json, atomic_write_parquet
-from .config import ClusterConfig, ExtractConfig, ScoreConfig
-from .errors import WsiExplainError
-from .run import RunFolder, now_iso, params_hash
+from wsi_explain import metrics as M
+from wsi_explain.core.atomic import atomic_write_json, atomic_write_parquet
+from wsi_explain.core.config import ClusterConfig, ExtractConfig, ScoreConfig
+from wsi_explain.core.errors import WsiExplainError
+from wsi_explain.core.run import STAGES, now_iso, params_hash, RunFolder
 
 __all__ = ["STAGE", "COHORT_ROW", "ScoreOutcome", "run_score_stage", "read_cluster_metrics"]
 
 logger = logging.getLogger(__name__)
 
-STAGE = "score"
+STAGE = STAGES[3]  # "score"
 COHORT = "cohort"
 #: the ``cluster`` value of whole-cohort rows in cluster_metrics.parquet
 COHORT_ROW = -2
@@ -60,9 +60,9 @@ class ScoreOutcome:
 
 def _cheap_metrics(run: RunFolder, tiles: pd.DataFrame, cfg: ScoreConfig, positive: int) -> pd.DataFrame:
     """Complexity of every stored map and the stored ensemble's spread, slide by slide."""
-    from .cluster_stage import tissue_cells
-    from .features import open_store, read_cams
-    from .tile_stage import read_tile_table
+    from wsi_explain.io.tile_table import tissue_cells
+    from wsi_explain.io.features import open_store, read_cams
+    from wsi_explain.io.tile_table import read_tile_table
 
     groups = set(cfg.groups)
     parts = []
@@ -179,8 +179,8 @@ def run_score_stage(run: RunFolder, cfg: ScoreConfig, *, on_progress: Callable[[
     ccfg = ClusterConfig(**cmeta["config"])
     ecfg = ExtractConfig(**run.manifest["config"]["extract"])
     methods = tuple(cfg.methods or ecfg.methods)
-    from .extract_stage import split_methods
-    from .score_sample import sample_clusters
+    from wsi_explain.explain.extractors import split_methods
+    from wsi_explain.stages.score_sample import sample_clusters
 
     split_methods(methods)  # unknown names stop here, before any work
     params = params_hash({**cfg.result_params(), "methods": list(methods)})
@@ -213,7 +213,7 @@ def run_score_stage(run: RunFolder, cfg: ScoreConfig, *, on_progress: Callable[[
             sanity_parts.append(pd.read_parquet(spath))
             continue
         if scorer is None:
-            from .score_sample import SampleScorer
+            from wsi_explain.stages.score_sample import SampleScorer
 
             tile_px = int(pd.read_parquet(run.slide_dir(sample["slide_id"].iloc[0]) / "tiles.parquet", columns=["tile_px"])["tile_px"].iloc[0])
             scorer = SampleScorer(run.path, cfg, ecfg, methods, ccfg.positive_labels, tile_px)

@@ -9,7 +9,7 @@ from typing import Callable
 
 import pandas as pd
 
-from .run import RunFolder
+from wsi_explain.core.run import RunFolder
 
 __all__ = ["DemoResult", "run_demo_audit", "print_demo_summary", "DEMO_METHODS", "DEMO_TILE_MPP"]
 
@@ -36,12 +36,12 @@ def run_demo_audit(run: RunFolder, out: Path, *, workers: int = 2, per_cluster: 
     ``status(message)`` gives a context manager shown while a step runs (a rich status in the CLI).
     Light score settings keep the demo at a few minutes on 2 cores.
     """
-    from .cluster_stage import run_cluster_stage
-    from .config import ClusterConfig, ExtractConfig, ScoreConfig
-    from .demo_model import train_demo_model
-    from .extract_stage import run_extract_stage
-    from .report_stage import run_report_stage
-    from .score_stage import run_score_stage
+    from wsi_explain.stages.cluster import run_cluster_stage
+    from wsi_explain.core.config import ClusterConfig, ExtractConfig, ScoreConfig
+    from wsi_explain.demo.model import train_demo_model
+    from wsi_explain.stages.extract import run_extract_stage
+    from wsi_explain.stages.report import run_report_stage
+    from wsi_explain.stages.score import run_score_stage
 
     step = status or (lambda msg: contextlib.nullcontext())
     with step("fitting the demo head on EfficientNet-Lite0 features"):
@@ -103,8 +103,8 @@ def _ink_detector_lines(out: Path) -> list[str]:
     """How well the tiling's ink masks found the drawn strokes, per inked demo slide."""
     import json
 
-    from .demo_data import DemoSlide, ink_detection_scores
-    from .tile_stage import read_tile_table
+    from wsi_explain.demo.data import DemoSlide, ink_detection_scores
+    from wsi_explain.io.tile_table import read_tile_table
 
     stamp = out / "demo_slides" / "demo_params.json"
     if not stamp.exists():

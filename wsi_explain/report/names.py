@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .atomic import atomic_write_json
-from .errors import WsiExplainError
-from .run import now_iso
+from wsi_explain.core.atomic import atomic_write_json
+from wsi_explain.core.errors import WsiExplainError
+from wsi_explain.core.run import now_iso
 
 __all__ = ["read_cluster_names", "save_cluster_name", "MAX_NAME", "MAX_COMMENT"]
 

@@ -24,14 +24,14 @@ import pandas as pd
 import viz
 from viz import escape
 
-from .explorer_inputs import cluster_table, colour_options
-from .run import RunFolder, now_iso
+from wsi_explain.report.explorer_inputs import cluster_table, colour_options
+from wsi_explain.core.run import STAGES, now_iso, RunFolder
 
 __all__ = ["run_report_stage", "ReportOutcome", "STAGE"]
 
 logger = logging.getLogger(__name__)
 
-STAGE = "report"
+STAGE = STAGES[4]  # "report"
 COHORT = "cohort"
 
 
@@ -50,8 +50,8 @@ class _Ctx:
     def __init__(self, run: RunFolder, out: Path, max_points: int, thumb_px: int) -> None:
         import pyarrow.parquet as pq
 
-        from .cluster_names import read_cluster_names
-        from .tile_images import TileImages
+        from wsi_explain.report.names import read_cluster_names
+        from wsi_explain.io.tile_images import TileImages
 
         cdir = run.path / "cohort"
         self.run, self.out, self.thumb_px = run, out, thumb_px
@@ -125,7 +125,7 @@ def _slide_info(ctx: _Ctx, sid: str) -> dict:
 
     from PIL import Image
 
-    from .tile_stage import read_tile_table
+    from wsi_explain.io.tile_table import read_tile_table
 
     if sid not in ctx.slide_info:
         sdir = ctx.run.slide_dir(sid)
@@ -374,7 +374,7 @@ def _cam_heatmap(ctx: _Ctx, sid: str, g: pd.DataFrame, meta: dict) -> str | None
 
     import tiling
 
-    from .features import open_store, read_cams
+    from wsi_explain.io.features import open_store, read_cams
 
     sdir = ctx.run.slide_dir(sid)
     store = open_store(sdir / "features.zarr")
@@ -399,7 +399,7 @@ def run_report_stage(run: RunFolder, *, max_points: int = 200_000, thumb_px: int
                      on_progress: Callable[[str, int, int], None] | None = None) -> ReportOutcome:
     """Write the cohort report, one page per cluster and one per slide (always rebuilt: names and
     metrics may have changed). Needs a clustered run; metrics appear when the run is scored."""
-    from .errors import WsiExplainError
+    from wsi_explain.core.errors import WsiExplainError
 
     t0 = time.perf_counter()
     if not (run.path / "cohort" / "tiles.parquet").exists():

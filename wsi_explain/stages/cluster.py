@@ -22,17 +22,18 @@ import pandas as pd
 
 import clustering
 
-from .atomic import atomic_path, atomic_write_parquet
-from .config import ClusterConfig
-from .errors import WsiExplainError
-from .extract_stage import softmax
-from .run import RunFolder, now_iso, params_hash
+from wsi_explain.core.atomic import atomic_path, atomic_write_parquet
+from wsi_explain.core.config import ClusterConfig
+from wsi_explain.core.errors import WsiExplainError
+from wsi_explain.explain.maps import softmax
+from wsi_explain.io.tile_table import tissue_cells
+from wsi_explain.core.run import STAGES, now_iso, params_hash, RunFolder
 
 __all__ = ["ClusterOutcome", "run_cluster_stage", "load_cohort", "STAGE"]
 
 logger = logging.getLogger(__name__)
 
-STAGE = "cluster"
+STAGE = STAGES[2]  # "cluster"
 COHORT = "cohort"
 
 
@@ -45,24 +46,6 @@ class ClusterOutcome:
     flagged: int = 0
     seconds: float = 0.0
     timings: dict | None = None
-
-
-def tissue_cells(tiles: pd.DataFrame, tissue_png: Path, scale: float, h: int, w: int, *,
-                 code: int | tuple[int, ...] = 1) -> np.ndarray:
-    """(n, h, w) bool: is the centre of each CAM cell on tissue (``code`` 1 in the coded mask,
-    ``tiling.MASK_CODES``; 2 = pen ink over tissue, 3 = pen ink on glass)?"""
-    from PIL import Image
-
-    coded = np.asarray(Image.open(tissue_png))
-    H, W = coded.shape
-    fy = (np.arange(h) + 0.5) / h
-    fx = (np.arange(w) + 0.5) / w
-    x = tiles["x"].to_numpy(np.float64)[:, None, None] + fx[None, None, :] * tiles["size0"].to_numpy(np.float64)[:, None, None]
-    y = tiles["y"].to_numpy(np.float64)[:, None, None] + fy[None, :, None] * tiles["size0"].to_numpy(np.float64)[:, None, None]
-    xi = np.clip((x / scale).astype(int), 0, W - 1)
-    yi = np.clip((y / scale).astype(int), 0, H - 1)
-    xi, yi = np.broadcast_arrays(xi, yi)
-    return np.isin(coded[yi, xi], np.atleast_1d(code))
 
 
 def _label_pos(df: pd.DataFrame, meta: dict, cfg: ClusterConfig) -> np.ndarray:
@@ -95,8 +78,8 @@ def load_cohort(run: RunFolder, slide_ids: list[str], cfg: ClusterConfig, *, chu
     acts : list of (slide_id, store, row indices) for concept discovery (read lazily)
     class_names : list of str
     """
-    from .features import open_store, read_cams
-    from .tile_stage import read_tile_table
+    from wsi_explain.io.features import open_store, read_cams
+    from wsi_explain.io.tile_table import read_tile_table
 
     frames, embs, cams_all, acts, annotated = [], [], [], [], []
     class_names: list[str] = []
@@ -261,7 +244,7 @@ def run_cluster_stage(run: RunFolder, cfg: ClusterConfig, *, on_step: Callable[[
     elif (cohort_dir / "concepts.zarr").exists():
         shutil.rmtree(cohort_dir / "concepts.zarr")
     names = class_names[cfg.positive_class] if len(class_names) > cfg.positive_class else "positive"
-    from .metrics import cluster_removal
+    from wsi_explain.metrics import cluster_removal
 
     _, removal = cluster_removal(tiles, topk=8)
     summary = timed("summary", clustering.summarize_clusters, tiles, space=space, positive_name=names,

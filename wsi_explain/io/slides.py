@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import SlideListError
+from wsi_explain.core.errors import SlideListError
 
 __all__ = ["SlideSource", "SLIDE_SUFFIXES", "discover_slides", "safe_slide_id", "slide_fingerprint"]
 

@@ -63,7 +63,7 @@ def attribute_tiles(
     ----------
     slide_path : str
     tiles : DataFrame (the slide's tile table)
-    attributor : :class:`wsi_explain.attributors.Attributor`
+    attributor : :class:`wsi_explain.explain.attributors.Attributor`
     tile_ids : (m,) int
     normalise : callable uint8 (N, H, W, 3) -> normalised float (N, 3, H, W)
     out_px : int
@@ -75,7 +75,7 @@ def attribute_tiles(
     -------
     (m, out_px, out_px) float32.
     """
-    from .tiles_io import TileDataset
+    from wsi_explain.io.loader import TileDataset
 
     ds = TileDataset(slide_path, tiles, mpp=mpp)
     out = np.zeros((len(tile_ids), out_px, out_px), np.float32)

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["FUSED_CAMS", "first_component", "fused_cams", "normalise_maps", "register_cam"]
+__all__ = ["FUSED_CAMS", "first_component", "fused_cams", "register_cam"]
 
 CamFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -208,12 +208,3 @@ def fused_cams(A: torch.Tensor, G: torch.Tensor | None, methods: list[str] | tup
             raise ValueError(f"unknown CAM method {m!r}; fused methods: {sorted(FUSED_CAMS)}")
         out[m] = FUSED_CAMS[m](A, G).clamp(min=0)
     return out
-
-
-def normalise_maps(maps: np.ndarray) -> np.ndarray:
-    """Per-map min-max normalisation to [0, 1] as pytorch-grad-cam's ``scale_cam_image``
-    (``(m - min) / (max - min + 1e-7)``); ``maps`` is (N, h, w) and is not modified."""
-    m = np.asarray(maps, dtype=np.float32)
-    lo = m.min(axis=(1, 2), keepdims=True)
-    m = m - lo
-    return m / (1e-7 + m.max(axis=(1, 2), keepdims=True))

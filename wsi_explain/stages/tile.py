@@ -19,17 +19,17 @@ import pandas as pd
 
 import tiling
 
-from .atomic import atomic_path, atomic_write_parquet
-from .config import TileConfig
-from .errors import DiskFullError, SlideError, is_disk_full
-from .run import RunFolder, now_iso, params_hash
-from .slides import SlideSource, slide_fingerprint
+from wsi_explain.core.atomic import atomic_path, atomic_write_parquet
+from wsi_explain.core.config import TileConfig
+from wsi_explain.core.errors import DiskFullError, SlideError, is_disk_full
+from wsi_explain.core.run import STAGES, now_iso, params_hash, RunFolder
+from wsi_explain.io.slides import SlideSource, slide_fingerprint
 
-__all__ = ["TileResult", "tile_slide", "run_tile_stage", "read_tile_table", "STAGE"]
+__all__ = ["TileResult", "tile_slide", "run_tile_stage", "STAGE"]
 
 logger = logging.getLogger(__name__)
 
-STAGE = "tile"
+STAGE = STAGES[0]  # "tile"
 
 
 @dataclass(frozen=True)
@@ -185,15 +185,6 @@ def _write_outputs(out_dir, tiles, thumb, source, cfg, fingerprint, info, tissue
     atomic_write_parquet(tiles, out_dir / "tiles.parquet", meta)
 
 
-def read_tile_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
-    """Read a ``tiles.parquet`` and its wsi_explain metadata (slide id, fingerprint, config...)."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    meta = json.loads((table.schema.metadata or {}).get(b"wsi_explain", b"{}"))
-    return table.to_pandas(), meta
-
-
 def _fingerprint(src: SlideSource) -> str:
     fp = slide_fingerprint(src.path)
     if src.annotations is not None and src.annotations.exists():
@@ -246,7 +237,7 @@ def run_tile_stage(
     cfg : TileConfig
     on_slide : callable, optional
         Called with each slide's :class:`TileResult` (progress bars).
-    executor : :class:`wsi_explain.executor.SerialExecutor` or ``DaskExecutor``, optional
+    executor : :class:`wsi_explain.core.executor.SerialExecutor` or ``DaskExecutor``, optional
         Where the slides are tiled (default: here, in order).
 
     Returns
@@ -254,7 +245,7 @@ def run_tile_stage(
     list of TileResult, one per source, in order. Failures are recorded in the manifest with
     their message; they never stop the batch.
     """
-    from .executor import SerialExecutor
+    from wsi_explain.core.executor import SerialExecutor
 
     params = params_hash(cfg.result_params())
     run.set_config(STAGE, cfg.model_dump(mode="json"))

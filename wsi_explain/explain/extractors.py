@@ -1,0 +1,55 @@
+"""From an extraction config to ready extractors: which methods are fused CAMs and which are
+captum attributors, and the model(s) loaded and wrapped (one per ensemble member)."""
+
+from __future__ import annotations
+
+from wsi_explain.core.config import ExtractConfig
+
+__all__ = ["split_methods", "build_extractors"]
+
+
+def split_methods(methods) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(fused CAM methods, other attribution methods); unknown names raise ModelError."""
+    from wsi_explain.explain.attributors import ATTRIBUTORS
+    from wsi_explain.explain.cams import FUSED_CAMS
+    from wsi_explain.explain.card import ModelError
+
+    unknown = [m for m in methods if m not in FUSED_CAMS and m not in ATTRIBUTORS]
+    if unknown:
+        raise ModelError(f"unknown method(s) {unknown}; fused CAMs: {sorted(FUSED_CAMS)}; others: {sorted(ATTRIBUTORS)}")
+    return tuple(m for m in methods if m in FUSED_CAMS), tuple(m for m in methods if m not in FUSED_CAMS)
+
+
+def build_extractors(cfg: ExtractConfig, tile_px: int):
+    """Load the model(s) and wrap them in :class:`FusedExtractor` (validates shapes and layers
+    with a dummy forward, before any tile is read)."""
+    from wsi_explain.explain.fused import FusedExtractor
+    from wsi_explain.explain.load import load_model
+
+    fused, _ = split_methods(cfg.methods)
+
+    weights = [cfg.weights] + list(cfg.ensemble) if cfg.ensemble else [cfg.weights]
+    out = []
+    for w in weights:
+        lm = load_model(
+            cfg.arch,
+            weights=w,
+            num_classes=cfg.num_classes,
+            class_names=list(cfg.class_names) if cfg.class_names else None,
+            card=cfg.card,
+            trust_checkpoint=cfg.trust_checkpoint,
+        )
+        out.append(
+            FusedExtractor(
+                lm,
+                methods=fused,
+                target_layer=cfg.target_layer,
+                embedding_layer=cfg.embedding_layer,
+                target=cfg.target,
+                device=cfg.device,
+                keep_activations=cfg.activations,
+                amp=cfg.amp,
+                tile_px=tile_px,
+            )
+        )
+    return out

@@ -1,0 +1,184 @@
+"""Loading the classifier: torchvision architecture + state dict, TorchScript, or an entry point.
+
+Checkpoints load with ``torch.load(weights_only=True)``; a file that needs full unpickling is
+refused unless the user passes ``--trust-checkpoint``. A model card (YAML or JSON beside the
+weights) may give the class names, number of classes, normalisation and tile size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wsi_explain.explain.adapters import ScriptedSequential, efficientnet_lite0
+from wsi_explain.explain.card import CheckpointTrustError, LoadedModel, ModelCard, ModelError
+
+__all__ = ["load_model", "load_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def load_state_dict(path: str | Path, *, trust: bool = False) -> dict:
+    """Load a checkpoint's state dict safely.
+
+    Accepts a bare state dict or a dict with ``state_dict`` / ``model`` / ``model_state_dict``;
+    strips a ``module.`` (DataParallel) prefix.
+
+    Raises
+    ------
+    CheckpointTrustError
+        The file needs full unpickling and ``trust`` is False.
+    ModelError
+        The file is missing or not a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: weights file does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust:
+            msg = (
+                f"{path}: this checkpoint needs full unpickling, which can run arbitrary code; "
+                "pass --trust-checkpoint only if you trust where the file came from "
+                f"(torch said: {str(exc).splitlines()[0]})"
+            )
+            raise CheckpointTrustError(msg) from exc
+        logger.warning("%s: loading with full unpickling (--trust-checkpoint)", path)
+        obj = torch.load(path, map_location="cpu", weights_only=False)  # noqa: S614 - explicitly trusted by the user
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"{path}: does not contain a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _torchvision(name: str, num_classes: int) -> nn.Module:
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    except ValueError as exc:
+        raise ModelError(f"unknown torchvision architecture {name!r} ({exc})") from exc
+
+
+def _entry_point(spec: str, num_classes: int) -> nn.Module:
+    mod_name, _, fn_name = spec.partition(":")
+    if not fn_name:
+        raise ModelError(f"entry point {spec!r} must look like 'package.module:factory'")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(f"cannot import entry point {spec!r} ({exc})") from exc
+    try:
+        model = fn(num_classes=num_classes)
+    except TypeError:
+        model = fn()
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"entry point {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _find_card(weights: Path | None, card: Path | None) -> Path | None:
+    if card is not None:
+        if not card.exists():
+            raise ModelError(f"{card}: model card does not exist")
+        return card
+    if weights is None:
+        return None
+    for cand in (
+        weights.with_suffix(".yaml"),
+        weights.with_suffix(".json"),
+        weights.parent / "model_card.yaml",
+        weights.parent / "model_card.json",
+    ):
+        if cand.exists():
+            return cand
+    return None
+
+
+def load_model(
+    arch: str,
+    *,
+    weights: str | Path | None = None,
+    num_classes: int | None = None,
+    class_names: list[str] | None = None,
+    card: str | Path | None = None,
+    trust_checkpoint: bool = False,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    tile_px: int | None = None,
+) -> LoadedModel:
+    """Load a model for extraction.
+
+    Parameters
+    ----------
+    arch : str
+        A torchvision architecture name (``resnet18``...), ``efficientnet_lite0`` (ImageNet
+        weights shipped offline), ``torchscript`` (``weights`` is a TorchScript file), or an entry
+        point ``package.module:factory`` returning an ``nn.Module`` (called with ``num_classes``).
+    weights : path, optional
+        State-dict checkpoint (loaded with ``weights_only=True``) or TorchScript file.
+    num_classes, class_names, mean, std, tile_px :
+        Override the model card.
+    card : path, optional
+        Model card; default: ``<weights>.yaml``/``.json`` or ``model_card.yaml``/``.json`` beside it.
+    trust_checkpoint : bool
+        Allow full unpickling of a checkpoint that needs it.
+
+    Raises
+    ------
+    ModelError, CheckpointTrustError
+    """
+    wpath = Path(weights) if weights is not None else None
+    card_path = _find_card(wpath, Path(card) if card else None)
+    mc = ModelCard.read(card_path, num_classes=num_classes, class_names=class_names, mean=mean, std=std, tile_px=tile_px)
+    whash = _file_hash(wpath) if wpath is not None and wpath.is_file() else ""
+    if arch == "torchscript":
+        if wpath is None or not wpath.is_file():
+            raise ModelError(f"{wpath}: TorchScript file does not exist")
+        try:
+            scripted = torch.jit.load(str(wpath), map_location="cpu")
+        except RuntimeError as exc:
+            raise ModelError(f"{wpath}: not a TorchScript file ({exc})") from exc
+        module = ScriptedSequential.from_script(scripted, tile_px=mc.tile_px or 224, path=wpath)
+    else:
+        # random initialisation is seeded, so a model without weights is the same in every process
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            if arch == "efficientnet_lite0":
+                module = efficientnet_lite0(num_classes=mc.num_classes, pretrained=wpath is None)
+            elif ":" in arch:
+                module = _entry_point(arch, mc.num_classes)
+            else:
+                module = _torchvision(arch, mc.num_classes)
+        if wpath is not None:
+            sd = load_state_dict(wpath, trust=trust_checkpoint)
+            try:
+                module.load_state_dict(sd)
+            except RuntimeError as exc:
+                raise ModelError(f"{wpath}: weights do not fit {arch} with {mc.num_classes} classes ({str(exc)[:400]})") from exc
+    module.eval()
+    model_id = f"{arch}" + (f"@{wpath.name}" if wpath else "")
+    return LoadedModel(module=module, card=mc, model_id=model_id, weights_hash=whash)
