@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 
-.PHONY: demo test venv browser clean
+.PHONY: demo test lint venv browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,12 @@ browser:
 		$$SUDO apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || \
 		{ $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y --no-install-recommends chromium >/dev/null; }; }
 
-test: $(STAMP) browser
+# ruff (lint + format check, configured in pyproject.toml), then the tests
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(STAMP) browser lint
 	WSI_EXPLAIN_REQUIRE_BROWSER=1 $(BIN)/python -m pytest
 
 clean:

@@ -42,8 +42,9 @@ def data(n: int, d: int = 512, k: int = 20, seed: int = 0) -> tuple[np.ndarray, 
 
 
 def run_size(n: int) -> dict:
-    import clustering as C
     from sklearn.metrics import adjusted_rand_score
+
+    import clustering as C
 
     steps = {}
 
@@ -60,14 +61,23 @@ def run_size(n: int) -> dict:
     Z = C.l2_normalise(Z)
     sub: dict = {}
     t0 = time.perf_counter()
-    embs, info = C.umap_cohort(Z, n_components=(2, 5), min_dist=(0.1, 0.0), n_neighbors=15, fit_max=200_000, timings=sub)
+    embs, info = C.umap_cohort(
+        Z, n_components=(2, 5), min_dist=(0.1, 0.0), n_neighbors=15, fit_max=200_000, timings=sub
+    )
     for name, secs in sub.items():  # sub-steps of one call: the peak is the call's
         steps[name] = {"s": round(secs, 1), "peak_mb": round(peak_mb())}
     print(f"  {n}: knn + umap {round(time.perf_counter() - t0, 1)} s {sub}", file=sys.stderr, flush=True)
     res = step("hdbscan", C.hdbscan_cluster, embs[5], min_cluster_size=max(5, min(100, n // 50)), fit_max=200_000)
     total = sum(v["s"] for k, v in steps.items() if k != "generate")
-    return {"n": n, "steps": steps, "total_s": round(total, 1), "peak_mb": round(peak_mb()), "knn": info["knn"],
-            "ari": round(float(adjusted_rand_score(truth, res.labels)), 3), "clusters": int(res.labels.max() + 1)}
+    return {
+        "n": n,
+        "steps": steps,
+        "total_s": round(total, 1),
+        "peak_mb": round(peak_mb()),
+        "knn": info["knn"],
+        "ari": round(float(adjusted_rand_score(truth, res.labels)), 3),
+        "clusters": int(res.labels.max() + 1),
+    }
 
 
 def compare_cold(n: int, variant: str) -> dict:
@@ -95,7 +105,9 @@ def compare(n: int) -> dict:
     # first use (15-30 s), which would otherwise land on whichever variant runs first
     W = C.l2_normalise(C.pca_reduce(data(3000, seed=1)[0], 50))
     C.umap_embed(W, C.knn_graph(W, 15), n_components=2, n_neighbors=15, min_dist=0.1)
-    umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=0, force_approximation_algorithm=True).fit_transform(W)
+    umap.UMAP(
+        n_components=2, n_neighbors=15, min_dist=0.1, random_state=0, force_approximation_algorithm=True
+    ).fit_transform(W)
     X, _ = data(n)
     Z = C.l2_normalise(C.pca_reduce(X, 50))
     t0 = time.perf_counter()
@@ -126,7 +138,9 @@ def main() -> None:
         return
 
     def child(kind: str, n: int) -> dict:
-        out = subprocess.run([sys.executable, __file__, "--_child", kind, "--_n", str(n)], capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--_child", kind, "--_n", str(n)], capture_output=True, text=True
+        )
         if out.returncode:
             raise SystemExit(out.stderr[-3000:])
         sys.stderr.write(out.stderr[-2000:])
@@ -138,18 +152,28 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; UMAP seeded (single-threaded, reproducible)")
     names = list(dict.fromkeys(k for r in results for k in r["steps"]))
     if results:
-        print("| tiles | " + " | ".join(f"{s} (s / peak MB)" for s in names) + " | total (s, without generate) | peak RSS (MB) | k-NN | ARI vs truth |")
+        print(
+            "| tiles | "
+            + " | ".join(f"{s} (s / peak MB)" for s in names)
+            + " | total (s, without generate) | peak RSS (MB) | k-NN | ARI vs truth |"
+        )
         print("|" + " --- |" * (len(names) + 5))
     for r in results:
-        cells = " | ".join(f"{r['steps'][s]['s']} / {r['steps'][s]['peak_mb']}" if s in r["steps"] else "-" for s in names)
+        cells = " | ".join(
+            f"{r['steps'][s]['s']} / {r['steps'][s]['peak_mb']}" if s in r["steps"] else "-" for s in names
+        )
         print(f"| {r['n']:,} | {cells} | {r['total_s']} | {r['peak_mb']} | {r['knn']} | {r['ari']} |")
     if cmp:
         print()
         print("| tiles | process | FAISS graph + UMAP 2-D (s) | umap-learn with its own search (s) | speed-up |")
         print("| --- | --- | --- | --- | --- |")
-        print(f"| {cmp['n']:,} | warm (numba compiled beforehand) | {cmp['faiss_fed_s']} | {cmp['plain_s']} | {cmp['speedup']}x |")
-        print(f"| {cmp['n']:,} | cold (fresh process each, as a CLI run) | {cold['faiss']} | {cold['plain']} | "
-              f"{cold['plain'] / cold['faiss']:.2f}x |")
+        print(
+            f"| {cmp['n']:,} | warm (numba compiled beforehand) | {cmp['faiss_fed_s']} | {cmp['plain_s']} | {cmp['speedup']}x |"
+        )
+        print(
+            f"| {cmp['n']:,} | cold (fresh process each, as a CLI run) | {cold['faiss']} | {cold['plain']} | "
+            f"{cold['plain'] / cold['faiss']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -47,15 +47,16 @@ def he_tiles(n: int) -> tuple[np.ndarray, str]:
     src = find_demo_source()
     if src is not None:
         reader = tiling.OpenSlideReader(src)
-        grid = tiling.make_grid(reader, tiling.detect_tissue(reader),
-                                tiling.GridSpec(tile_px=224, mpp=0.5, overlap=112, min_tissue=0.5))
+        grid = tiling.make_grid(
+            reader, tiling.detect_tissue(reader), tiling.GridSpec(tile_px=224, mpp=0.5, overlap=112, min_tissue=0.5)
+        )
         idx = np.linspace(0, len(grid) - 1, min(n, len(grid))).astype(int)
         return np.stack([tiling.read_tile(reader, grid.iloc[i]) for i in idx]), f"{src.name}, {len(idx)} tiles"
     from tests.conftest import synthetic_he
 
     side = int(np.ceil(np.sqrt(n)))
     img, _ = synthetic_he(224 * side, 224 * side, seed=5)
-    tiles = [img[r * 224:(r + 1) * 224, c * 224:(c + 1) * 224] for r in range(side) for c in range(side)]
+    tiles = [img[r * 224 : (r + 1) * 224, c * 224 : (c + 1) * 224] for r in range(side) for c in range(side)]
     return np.stack(tiles[:n]), f"generated H&E-like texture, {n} tiles"
 
 
@@ -77,7 +78,7 @@ def layer_activations(arch: str, tiles: np.ndarray) -> tuple[np.ndarray, np.ndar
         try:
             with torch.inference_mode():
                 for s in range(0, len(x), 32):
-                    module(x[s:s + 32].contiguous(memory_format=fmt))
+                    module(x[s : s + 32].contiguous(memory_format=fmt))
         finally:
             h.remove()
         out.append(np.concatenate(parts))
@@ -117,9 +118,11 @@ def main() -> None:
         "pytorch-grad-cam get_2d_projection (full SVD per tile)": lambda v: get_2d_projection(v),
         "direct SVD per tile, full_matrices=False (previous route)": direct,
         "first_component: QR triangle, then its SVD (eigencam now)": lambda v: first_component(
-            v.reshape(len(v), c, h * w).transpose(0, 2, 1)),
+            v.reshape(len(v), c, h * w).transpose(0, 2, 1)
+        ),
         "Gram eigendecomposition, batched, float64 (eigencam_signed)": lambda v: FUSED_CAMS["eigencam_signed"](
-            torch.from_numpy(v), None),
+            torch.from_numpy(v), None
+        ),
     }
     torch.set_num_threads(1)  # one thread for every route
     times = {k: [] for k in routes}
@@ -128,7 +131,7 @@ def main() -> None:
             fn(a[:4])
         names = list(routes)
         for r in range(args.rounds):
-            for k in names[r % len(names):] + names[: r % len(names)]:
+            for k in names[r % len(names) :] + names[: r % len(names)]:
                 t0 = time.perf_counter()
                 routes[k](a)
                 times[k].append((time.perf_counter() - t0) / n * 1000)
@@ -162,8 +165,10 @@ def main() -> None:
     signed = FUSED_CAMS["eigencam_signed"](torch.from_numpy(a), None).numpy().reshape(n, -1)
     inverted = float(((ref * signed).sum(1) < 0).mean())
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}, torch {torch.__version__}; "
-          f"{args.arch} at {layer!r}, activations {a.shape}; {source}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}, torch {torch.__version__}; "
+        f"{args.arch} at {layer!r}, activations {a.shape}; {source}"
+    )
     print()
     print("| route | ms per tile, one thread (median) |")
     print("| --- | --- |")
@@ -171,13 +176,19 @@ def main() -> None:
         print(f"| {k} | {np.median(v):.2f} |")
     print()
     print(f"first_component vs pytorch-grad-cam on the same activations: same sign on {agree:.1%} of tiles")
-    print(f"tiles where the reference's sign is the one the sign rule rejects (its most negative value "
-          f"outweighs its most positive: plain EigenCAM, ReLU'd, shows the other end of the component): {inverted:.1%}")
-    print(f"the reference computed with SciPy's LAPACK instead of NumPy's (gesdd, another OpenBLAS build): "
-          f"other sign on {scipy_disagree(a):.1%} of these tiles, {scipy_disagree(rand):.1%} of the random activations")
+    print(
+        f"tiles where the reference's sign is the one the sign rule rejects (its most negative value "
+        f"outweighs its most positive: plain EigenCAM, ReLU'd, shows the other end of the component): {inverted:.1%}"
+    )
+    print(
+        f"the reference computed with SciPy's LAPACK instead of NumPy's (gesdd, another OpenBLAS build): "
+        f"other sign on {scipy_disagree(a):.1%} of these tiles, {scipy_disagree(rand):.1%} of the random activations"
+    )
     print()
-    print("| method | sign flips, channels_last vs contiguous forward | sign flips under 1e-6 relative noise | "
-          "the same, 300 unstructured random activations (ReLU'd normal) |")
+    print(
+        "| method | sign flips, channels_last vs contiguous forward | sign flips under 1e-6 relative noise | "
+        "the same, 300 unstructured random activations (ReLU'd normal) |"
+    )
     print("| --- | --- | --- | --- |")
     for m in ("eigencam", "eigencam_signed"):
         print(f"| {m} | {flips(m, a, a_contig):.1%} | {flips(m, a, noisy):.1%} | {flips(m, rand, rand_noisy):.1%} |")

@@ -39,14 +39,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import tiling  # noqa: E402
 from bench_tiling import make_slide  # noqa: E402
+
+import tiling  # noqa: E402
 from wsi_explain.core.config import ExtractConfig  # noqa: E402
+from wsi_explain.core.perf import tune_malloc  # noqa: E402
 from wsi_explain.explain.extractors import build_extractors  # noqa: E402
-from wsi_explain.stages.extract import extract_slide  # noqa: E402
 from wsi_explain.explain.fused import FusedExtractor  # noqa: E402
 from wsi_explain.explain.load import load_model  # noqa: E402
-from wsi_explain.core.perf import tune_malloc  # noqa: E402
+from wsi_explain.stages.extract import extract_slide  # noqa: E402
 
 METHODS = ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "eigencam")
 BATCH = 32
@@ -98,8 +99,18 @@ class GpuBusy:
         self._proc = None
         if shutil.which("nvidia-smi"):
             self._proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100", "-i", "0"],
-                stdout=subprocess.PIPE, text=True)
+                [
+                    "nvidia-smi",
+                    "--query-gpu=utilization.gpu",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "100",
+                    "-i",
+                    "0",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
         return self
 
     def __exit__(self, *exc):
@@ -121,7 +132,7 @@ def interleaved(fns: dict, rounds: int, n_per_call: int) -> dict:
         fn()  # warm-up
     names = list(fns)
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
             fns[name]()
             total[name] += time.perf_counter() - t0
@@ -146,12 +157,21 @@ def pgc(module, layer, x: torch.Tensor, reps: int) -> float:
     return reps * len(x) / (time.perf_counter() - t0)
 
 
-def pipeline(arch: str, slide: Path, tiles, methods, workers: int, repeats: int = 2, reader: str = "auto",
-             device: str = "cpu") -> float:
+def pipeline(
+    arch: str, slide: Path, tiles, methods, workers: int, repeats: int = 2, reader: str = "auto", device: str = "cpu"
+) -> float:
     """tiles/s of the whole extraction of ``tiles`` (best of ``repeats``; includes worker start-up,
     the probe forward and the Zarr writes)."""
-    cfg = ExtractConfig(arch=arch, num_classes=1000 if arch == "efficientnet_lite0" else 2, methods=methods,
-                        batch_size=BATCH, workers=workers, chunk_tiles=1024, device=device, reader=reader)
+    cfg = ExtractConfig(
+        arch=arch,
+        num_classes=1000 if arch == "efficientnet_lite0" else 2,
+        methods=methods,
+        batch_size=BATCH,
+        workers=workers,
+        chunk_tiles=1024,
+        device=device,
+        reader=reader,
+    )
     [fx] = build_extractors(cfg, 224)
     rates = []
     for _ in range(repeats):
@@ -165,8 +185,15 @@ def memory_run(slide: Path, n_tiles: int) -> list[tuple[int, float]]:
     tissue = tiling.detect_tissue(reader)
     grid = tiling.make_grid(reader, tissue, tiling.GridSpec(tile_px=32, mpp=0.5, min_tissue=0.0))
     tiles = grid.iloc[:n_tiles].reset_index(drop=True)
-    cfg = ExtractConfig(arch="tests.tiny_models:tiny_cnn", num_classes=2, methods=METHODS, batch_size=256,
-                        workers=2, chunk_tiles=4096, device="cpu")
+    cfg = ExtractConfig(
+        arch="tests.tiny_models:tiny_cnn",
+        num_classes=2,
+        methods=METHODS,
+        batch_size=256,
+        workers=2,
+        chunk_tiles=4096,
+        device="cpu",
+    )
     [fx] = build_extractors(cfg, 32)
     samples: list[tuple[int, float]] = []
     seen = [0]
@@ -198,9 +225,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tiles", type=int, default=512, help="tiles for the pipeline runs")
     ap.add_argument("--reps", type=int, default=10, help="rounds of interleaved in-memory timings (a batch of 32 each)")
-    ap.add_argument("--slide-mpp", type=float, default=0.5,
-                    help="level-0 mpp of the generated slide: 0.5 (20x scan, tiles read at level 0) or 0.25 "
-                         "(40x scan, tiles read at level 0 and reduced 2x)")
+    ap.add_argument(
+        "--slide-mpp",
+        type=float,
+        default=0.5,
+        help="level-0 mpp of the generated slide: 0.5 (20x scan, tiles read at level 0) or 0.25 "
+        "(40x scan, tiles read at level 0 and reduced 2x)",
+    )
     ap.add_argument("--pgc-reps", type=int, default=2)
     ap.add_argument("--mem-tiles", type=int, default=100_000)
     ap.add_argument("--archs", nargs="+", default=["resnet18", "resnet50", "efficientnet_lite0"])
@@ -246,31 +277,47 @@ def main() -> None:
         layer = dict(lm.module.named_modules())[fx.target_layer]
         ref = pgc(lm.module.to(memory_format=torch.contiguous_format), layer, x.contiguous(), args.pgc_reps)
         rows.append((arch, bare, bare_pipe, pipe, fus, pipe_cams, ref))
-        print(f"{arch}: bare {bare:.1f} (around the pipeline {b0:.1f}, {b1:.1f}), pipeline {pipe:.1f}, fused {fus:.1f}, "
-              f"pipeline+cams {pipe_cams:.1f}, pytorch-grad-cam x6 {ref:.2f} tiles/s", flush=True)
+        print(
+            f"{arch}: bare {bare:.1f} (around the pipeline {b0:.1f}, {b1:.1f}), pipeline {pipe:.1f}, fused {fus:.1f}, "
+            f"pipeline+cams {pipe_cams:.1f}, pytorch-grad-cam x6 {ref:.2f} tiles/s",
+            flush=True,
+        )
         if device.type == "cuda":
-            print(f"{arch}: GPU busy during the pipeline (nvidia-smi mean, %): emb + logits {busy.mean}, "
-                  f"+ 6 CAMs {busy_cams.mean}; pipeline / bare {pipe / bare_pipe:.2f}", flush=True)
+            print(
+                f"{arch}: GPU busy during the pipeline (nvidia-smi mean, %): emb + logits {busy.mean}, "
+                f"+ 6 CAMs {busy_cams.mean}; pipeline / bare {pipe / bare_pipe:.2f}",
+                flush=True,
+            )
     mem = []
     if args.mem_tiles:  # in a fresh process, so that the models above do not inflate its RSS
         import json
         import subprocess
 
-        out = subprocess.run([sys.executable, __file__, "--mem-only", str(args.mem_tiles), "--slide-mpp", str(args.slide_mpp)],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--mem-only", str(args.mem_tiles), "--slide-mpp", str(args.slide_mpp)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         mem = json.loads(out.strip().splitlines()[-1])
     print()
     gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, batch {BATCH}, 224 px, channels_last, workers {args.workers}, "
-          f"slide level-0 mpp {args.slide_mpp}, {len(tiles)} tiles per pipeline run")
-    print("| model | bare forward (tiles/s) | fused 6 CAMs (tiles/s) | fused time / bare | pytorch-grad-cam 6 CAMs (tiles/s) | "
-          "fused speed-up vs pgc | bare around the pipeline (tiles/s) | pipeline, emb + logits (tiles/s) | pipeline / bare | "
-          "pipeline + 6 CAMs (tiles/s) |")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, batch {BATCH}, 224 px, channels_last, workers {args.workers}, "
+        f"slide level-0 mpp {args.slide_mpp}, {len(tiles)} tiles per pipeline run"
+    )
+    print(
+        "| model | bare forward (tiles/s) | fused 6 CAMs (tiles/s) | fused time / bare | pytorch-grad-cam 6 CAMs (tiles/s) | "
+        "fused speed-up vs pgc | bare around the pipeline (tiles/s) | pipeline, emb + logits (tiles/s) | pipeline / bare | "
+        "pipeline + 6 CAMs (tiles/s) |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for arch, bare, bare_pipe, pipe, fus, pipe_cams, ref in rows:
-        print(f"| {arch} | {bare:.1f} | {fus:.1f} | {bare / fus:.2f}x | {ref:.2f} | {fus / ref:.1f}x | {bare_pipe:.1f} | "
-              f"{pipe:.1f} | {pipe / bare_pipe:.2f} | {pipe_cams:.1f} |")
+        print(
+            f"| {arch} | {bare:.1f} | {fus:.1f} | {bare / fus:.2f}x | {ref:.2f} | {fus / ref:.1f}x | {bare_pipe:.1f} | "
+            f"{pipe:.1f} | {pipe / bare_pipe:.2f} | {pipe_cams:.1f} |"
+        )
     if mem:
         print()
         print("| tiles done (tiny CNN, 32 px, 6 CAMs) | RSS (MB) |")
@@ -278,7 +325,6 @@ def main() -> None:
         for n, mb in mem:
             print(f"| {n} | {mb:.0f} |")
         print("(the 32 px grid at 0.5 µm with min_tissue 0 has 292,000 positions; the first --mem-tiles are used)")
-
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ def throughput(n: int, arch: str) -> list[tuple[str, float, float]]:
 
     from tests.conftest import synthetic_he
     from wsi_explain import metrics as M
-    from wsi_explain.explain.attributors import make_explainer
     from wsi_explain.core.perf import tune_malloc
+    from wsi_explain.explain.attributors import make_explainer
 
     tune_malloc()
     torch.manual_seed(0)
@@ -76,15 +76,25 @@ def throughput(n: int, arch: str) -> list[tuple[str, float, float]]:
     rows.append(("bare forward (reference)", n / base, 1.0))
     cases = {
         "Grad-CAM maps (fused, explicit targets)": lambda: ex.attribute(x, targets=targets),
-        "deletion, blur baseline (16 steps)": lambda: M.perturbation_curve(model, x, maps, targets=targets, baseline="blur"),
-        "insertion, constant baseline (16 steps)": lambda: M.perturbation_curve(model, x, maps, targets=targets, mode="insertion", baseline="constant"),
+        "deletion, blur baseline (16 steps)": lambda: M.perturbation_curve(
+            model, x, maps, targets=targets, baseline="blur"
+        ),
+        "insertion, constant baseline (16 steps)": lambda: M.perturbation_curve(
+            model, x, maps, targets=targets, mode="insertion", baseline="constant"
+        ),
         "Drop/Increase in Confidence (multiply)": lambda: M.confidence_change(model, x, maps, targets=targets),
         "Drop/Increase in Confidence (mask)": lambda: M.confidence_change(model, x, maps, targets=targets, how="mask"),
         "ROAD, 4 percentiles (pytorch-grad-cam)": lambda: M.road(model, x, maps, targets=targets),
         "infidelity (captum, 10 perturbations)": lambda: M.infidelity_score(model, x, maps, targets=targets),
-        "sensitivity_max (captum, 8 perturbations)": lambda: M.sensitivity(lambda z, target=None: ex.attribute(z, targets=target), x, targets=targets),
-        "pointing game + relevance mass/rank + IoU": lambda: (M.pointing_game(maps, maps > np.median(maps)), M.relevance_mass(maps, maps > 0.5),
-                                                              M.relevance_rank(maps, maps > 0.5), M.iou_coverage(maps, maps > 0.5)),
+        "sensitivity_max (captum, 8 perturbations)": lambda: M.sensitivity(
+            lambda z, target=None: ex.attribute(z, targets=target), x, targets=targets
+        ),
+        "pointing game + relevance mass/rank + IoU": lambda: (
+            M.pointing_game(maps, maps > np.median(maps)),
+            M.relevance_mass(maps, maps > 0.5),
+            M.relevance_rank(maps, maps > 0.5),
+            M.iou_coverage(maps, maps > 0.5),
+        ),
         "Gini + entropy (stored 7x7 maps)": lambda: (M.gini(maps[:, ::32, ::32]), M.entropy(maps[:, ::32, ::32])),
     }
     for name, fn in cases.items():
@@ -99,8 +109,8 @@ def _build_run(root: Path, n_tiles: int, tile_px: int, arch: str) -> Path:
     from tests.conftest import synthetic_he
     from tiling import write_pyramidal_tiff
     from wsi_explain import RunFolder, TileConfig, discover_slides, run_tile_stage
-    from wsi_explain.stages.cluster import run_cluster_stage
     from wsi_explain.core.config import ClusterConfig, ExtractConfig
+    from wsi_explain.stages.cluster import run_cluster_stage
     from wsi_explain.stages.extract import run_extract_stage
 
     side = int(np.ceil(np.sqrt(n_tiles * 1.1))) * tile_px
@@ -109,7 +119,9 @@ def _build_run(root: Path, n_tiles: int, tile_px: int, arch: str) -> Path:
     slide = write_pyramidal_tiff(root / "big.tif", img, mpp=0.5)
     run_dir = root / "run"
     with RunFolder(run_dir) as run:
-        run_tile_stage(run, discover_slides([slide]), TileConfig(tile_px=tile_px, mpp_target=0.5, min_tissue=0.0, verify="none"))
+        run_tile_stage(
+            run, discover_slides([slide]), TileConfig(tile_px=tile_px, mpp_target=0.5, min_tissue=0.0, verify="none")
+        )
         run_extract_stage(run, ExtractConfig(arch=arch, num_classes=2, methods=("gradcam",), workers=0, batch_size=32))
         run_cluster_stage(run, ClusterConfig(method="kmeans", k=1, pca=16))
     return run_dir
@@ -127,14 +139,27 @@ def score_child(run_dir: str, per_cluster: int) -> dict:
     dst = Path(run_dir).parent / f"run_{per_cluster}"
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(run_dir, dst)
-    cfg = ScoreConfig(per_cluster=per_cluster, groups=("faithfulness", "robustness"), methods=("gradcam",),
-                      baselines=("constant",), steps=8, road_percentiles=(50,), infidelity_samples=4, sensitivity_samples=2)
+    cfg = ScoreConfig(
+        per_cluster=per_cluster,
+        groups=("faithfulness", "robustness"),
+        methods=("gradcam",),
+        baselines=("constant",),
+        steps=8,
+        road_percentiles=(50,),
+        infidelity_samples=4,
+        sensitivity_samples=2,
+    )
     t0 = time.perf_counter()
     with RunFolder(dst) as run:
         out = run_score_stage(run, cfg)
     s = time.perf_counter() - t0
-    return {"per_cluster": per_cluster, "sampled": out.n_sampled, "seconds": round(s, 1),
-            "tiles_per_s": round(out.n_sampled / s, 2), "peak_mb": round(peak_mb())}
+    return {
+        "per_cluster": per_cluster,
+        "sampled": out.n_sampled,
+        "seconds": round(s, 1),
+        "tiles_per_s": round(out.n_sampled / s, 2),
+        "peak_mb": round(peak_mb()),
+    }
 
 
 def main() -> None:
@@ -150,9 +175,13 @@ def main() -> None:
         return
     import torch
 
-    print(f"## Metrics ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()})\n")
-    print(f"Command: `.venv/bin/python benchmarks/bench_metrics.py --n {a.n} --arch {a.arch} --sample {a.sample} --tile-px {a.tile_px}`\n")
+    print(
+        f"## Metrics ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()})\n"
+    )
+    print(
+        f"Command: `.venv/bin/python benchmarks/bench_metrics.py --n {a.n} --arch {a.arch} --sample {a.sample} --tile-px {a.tile_px}`\n"
+    )
     rows = throughput(a.n, a.arch)
     print(f"### Throughput on {a.n} tiles of 224 px, {a.arch} (random init), Grad-CAM maps\n")
     print("| metric | tiles/s | cost in forwards per tile |\n| --- | ---: | ---: |")
@@ -162,7 +191,9 @@ def main() -> None:
         run_dir = _build_run(Path(tmp), 10 * a.sample, a.tile_px, a.arch)
         res = []
         for pc in (a.sample, 10 * a.sample):
-            p = subprocess.run([sys.executable, __file__, "--child", str(run_dir), str(pc)], capture_output=True, text=True, cwd=REPO)
+            p = subprocess.run(
+                [sys.executable, __file__, "--child", str(run_dir), str(pc)], capture_output=True, text=True, cwd=REPO
+            )
             if p.returncode != 0:
                 raise SystemExit(p.stderr)
             res.append(json.loads(p.stdout.strip().splitlines()[-1]))

@@ -26,16 +26,32 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SCORE = dict(methods=("gradcam", "hirescam"), per_cluster=12, steps=8, baselines=("blur",), road_percentiles=(50,),
-             road_tiles=3, infidelity_samples=4, sensitivity_samples=3, sanity_tiles=4)
+SCORE = dict(
+    methods=("gradcam", "hirescam"),
+    per_cluster=12,
+    steps=8,
+    baselines=("blur",),
+    road_percentiles=(50,),
+    road_tiles=3,
+    infidelity_samples=4,
+    sensitivity_samples=3,
+    sanity_tiles=4,
+)
 
 
 def _run(slides: list[str], out: Path, extract: dict, workers: int) -> tuple[float, dict, int]:
     from wsi_explain.core.config import ClusterConfig, ExtractConfig, ScoreConfig, TileConfig
     from wsi_explain.stages.pipeline import PipelineConfig, run_pipeline
 
-    cfg = PipelineConfig(slides=tuple(slides), out=str(out), tile=TileConfig(), extract=ExtractConfig(**extract),
-                         cluster=ClusterConfig(seed=0), score=ScoreConfig(**SCORE), workers=workers)
+    cfg = PipelineConfig(
+        slides=tuple(slides),
+        out=str(out),
+        tile=TileConfig(),
+        extract=ExtractConfig(**extract),
+        cluster=ClusterConfig(seed=0),
+        score=ScoreConfig(**SCORE),
+        workers=workers,
+    )
     t0 = time.perf_counter()
     res = run_pipeline(cfg)
     total = time.perf_counter() - t0
@@ -85,7 +101,9 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    print(f"## Pipeline ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__})\n")
+    print(
+        f"## Pipeline ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__})\n"
+    )
     print(f"Command: `.venv/bin/python benchmarks/bench_pipeline.py --generated {a.generated}`")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -93,8 +111,12 @@ def main() -> None:
         if not a.skip_demo:
             cohorts.append(("Demo cohort (7 slides, EfficientNet-Lite0, six CAMs)", *demo_cohort(tmp)))
         if a.generated:
-            cohorts.append((f"Generated cohort ({a.generated} slides, ResNet-18 random init, two CAMs)",
-                            *generated_cohort(tmp, a.generated)))
+            cohorts.append(
+                (
+                    f"Generated cohort ({a.generated} slides, ResNet-18 random init, two CAMs)",
+                    *generated_cohort(tmp, a.generated),
+                )
+            )
         for title, slides, extract in cohorts:
             rows = []
             for name, workers in (("serial", 1), ("LocalCluster, 2 workers", 2)):

@@ -154,8 +154,10 @@ def main() -> None:
         tissue = tiling.detect_tissue(reader)
         grid = tiling.make_grid(reader, tissue, tiling.GridSpec(tile_px=224, mpp=0.5))
         times.append(time.perf_counter() - t0)
-    print(f"slide {reader.info.dimensions}, levels {reader.info.level_downsamples}, {len(grid)} tiles at 0.5 µm, "
-          f"stains {tissue.stains.source}")
+    print(
+        f"slide {reader.info.dimensions}, levels {reader.info.level_downsamples}, {len(grid)} tiles at 0.5 µm, "
+        f"stains {tissue.stains.source}"
+    )
     qc_s, read_s = qc_vs_read(reader, grid, tissue.stains, args.rounds)
     read_ms, meas_ms = per_tile_ms(reader, grid, tissue.stains, args.rounds)
     stage_qc, stage_plain = stage_seconds(path, True, args.rounds), stage_seconds(path, False, args.rounds)
@@ -164,17 +166,27 @@ def main() -> None:
     rows = grid.iloc[pick].to_dict("records")
     tput = {w: read_throughput(path, rows, w) for w in (1, 2)}
     print()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"openslide {__import__('openslide').__library_version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"openslide {__import__('openslide').__library_version__}"
+    )
     print("| measure | value |")
     print("| --- | --- |")
     print(f"| tissue mask (with ink) + grid (224 px at 0.5 µm), best of 3 (target < 1 s) | {min(times):.3f} s |")
     print(f"| tiles in grid | {len(grid)} |")
-    print(f"| reading every tile, 2 threads (best of {args.rounds}) | {read_s:.2f} s ({len(grid) / read_s:.0f} tiles/s) |")
-    print(f"| reading + QC of every tile, 2 threads (best of {args.rounds}) | {qc_s:.2f} s ({len(grid) / qc_s:.0f} tiles/s) |")
-    print(f"| QC's own share over reading every tile, 2 threads (target <= 15 %) | {100 * (qc_s / read_s - 1):+.1f} % |")
-    print(f"| one thread, per tile: read + resize / QC measures | {read_ms:.2f} ms / {meas_ms:.2f} ms "
-          f"({100 * meas_ms / read_ms:.1f} %) |")
+    print(
+        f"| reading every tile, 2 threads (best of {args.rounds}) | {read_s:.2f} s ({len(grid) / read_s:.0f} tiles/s) |"
+    )
+    print(
+        f"| reading + QC of every tile, 2 threads (best of {args.rounds}) | {qc_s:.2f} s ({len(grid) / qc_s:.0f} tiles/s) |"
+    )
+    print(
+        f"| QC's own share over reading every tile, 2 threads (target <= 15 %) | {100 * (qc_s / read_s - 1):+.1f} % |"
+    )
+    print(
+        f"| one thread, per tile: read + resize / QC measures | {read_ms:.2f} ms / {meas_ms:.2f} ms "
+        f"({100 * meas_ms / read_ms:.1f} %) |"
+    )
     print(f"| tiling stage for the slide without QC (mask, grid, 32-tile verify, writes) | {stage_plain:.2f} s |")
     print(f"| tiling stage with QC (every tile read and measured) | {stage_qc:.2f} s ({stage_qc / stage_plain:.1f}x) |")
     for w, v in tput.items():

@@ -42,12 +42,30 @@ def cohort(n: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     tile_id = np.empty(n, np.int64)
     tile_id[order] = pos
     side = 64
-    tiles = pd.DataFrame({"slide_id": [f"slide_{s:03d}" for s in sid], "tile_id": tile_id, "x": (tile_id % side) * 448,
-                          "y": (tile_id // side) * 448, "size0": 448, "umap_x": xy[:, 0], "umap_y": xy[:, 1], "cluster": cl,
-                          "membership": rng.random(n), "confidence": rng.random(n), "prob_pos": rng.random(n),
-                          "pred": rng.integers(0, 2, n), "outlier_score": rng.random(n)})
-    clusters = pd.DataFrame({"cluster": np.arange(k), "size": np.bincount(cl, minlength=k), "positive_rate": rng.random(k)})
-    slides = {f"slide_{s:03d}": {"url": "data:,", "width": side * 448, "height": (per.max() // side + 1) * 448} for s in range(n_slides)}
+    tiles = pd.DataFrame(
+        {
+            "slide_id": [f"slide_{s:03d}" for s in sid],
+            "tile_id": tile_id,
+            "x": (tile_id % side) * 448,
+            "y": (tile_id // side) * 448,
+            "size0": 448,
+            "umap_x": xy[:, 0],
+            "umap_y": xy[:, 1],
+            "cluster": cl,
+            "membership": rng.random(n),
+            "confidence": rng.random(n),
+            "prob_pos": rng.random(n),
+            "pred": rng.integers(0, 2, n),
+            "outlier_score": rng.random(n),
+        }
+    )
+    clusters = pd.DataFrame(
+        {"cluster": np.arange(k), "size": np.bincount(cl, minlength=k), "positive_rate": rng.random(k)}
+    )
+    slides = {
+        f"slide_{s:03d}": {"url": "data:,", "width": side * 448, "height": (per.max() // side + 1) * 448}
+        for s in range(n_slides)
+    }
     return tiles, clusters, slides
 
 
@@ -63,22 +81,30 @@ def bare_scatter(n: int) -> tuple[float, float]:
     from playwright.sync_api import sync_playwright
 
     rng = np.random.default_rng(0)
-    f = figure(width=560, height=520, output_backend="webgl", tools="wheel_zoom", active_scroll="wheel_zoom", name="umap")
+    f = figure(
+        width=560, height=520, output_backend="webgl", tools="wheel_zoom", active_scroll="wheel_zoom", name="umap"
+    )
     f.scatter(rng.normal(size=n), rng.normal(size=n), size=4)
     with tempfile.TemporaryDirectory() as d:
         page = Path(d) / "bare.html"
         page.write_text(file_html(f, INLINE, "bare"))
         with sync_playwright() as p:
-            b = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox", "--enable-unsafe-swiftshader"])
+            b = p.chromium.launch(
+                executable_path=shutil.which("chromium"), args=["--no-sandbox", "--enable-unsafe-swiftshader"]
+            )
             pg = b.new_page(viewport={"width": 800, "height": 700})
             t0 = time.perf_counter()
             pg.goto(page.as_uri())
-            pg.wait_for_function("() => window.Bokeh && Bokeh.documents.length && Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name('umap'))")
+            pg.wait_for_function(
+                "() => window.Bokeh && Bokeh.documents.length && Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name('umap'))"
+            )
             _frame(pg)
             t_render = time.perf_counter() - t0
-            box = pg.evaluate("() => { const v = Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name('umap'));"
-                              " const r = v.el.getBoundingClientRect(); const f = v.frame.bbox;"
-                              " return [r.left + f.left, r.top + f.top, f.width, f.height]; }")
+            box = pg.evaluate(
+                "() => { const v = Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name('umap'));"
+                " const r = v.el.getBoundingClientRect(); const f = v.frame.bbox;"
+                " return [r.left + f.left, r.top + f.top, f.width, f.height]; }"
+            )
             t0 = time.perf_counter()
             pg.mouse.move(box[0] + box[2] / 2, box[1] + box[3] / 2)
             pg.mouse.wheel(0, -400)
@@ -92,43 +118,67 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200_000)
     a = ap.parse_args()
-    import viz
     from playwright.sync_api import sync_playwright
 
+    import viz
+
     tiles, clusters, slides = cohort(a.n)
-    parts = viz.explorer_layout(tiles, clusters, slides=slides,
-                                colour_by={"cluster": "cluster", "probability": "prob_pos", "slide": "slide_id"},
-                                thumb_template="tiles/{slide}_{tile}_{method}.jpg", full_template="tiles/{slide}_{tile}_all.jpg",
-                                methods=["gradcam"], table_columns={"tiles": "size", "positive rate": "positive_rate"})
+    parts = viz.explorer_layout(
+        tiles,
+        clusters,
+        slides=slides,
+        colour_by={"cluster": "cluster", "probability": "prob_pos", "slide": "slide_id"},
+        thumb_template="tiles/{slide}_{tile}_{method}.jpg",
+        full_template="tiles/{slide}_{tile}_all.jpg",
+        methods=["gradcam"],
+        table_columns={"tiles": "size", "positive rate": "positive_rate"},
+    )
     with tempfile.TemporaryDirectory() as d:
         page_path = Path(d) / "index.html"
         viz.copy_bokeh_js(Path(d) / "static")
         viz.render_page(page_path, title="bench", body="<!--plot:x-->", plots={"x": parts.layout}, css=viz.GALLERY_CSS)
         size_mb = page_path.stat().st_size / 1e6
         with sync_playwright() as p:
-            b = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox", "--enable-unsafe-swiftshader"])
+            b = p.chromium.launch(
+                executable_path=shutil.which("chromium"), args=["--no-sandbox", "--enable-unsafe-swiftshader"]
+            )
             pg = b.new_page(viewport={"width": 1280, "height": 1300})
             errors = []
             # the synthetic cohort has no tile images: their failed loads are expected, not counted
-            pg.on("console", lambda m: errors.append(m.text) if m.type == "error" and "ERR_FILE_NOT_FOUND" not in m.text
-                  and "Failed to load resource" not in m.text else None)
+            pg.on(
+                "console",
+                lambda m: (
+                    errors.append(m.text)
+                    if m.type == "error"
+                    and "ERR_FILE_NOT_FOUND" not in m.text
+                    and "Failed to load resource" not in m.text
+                    else None
+                ),
+            )
             t0 = time.perf_counter()
             pg.goto(page_path.as_uri())
-            pg.wait_for_function("() => window.Bokeh && Bokeh.documents.length && Bokeh.index.find_one("
-                                 "Bokeh.documents[0].get_model_by_name('umap')) && !Bokeh.index.find_one("
-                                 "Bokeh.documents[0].get_model_by_name('umap')).is_idle === false", timeout=300_000)
+            pg.wait_for_function(
+                "() => window.Bokeh && Bokeh.documents.length && Bokeh.index.find_one("
+                "Bokeh.documents[0].get_model_by_name('umap')) && !Bokeh.index.find_one("
+                "Bokeh.documents[0].get_model_by_name('umap')).is_idle === false",
+                timeout=300_000,
+            )
             pg.evaluate("() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))")
             t_render = time.perf_counter() - t0
-            box = pg.evaluate("() => { const v = Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name('umap'));"
-                              " const r = v.el.getBoundingClientRect(); const f = v.frame.bbox;"
-                              " return [r.left + f.left, r.top + f.top, f.width, f.height]; }")
+            box = pg.evaluate(
+                "() => { const v = Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name('umap'));"
+                " const r = v.el.getBoundingClientRect(); const f = v.frame.bbox;"
+                " return [r.left + f.left, r.top + f.top, f.width, f.height]; }"
+            )
             x0, y0, w, h = box
             t0 = time.perf_counter()
             pg.mouse.move(x0 + 5, y0 + 5)
             pg.mouse.down()
             pg.mouse.move(x0 + w * 0.5, y0 + h * 0.7, steps=5)
             pg.mouse.up()
-            pg.wait_for_function("() => Bokeh.documents[0].get_model_by_name('gallery').text.includes('selected')", timeout=300_000)
+            pg.wait_for_function(
+                "() => Bokeh.documents[0].get_model_by_name('gallery').text.includes('selected')", timeout=300_000
+            )
             pg.evaluate("() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))")
             t_select = time.perf_counter() - t0
             n_sel = pg.evaluate("() => Bokeh.documents[0].get_model_by_name('tiles').selected.indices.length")
@@ -138,20 +188,30 @@ def main() -> None:
             t_colour = time.perf_counter() - t0
             t0 = time.perf_counter()
             pg.mouse.move(x0 + w / 2, y0 + h / 2)
-            pg.evaluate("() => { const t = Bokeh.documents[0].get_model_by_name('umap').toolbar.tools.find((t) => t.type == 'WheelZoomTool'); "
-                        "Bokeh.documents[0].get_model_by_name('umap').toolbar.active_scroll = t; }")
+            pg.evaluate(
+                "() => { const t = Bokeh.documents[0].get_model_by_name('umap').toolbar.tools.find((t) => t.type == 'WheelZoomTool'); "
+                "Bokeh.documents[0].get_model_by_name('umap').toolbar.active_scroll = t; }"
+            )
             pg.mouse.wheel(0, -400)
             pg.evaluate("() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))")
             t_zoom = time.perf_counter() - t0
             b.close()
     base = bare_scatter(a.n)
-    print(f"## Explorer ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, headless Chromium, software WebGL)\n")
+    print(
+        f"## Explorer ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, headless Chromium, software WebGL)\n"
+    )
     print(f"Command: `.venv/bin/python benchmarks/bench_viz.py --n {a.n}`\n")
-    print("| tiles | HTML MB | first render s | box select (linked slide + gallery) s | tiles selected | recolour s | wheel zoom s | console errors |")
+    print(
+        "| tiles | HTML MB | first render s | box select (linked slide + gallery) s | tiles selected | recolour s | wheel zoom s | console errors |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| {a.n} | {size_mb:.1f} | {t_render:.1f} | {t_select:.2f} | {n_sel} | {t_colour:.2f} | {t_zoom:.2f} | {len(errors)} |")
-    print(f"\nBare Bokeh baseline in the same run (one WebGL scatter of the same {a.n} points, nothing linked): "
-          f"first render {base[0]:.1f} s, wheel zoom {base[1]:.2f} s.")
+    print(
+        f"| {a.n} | {size_mb:.1f} | {t_render:.1f} | {t_select:.2f} | {n_sel} | {t_colour:.2f} | {t_zoom:.2f} | {len(errors)} |"
+    )
+    print(
+        f"\nBare Bokeh baseline in the same run (one WebGL scatter of the same {a.n} points, nothing linked): "
+        f"first render {base[0]:.1f} s, wheel zoom {base[1]:.2f} s."
+    )
 
 
 if __name__ == "__main__":

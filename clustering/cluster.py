@@ -88,8 +88,10 @@ def hdbscan_cluster(
         share = counts.max() / len(fit_idx)
         model = fit(max_cluster_size=len(fit_idx) // 2)
         n_new = len(np.unique(model.labels_[model.labels_ >= 0]))
-        guard = (f"excess-of-mass selection put {100 * share:.0f}% of the tiles in one cluster; refitted with "
-                 f"max_cluster_size={len(fit_idx) // 2}: {n_new} clusters")
+        guard = (
+            f"excess-of-mass selection put {100 * share:.0f}% of the tiles in one cluster; refitted with "
+            f"max_cluster_size={len(fit_idx) // 2}: {n_new} clusters"
+        )
         logger.warning("HDBSCAN: %s", guard)
     labels = np.full(n, -1, np.int64)
     probs = np.zeros(n, np.float32)
@@ -130,7 +132,9 @@ def kmeans_cluster(X: np.ndarray, k: int, *, seed: int = 0, niter: int = 25, fit
     if not 1 <= k <= n:
         raise ValueError(f"k must be between 1 and the number of points ({n}), got {k}")
     fit = X if n <= fit_max else X[np.sort(np.random.default_rng(seed).choice(n, fit_max, replace=False))]
-    km = faiss.Kmeans(d, int(k), niter=niter, seed=seed, verbose=False, max_points_per_centroid=max(256, len(fit) // k + 1))
+    km = faiss.Kmeans(
+        d, int(k), niter=niter, seed=seed, verbose=False, max_points_per_centroid=max(256, len(fit) // k + 1)
+    )
     km.train(fit)
     D, I = km.index.search(X, min(2, k))
     D = np.sqrt(np.maximum(D, 0))

@@ -71,8 +71,15 @@ def _search(index, Q: np.ndarray, k: int, batch: int) -> tuple[np.ndarray, np.nd
 
 
 def knn_query(
-    base: np.ndarray, queries: np.ndarray, k: int, *, method: str = "auto", exact_max: int = 50_000,
-    use_gpu: str | bool = "auto", seed: int = 0, batch: int = 65_536,
+    base: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    *,
+    method: str = "auto",
+    exact_max: int = 50_000,
+    use_gpu: str | bool = "auto",
+    seed: int = 0,
+    batch: int = 65_536,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest rows of ``base`` for each row of ``queries``.
 
@@ -81,7 +88,9 @@ def knn_query(
     indices (m, k) int64 into ``base`` (-1 where fewer were found), distances (m, k) float32 (Euclidean).
     """
     base = np.ascontiguousarray(base, np.float32)
-    index, _ = _build_index(base, method=method, exact_max=exact_max, use_gpu=use_gpu, seed=seed, nprobe=16, hnsw_m=32, k=k)
+    index, _ = _build_index(
+        base, method=method, exact_max=exact_max, use_gpu=use_gpu, seed=seed, nprobe=16, hnsw_m=32, k=k
+    )
     D, I = _search(index, np.ascontiguousarray(queries, np.float32), int(min(k, len(base))), batch)
     return I, np.sqrt(np.maximum(D, 0.0), dtype=np.float32)
 
@@ -130,8 +139,9 @@ def knn_graph(
     if n < 2:
         raise ValueError(f"need at least 2 points for a k-NN graph, got {n}")
     k = int(min(k, n))
-    index, method = _build_index(X, method=method, exact_max=exact_max, use_gpu=use_gpu, seed=seed, nprobe=nprobe,
-                                 hnsw_m=hnsw_m, k=k)
+    index, method = _build_index(
+        X, method=method, exact_max=exact_max, use_gpu=use_gpu, seed=seed, nprobe=nprobe, hnsw_m=hnsw_m, k=k
+    )
     D, I = _search(index, X, k, batch)
     # make every point its own first neighbour at distance 0 (approximate indexes may miss it)
     rows = np.arange(n)

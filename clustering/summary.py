@@ -154,59 +154,92 @@ def summarize_clusters(
     concept_cols = [c for c in df.columns if c.startswith("concept_")]
     rows = []
     for cl, g in df.groupby("cluster", sort=True):
-        size = len(g)
-        slides = g["slide_id"].value_counts()
-        row = {
-            "cluster": int(cl),
-            "size": size,
-            "n_slides": int(len(slides)),
-            "top_slide": str(slides.index[0]),
-            "slide_dominance": float(slides.iloc[0] / size),
-            "pred_mix": json.dumps({str(k): round(float(v), 4) for k, v in g["pred"].value_counts(normalize=True).sort_index().items()}),
-            "positive_rate": float((g["pred"] == 1).mean()),
-            "mean_confidence": float(g["confidence"].mean()),
-            "mean_membership": float(g["membership"].mean()),
-            "mean_tissue": float(g["tissue_frac"].mean()) if "tissue_frac" in g else float("nan"),
-            "mean_ink": float(g["ink_frac"].mean()) if "ink_frac" in g else float("nan"),
-            "ink_tile_share": float((g["ink_frac"] >= rules.tile_ink).mean()) if "ink_frac" in g else float("nan"),
-            "blur_tile_share": float((g["sharpness"] < rules.sharpness).mean()) if "sharpness" in g else float("nan"),
-            **{f"mean_{c}": float(g[c].mean()) if c in g else float("nan") for c in ("sharpness", "od_h", "od_e", "brightness")},
-            "removal_effect": float((removal or {}).get(int(cl), float("nan"))),
-            "mean_cam_off_tissue": float(g["cam_off_tissue"].mean()) if "cam_off_tissue" in g else float("nan"),
-            "mean_cam_on_ink": float(g["cam_on_ink"].mean()) if "cam_on_ink" in g else float("nan"),
-            # slide-level grades of the cohort CSV (PANDA-style), as the share of tiles per value
-            **{f"{c}_mix": json.dumps({str(k): round(float(v), 4) for k, v in g[c].astype(str).value_counts(normalize=True).sort_index().items()})
-               for c in GRADE_COLUMNS if c in g},
-            "top_site": None,
-            "site_dominance": float("nan"),
-            "site_column": site_col,
-        }
-        if has_site:
-            sites = g[site_col].value_counts()
-            row["top_site"], row["site_dominance"] = str(sites.index[0]), float(sites.iloc[0] / size)
-        lab = g["label_pos"].dropna() if "label_pos" in g else pd.Series(dtype=float)
-        row["n_labelled"] = int(len(lab))
-        if len(lab):
-            row["label_purity"] = float(max(lab.mean(), 1 - lab.mean()))
-            row["label_agreement"] = float(((g.loc[lab.index, "pred"] == 1).astype(int) == lab.astype(int)).mean())
-        else:
-            row["label_purity"] = row["label_agreement"] = float("nan")
-        if concept_cols:
-            mix = g[concept_cols].mean()
-            total = mix.sum()
-            mix = mix / total if total > 0 else mix
-            row["concept_mix"] = json.dumps({c.removeprefix("concept_"): round(float(v), 4) for c, v in mix.items()})
-            row["top_concept"] = int(mix.values.argmax())
-        else:
-            row["concept_mix"], row["top_concept"] = "{}", -1
+        row = {**_composition(g, int(cl), rules, removal), **_site(g, site_col if has_site else None)}
+        row.update(_labels(g))
+        row.update(_concept_mix(g, concept_cols))
         row["representatives"] = json.dumps(_representatives(g, space, n_representatives))
-        flags, reasons = ([], []) if cl < 0 or size < rules.min_size else _flags(row, rules, n_slides_cohort, cohort_pos, site_share, positive_name)
+        flags, reasons = (
+            ([], [])
+            if cl < 0 or len(g) < rules.min_size
+            else _flags(row, rules, n_slides_cohort, cohort_pos, site_share, positive_name)
+        )
         row["flags"], row["flag_reasons"] = flags, reasons
         rows.append(row)
     out = pd.DataFrame(rows)
     if len(out):
         out = pd.concat([out[out["cluster"] >= 0], out[out["cluster"] < 0]], ignore_index=True)
     return out
+
+
+def _mean(g: pd.DataFrame, col: str) -> float:
+    return float(g[col].mean()) if col in g else float("nan")
+
+
+def _mix(values: pd.Series) -> str:
+    """JSON {value: share} of a column, sorted by value, shares rounded to 4 places."""
+    return json.dumps({str(k): round(float(v), 4) for k, v in values.value_counts(normalize=True).sort_index().items()})
+
+
+def _composition(g: pd.DataFrame, cl: int, rules: FlagRules, removal: dict | None) -> dict:
+    """Size, slides, predictions, QC means and shares, removal effect, CAM shares and grade mixes of
+    one cluster's tiles ``g``."""
+    size, slides = len(g), g["slide_id"].value_counts()
+    return {
+        "cluster": cl,
+        "size": size,
+        "n_slides": int(len(slides)),
+        "top_slide": str(slides.index[0]),
+        "slide_dominance": float(slides.iloc[0] / size),
+        "pred_mix": _mix(g["pred"]),
+        "positive_rate": float((g["pred"] == 1).mean()),
+        "mean_confidence": float(g["confidence"].mean()),
+        "mean_membership": float(g["membership"].mean()),
+        "mean_tissue": _mean(g, "tissue_frac"),
+        "mean_ink": _mean(g, "ink_frac"),
+        "ink_tile_share": float((g["ink_frac"] >= rules.tile_ink).mean()) if "ink_frac" in g else float("nan"),
+        "blur_tile_share": float((g["sharpness"] < rules.sharpness).mean()) if "sharpness" in g else float("nan"),
+        **{f"mean_{c}": _mean(g, c) for c in ("sharpness", "od_h", "od_e", "brightness")},
+        "removal_effect": float((removal or {}).get(cl, float("nan"))),
+        "mean_cam_off_tissue": _mean(g, "cam_off_tissue"),
+        "mean_cam_on_ink": _mean(g, "cam_on_ink"),
+        # slide-level grades of the cohort CSV (PANDA-style), as the share of tiles per value
+        **{f"{c}_mix": _mix(g[c].astype(str)) for c in GRADE_COLUMNS if c in g},
+    }
+
+
+def _site(g: pd.DataFrame, site_col: str | None) -> dict:
+    """The cluster's most common site and its share (None / NaN without a varying site column)."""
+    row = {"top_site": None, "site_dominance": float("nan"), "site_column": site_col}
+    if site_col is not None:
+        sites = g[site_col].value_counts()
+        row["top_site"], row["site_dominance"] = str(sites.index[0]), float(sites.iloc[0] / len(g))
+    return row
+
+
+def _labels(g: pd.DataFrame) -> dict:
+    """Tiles with a label, label purity and the agreement of predictions with labels."""
+    lab = g["label_pos"].dropna() if "label_pos" in g else pd.Series(dtype=float)
+    if not len(lab):
+        return {"n_labelled": 0, "label_purity": float("nan"), "label_agreement": float("nan")}
+    agree = ((g.loc[lab.index, "pred"] == 1).astype(int) == lab.astype(int)).mean()
+    return {
+        "n_labelled": int(len(lab)),
+        "label_purity": float(max(lab.mean(), 1 - lab.mean())),
+        "label_agreement": float(agree),
+    }
+
+
+def _concept_mix(g: pd.DataFrame, concept_cols: list[str]) -> dict:
+    """Mean concept weights normalised to sum 1 (JSON) and the top concept (-1 without concepts)."""
+    if not concept_cols:
+        return {"concept_mix": "{}", "top_concept": -1}
+    mix = g[concept_cols].mean()
+    total = mix.sum()
+    mix = mix / total if total > 0 else mix
+    return {
+        "concept_mix": json.dumps({c.removeprefix("concept_"): round(float(v), 4) for c, v in mix.items()}),
+        "top_concept": int(mix.values.argmax()),
+    }
 
 
 def _flags(row, rules: FlagRules, n_slides_cohort, cohort_pos, site_share, positive_name):
@@ -251,10 +284,14 @@ def _artefact_reasons(row: dict, rules: FlagRules) -> list[str]:
     if row["mean_tissue"] < rules.low_tissue:
         why.append(f"its mean tissue fraction is only {row['mean_tissue']:.2f}")
     if row["ink_tile_share"] >= rules.ink_share:
-        why.append(f"{100 * row['ink_tile_share']:.0f}% of its tiles carry pen ink (ink fraction of "
-                   f"{100 * rules.tile_ink:.0f}% or more; {100 * row['mean_ink']:.0f}% of its area on average)")
+        why.append(
+            f"{100 * row['ink_tile_share']:.0f}% of its tiles carry pen ink (ink fraction of "
+            f"{100 * rules.tile_ink:.0f}% or more; {100 * row['mean_ink']:.0f}% of its area on average)"
+        )
     if row["blur_tile_share"] >= rules.blur_share:
-        why.append(f"{100 * row['blur_tile_share']:.0f}% of its tiles are out of focus (sharpness below {rules.sharpness:g})")
+        why.append(
+            f"{100 * row['blur_tile_share']:.0f}% of its tiles are out of focus (sharpness below {rules.sharpness:g})"
+        )
     return why
 
 

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _select(page, figure: str) -> None:
     l, t, fl, ft, fw, fh = page.evaluate(
         f"() => {{ const v = Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name({figure!r}));"
-        " const r = v.el.getBoundingClientRect(); const f = v.frame.bbox; return [r.left, r.top, f.left, f.top, f.width, f.height]; }")
+        " const r = v.el.getBoundingClientRect(); const f = v.frame.bbox; return [r.left, r.top, f.left, f.top, f.width, f.height]; }"
+    )
     page.mouse.move(l + fl + fw * 0.05, t + ft + fh * 0.05)
     page.mouse.down()
     page.mouse.move(l + fl + fw * 0.45, t + ft + fh * 0.5, steps=8)
@@ -38,7 +39,9 @@ def main(run: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "wsi_explain.cli", "serve", str(run), "--port", str(port)], cwd=REPO)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "wsi_explain.cli", "serve", str(run), "--port", str(port)], cwd=REPO
+    )
     try:
         for _ in range(120):
             try:

@@ -141,8 +141,15 @@ def extracted(tiled, tmp_path_factory):
     from wsi_explain.stages.extract import run_extract_stage
 
     run_dir = copy_run(tiled, tmp_path_factory.mktemp("extracted") / "run")
-    cfg = ExtractConfig(arch="tests.tiny_models:tiny_cnn", num_classes=2, methods=("gradcam",), activations=True,
-                        workers=0, batch_size=64, chunk_tiles=128)
+    cfg = ExtractConfig(
+        arch="tests.tiny_models:tiny_cnn",
+        num_classes=2,
+        methods=("gradcam",),
+        activations=True,
+        workers=0,
+        batch_size=64,
+        chunk_tiles=128,
+    )
     with RunFolder(run_dir) as run:
         res = run_extract_stage(run, cfg)
     assert all(r.status == "done" for r in res)
@@ -160,8 +167,8 @@ def audit_run(tmp_path_factory, slides):
 
     from tests.tiny_models import tiny_cnn
     from wsi_explain import RunFolder, TileConfig, discover_slides, run_tile_stage
-    from wsi_explain.stages.cluster import run_cluster_stage
     from wsi_explain.core.config import ClusterConfig, ExtractConfig
+    from wsi_explain.stages.cluster import run_cluster_stage
     from wsi_explain.stages.extract import run_extract_stage
 
     d = tmp_path_factory.mktemp("audit")
@@ -173,20 +180,35 @@ def audit_run(tmp_path_factory, slides):
             m.fc.weight.add_(0.3 * torch.randn_like(m.fc.weight))
         ckpts.append(d / f"model_{seed}.pt")
         torch.save(m.state_dict(), ckpts[-1])
-    tumour = {"type": "Feature", "properties": {"classification": {"name": "Tumour"}},
-              "geometry": {"type": "Polygon", "coordinates": [[[1000, 800], [3000, 800], [3000, 2200], [1000, 2200], [1000, 800]]]}}
+    tumour = {
+        "type": "Feature",
+        "properties": {"classification": {"name": "Tumour"}},
+        "geometry": {
+            "type": "Polygon",
+            "coordinates": [[[1000, 800], [3000, 800], [3000, 2200], [1000, 2200], [1000, 800]]],
+        },
+    }
     (d / "tumour.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [tumour]}))
     # a file name and a site that would run script if they reached HTML unescaped
     evil = d / "<script>alert(1)<script>.svs"
     shutil.copyfile(slides["svs"], evil)
-    (d / "cohort.csv").write_text(f"path,annotations,label,site\n{slides['tiff']},tumour.geojson,1,A\n"
-                                  f"{evil},,0,<img src=x onerror=alert(2)>\n")
+    (d / "cohort.csv").write_text(
+        f"path,annotations,label,site\n{slides['tiff']},tumour.geojson,1,A\n{evil},,0,<img src=x onerror=alert(2)>\n"
+    )
     run_dir = d / "run"
     with RunFolder(run_dir) as run:
         run_tile_stage(run, discover_slides([d / "cohort.csv"]), TileConfig(tile_px=32, mpp_target=1.0, verify="none"))
-        ecfg = ExtractConfig(arch="tests.tiny_models:tiny_cnn", weights=str(ckpts[0]), ensemble=tuple(map(str, ckpts[1:])),
-                             num_classes=2, methods=("gradcam", "hirescam", "saliency"), attr_sample=24, workers=0,
-                             batch_size=64, chunk_tiles=128)
+        ecfg = ExtractConfig(
+            arch="tests.tiny_models:tiny_cnn",
+            weights=str(ckpts[0]),
+            ensemble=tuple(map(str, ckpts[1:])),
+            num_classes=2,
+            methods=("gradcam", "hirescam", "saliency"),
+            attr_sample=24,
+            workers=0,
+            batch_size=64,
+            chunk_tiles=128,
+        )
         assert all(r.status == "done" for r in run_extract_stage(run, ecfg))
         run_cluster_stage(run, ClusterConfig(method="kmeans", k=3, pca=16, positive_labels=("Tumour",)))
     return run_dir
@@ -229,14 +251,17 @@ class PageWatch:
 
     def model(self, name: str, expr: str):
         """Evaluate ``expr`` with ``m`` bound to the Bokeh model called ``name``."""
-        return self.page.evaluate(f"() => {{ const m = Bokeh.documents[0].get_model_by_name({name!r}); return {expr}; }}")
+        return self.page.evaluate(
+            f"() => {{ const m = Bokeh.documents[0].get_model_by_name({name!r}); return {expr}; }}"
+        )
 
     def drag_select(self, figure_name: str, frac=(0.0, 0.0, 0.6, 0.6)) -> None:
         """Drag a box over a Bokeh figure's frame (its active drag tool is box select)."""
         l, t, fl, ft, fw, fh = self.page.evaluate(
             f"() => {{ const v = Bokeh.index.find_one(Bokeh.documents[0].get_model_by_name({figure_name!r}));"
             " const r = v.el.getBoundingClientRect(); const f = v.frame.bbox;"
-            " return [r.left, r.top, f.left, f.top, f.width, f.height]; }")
+            " return [r.left, r.top, f.left, f.top, f.width, f.height]; }"
+        )
         x0, y0 = l + fl + 2 + frac[0] * fw, t + ft + 2 + frac[1] * fh
         self.page.mouse.move(x0, y0)
         self.page.mouse.down()

@@ -8,8 +8,9 @@ import numpy as np
 GLASS = (246, 243, 243)
 
 
-def mirror_canvas(field: np.ndarray, field_mpp: float, *, mpp: float, size_mm=(8.0, 10.0), seed: int = 0,
-                  tissue_share: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
+def mirror_canvas(
+    field: np.ndarray, field_mpp: float, *, mpp: float, size_mm=(8.0, 10.0), seed: int = 0, tissue_share: float = 0.6
+) -> tuple[np.ndarray, np.ndarray]:
     """A ``size_mm`` canvas at ``mpp`` µm/px: ``field`` (real H&E at ``field_mpp``) block-averaged to
     ``mpp``, mirror-tiled, inside an irregular blob on glass.
 

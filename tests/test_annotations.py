@@ -74,8 +74,14 @@ def test_bad_geojson_is_a_clear_error(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(tiling.AnnotationError, match="bad.geojson.*not valid JSON"):
         read_geojson(bad)
-    pts = _write(tmp_path, {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}, "properties": {}}]}, "pts.geojson")
+    pts = _write(
+        tmp_path,
+        {
+            "type": "FeatureCollection",
+            "features": [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}, "properties": {}}],
+        },
+        "pts.geojson",
+    )
     with pytest.raises(tiling.AnnotationError, match="no polygon"):
         read_geojson(pts)
     with pytest.raises(tiling.AnnotationError, match="does not exist"):
@@ -87,8 +93,8 @@ def test_label_mask_fractions_exact(tmp_path):
 
     tiles = _grid(4, size=100)  # slide 400x400 level-0 px
     mask = np.zeros((100, 100), np.uint8)  # downsample 4
-    mask[0:25, 0:25] = 3              # tile (0,0) fully gleason3
-    mask[25:50, 25:38] = 4            # tile (1,1): 13 of 25 columns
+    mask[0:25, 0:25] = 3  # tile (0,0) fully gleason3
+    mask[25:50, 25:38] = 4  # tile (1,1): 13 of 25 columns
     mask[75:100, 75:100] = 1
     before = mask.copy()
     p = tmp_path / "mask.png"
@@ -129,9 +135,13 @@ def test_per_pixel_tile_masks_match_the_fractions(tmp_path):
     ann = read_geojson(_write(tmp_path, [_feature(tumor, "Tumor")]))
     masks = tiling.geojson_tile_masks(tiles, ann, px=20)
     assert masks["Tumor"].shape == (16, 20, 20) and masks["Tumor"].dtype == bool
-    np.testing.assert_allclose(masks["Tumor"].mean((1, 2)), geojson_label_fractions(tiles, ann)["label_tumor"], atol=1e-6)
+    np.testing.assert_allclose(
+        masks["Tumor"].mean((1, 2)), geojson_label_fractions(tiles, ann)["label_tumor"], atol=1e-6
+    )
     assert masks["Tumor"][1][:, :10].all() and not masks["Tumor"][1][:, 10:].any()  # left half of tile (1, 0)
     lab = np.zeros((40, 40), np.int32)  # a label mask at downsample 10
     lab[:10, :15] = 4
     per_px = tiling.mask_tile_labels(tiles, lab, slide_dimensions=(400, 400), px=10)
-    np.testing.assert_allclose((per_px == 4).mean((1, 2)), mask_label_fractions(tiles, lab, slide_dimensions=(400, 400))["label_class_4"])
+    np.testing.assert_allclose(
+        (per_px == 4).mean((1, 2)), mask_label_fractions(tiles, lab, slide_dimensions=(400, 400))["label_class_4"]
+    )

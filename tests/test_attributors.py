@@ -60,8 +60,9 @@ def test_integrated_gradients_large_n_steps_small_budget(model, x):
 
     rec = _MaxBatch(model.module)
     try:
-        ours = make_attributor("integratedgradients", model, max_batch=8,
-                               attribute_kwargs={"n_steps": 512}).attribute(x, targets=1)
+        ours = make_attributor("integratedgradients", model, max_batch=8, attribute_kwargs={"n_steps": 512}).attribute(
+            x, targets=1
+        )
     finally:
         rec.close()
     assert rec.max <= 8
@@ -72,14 +73,18 @@ def test_integrated_gradients_large_n_steps_small_budget(model, x):
 def test_gradientshap_splits_samples_exactly(model, x):
     rec = _MaxBatch(model.module)
     try:
-        small = make_attributor("gradientshap", model, max_batch=5, attribute_kwargs={"n_samples": 40}).attribute(x, targets=0)
+        small = make_attributor("gradientshap", model, max_batch=5, attribute_kwargs={"n_samples": 40}).attribute(
+            x, targets=0
+        )
     finally:
         rec.close()
     assert rec.max <= 5
     rng_state, np_state = torch.get_rng_state(), np.random.get_state()[1].copy()
-    again = make_attributor("gradientshap", model, max_batch=5, attribute_kwargs={"n_samples": 40}).attribute(x, targets=0)
-    np.testing.assert_array_equal(small, again)                  # seeded
-    assert torch.equal(rng_state, torch.get_rng_state())        # the caller's RNGs are untouched
+    again = make_attributor("gradientshap", model, max_batch=5, attribute_kwargs={"n_samples": 40}).attribute(
+        x, targets=0
+    )
+    np.testing.assert_array_equal(small, again)  # seeded
+    assert torch.equal(rng_state, torch.get_rng_state())  # the caller's RNGs are untouched
     assert np.array_equal(np_state, np.random.get_state()[1])
 
 

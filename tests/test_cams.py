@@ -17,8 +17,14 @@ def _reference(module, layer, x, targets, method):
     import pytorch_grad_cam as pgc
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    cls = {"gradcam": pgc.GradCAM, "gradcampp": pgc.GradCAMPlusPlus, "xgradcam": pgc.XGradCAM,
-           "hirescam": pgc.HiResCAM, "layercam": pgc.LayerCAM, "eigencam": pgc.EigenCAM}[method]
+    cls = {
+        "gradcam": pgc.GradCAM,
+        "gradcampp": pgc.GradCAMPlusPlus,
+        "xgradcam": pgc.XGradCAM,
+        "hirescam": pgc.HiResCAM,
+        "layercam": pgc.LayerCAM,
+        "eigencam": pgc.EigenCAM,
+    }[method]
     cam = cls(model=module, target_layers=[layer])
     try:
         return cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(int(t)) for t in targets])
@@ -66,7 +72,7 @@ def test_no_backward_through_trunk_or_weights(model_and_batch):
             fx(x)
     finally:
         h.remove()
-    assert seen == [False]                       # the trunk ran without autograd
+    assert seen == [False]  # the trunk ran without autograd
     assert all(p.grad is None for p in lm.module.parameters())
     assert not x.requires_grad
 
@@ -131,10 +137,12 @@ def _activations(shape, act, seed):
 
 @pytest.mark.parametrize(
     ("shape", "act"),
-    [((120, 512, 7, 7), "relu"),      # ResNet-18/34 layer4 at 224 px: the LQ route
-     ((40, 1280, 7, 7), "relu6"),     # EfficientNet-Lite0's head
-     ((200, 576, 4, 4), "hardswish"),  # MobileNetV3-small at 128 px (negative values too)
-     ((100, 64, 14, 14), "relu")],    # fewer channels than 11/6 x positions: the direct SVD
+    [
+        ((120, 512, 7, 7), "relu"),  # ResNet-18/34 layer4 at 224 px: the LQ route
+        ((40, 1280, 7, 7), "relu6"),  # EfficientNet-Lite0's head
+        ((200, 576, 4, 4), "hardswish"),  # MobileNetV3-small at 128 px (negative values too)
+        ((100, 64, 14, 14), "relu"),
+    ],  # fewer channels than 11/6 x positions: the direct SVD
 )
 def test_eigencam_projection_equals_pytorch_grad_cam_with_its_sign(shape, act):
     """EigenCAM's singular-vector sign is arbitrary and pytorch-grad-cam keeps LAPACK's: our
@@ -154,8 +162,9 @@ def test_eigencam_projection_equals_pytorch_grad_cam_with_its_sign(shape, act):
     assert (err <= 1e-4).all(), f"{(err > 1e-4).sum()} of {n} tiles differ (sign flips: {(err > 1).sum()})"
 
 
-@pytest.mark.parametrize(("shape", "act"), [((200, 512, 7, 7), "relu"), ((100, 576, 4, 4), "hardswish"),
-                                            ((50, 64, 14, 14), "relu")])
+@pytest.mark.parametrize(
+    ("shape", "act"), [((200, 512, 7, 7), "relu"), ((100, 576, 4, 4), "hardswish"), ((50, 64, 14, 14), "relu")]
+)
 def test_signed_eigencam_equals_pytorch_grad_cam_sign_correction(shape, act):
     from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
 

@@ -15,9 +15,9 @@ import zarr
 
 from tests.conftest import copy_run
 from wsi_explain import RunFolder
-from wsi_explain.stages.cluster import run_cluster_stage
 from wsi_explain.core.config import ClusterConfig
 from wsi_explain.core.errors import WsiExplainError
+from wsi_explain.stages.cluster import run_cluster_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,8 +35,23 @@ def test_outputs(clustered):
     run_dir, cfg, out = clustered
     assert out.status == "done" and out.n_tiles > 100 and out.n_clusters >= 1
     tiles = pd.read_parquet(run_dir / "cohort/tiles.parquet")
-    for col in ("slide_id", "tile_id", "pred", "prob_0", "prob_1", "confidence", "cluster", "membership",
-                "outlier_score", "umap_x", "umap_y", "tissue_frac", "ink_frac", "cam_off_tissue", "concept_0"):
+    for col in (
+        "slide_id",
+        "tile_id",
+        "pred",
+        "prob_0",
+        "prob_1",
+        "confidence",
+        "cluster",
+        "membership",
+        "outlier_score",
+        "umap_x",
+        "umap_y",
+        "tissue_frac",
+        "ink_frac",
+        "cam_off_tissue",
+        "concept_0",
+    ):
         assert col in tiles, col
     assert set(tiles["slide_id"]) == {"generic", "corrupt_middle"}
     # decode failures are not clustered
@@ -56,7 +71,9 @@ def test_outputs(clustered):
     assert c["components"].shape == (3, 64) and c["weights"].shape == (len(tiles), 3)
     assert c["maps"].shape[1:] == (3, 4, 4) and len(c.attrs["auc"]) == 3
     rec = json.loads((run_dir / "manifest.json").read_text())["stages"]["cluster"]["slides"]["cohort"]
-    assert rec["status"] == "done" and {"read", "knn", "umap_2d", "umap_5d", "cluster", "concepts"} <= set(rec["timings"])
+    assert rec["status"] == "done" and {"read", "knn", "umap_2d", "umap_5d", "cluster", "concepts"} <= set(
+        rec["timings"]
+    )
 
 
 def test_rerun_is_a_noop_and_seeded_runs_agree(clustered, tmp_path):
@@ -92,14 +109,29 @@ def test_needs_extraction_and_activations(tiled, tmp_path):
     with RunFolder(copy_run(tiled, tmp_path / "t")) as run:
         with pytest.raises(WsiExplainError, match="run `wsi-explain extract` first"):
             run_cluster_stage(run, ClusterConfig())
-        run_extract_stage(run, ExtractConfig(arch="tests.tiny_models:tiny_cnn", num_classes=2, methods=("gradcam",), workers=0))
+        run_extract_stage(
+            run, ExtractConfig(arch="tests.tiny_models:tiny_cnn", num_classes=2, methods=("gradcam",), workers=0)
+        )
         with pytest.raises(WsiExplainError, match="--activations"):
             run_cluster_stage(run, ClusterConfig(concepts=2, pca=0))
 
 
 def test_cli_cluster(extracted, tmp_path):
     run_dir = copy_run(extracted, tmp_path / "run")
-    cmd = [sys.executable, "-m", "wsi_explain.cli", "cluster", str(run_dir), "--method", "kmeans", "-k", "3", "--pca", "8", "--no-l2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "wsi_explain.cli",
+        "cluster",
+        str(run_dir),
+        "--method",
+        "kmeans",
+        "-k",
+        "3",
+        "--pca",
+        "8",
+        "--no-l2",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "3 clusters" in res.stdout and "timings" in res.stdout
@@ -113,8 +145,8 @@ def test_cli_cluster(extracted, tmp_path):
 
 def test_cam_share_on_ink_cells():
     """cam_on_ink is the share of a CAM's mass on pen-ink cells of the coded tissue mask."""
-    from wsi_explain.io.tile_table import tissue_cells
     import clustering
+    from wsi_explain.io.tile_table import tissue_cells
 
     cam = np.zeros((1, 2, 2), np.float32)
     cam[0, 0, 0], cam[0, 1, 1] = 3.0, 1.0

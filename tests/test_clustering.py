@@ -91,7 +91,9 @@ def test_hdbscan_guard_against_one_giant_cluster():
 
     rng = np.random.default_rng(0)
     centres = [(4.0 * i, 4.0 * j) for i in range(3) for j in range(3)]
-    Y = np.concatenate([c + rng.normal(size=(150, 2)) for c in centres] + [np.array([40.0, 40.0]) + rng.normal(size=(60, 2))])
+    Y = np.concatenate(
+        [c + rng.normal(size=(150, 2)) for c in centres] + [np.array([40.0, 40.0]) + rng.normal(size=(60, 2))]
+    )
     plain = hdbscan.HDBSCAN(min_cluster_size=20).fit(Y).labels_
     assert np.bincount(plain[plain >= 0]).max() >= 0.9 * len(Y)
     res = C.hdbscan_cluster(Y, min_cluster_size=20)
@@ -173,8 +175,16 @@ def _cohort(rng, n_slides=6, per_slide=60):
     for s in range(n_slides):
         for t in range(per_slide):
             cl = t % 3  # three clean clusters spread over all slides
-            rows.append({"slide_id": f"s{s}", "tile_id": t, "cluster": cl, "pred": int(rng.random() < 0.3),
-                         "site": f"site{s % 2}", "label_pos": float(rng.random() < 0.3)})
+            rows.append(
+                {
+                    "slide_id": f"s{s}",
+                    "tile_id": t,
+                    "cluster": cl,
+                    "pred": int(rng.random() < 0.3),
+                    "site": f"site{s % 2}",
+                    "label_pos": float(rng.random() < 0.3),
+                }
+            )
     df = pd.DataFrame(rows)
     df["pred"] = np.where(df["label_pos"] == 1, 1, df["pred"] * 0)  # clean clusters: predictions follow labels
     df["membership"], df["outlier_score"] = rng.random(len(df)), rng.random(len(df)) * 0.3
@@ -187,9 +197,23 @@ def _cohort(rng, n_slides=6, per_slide=60):
 def test_planted_shortcut_raises_every_flag():
     rng = np.random.default_rng(2)
     df = _cohort(rng)
-    ink = pd.DataFrame({"slide_id": "s5", "tile_id": np.arange(1000, 1040), "cluster": 3, "pred": 1, "site": "site1",
-                        "label_pos": 0.0, "membership": 0.9, "outlier_score": 0.1, "prob_pos": 0.97, "confidence": 0.97,
-                        "tissue_frac": 0.45, "ink_frac": 0.35, "cam_off_tissue": 0.8})
+    ink = pd.DataFrame(
+        {
+            "slide_id": "s5",
+            "tile_id": np.arange(1000, 1040),
+            "cluster": 3,
+            "pred": 1,
+            "site": "site1",
+            "label_pos": 0.0,
+            "membership": 0.9,
+            "outlier_score": 0.1,
+            "prob_pos": 0.97,
+            "confidence": 0.97,
+            "tissue_frac": 0.45,
+            "ink_frac": 0.35,
+            "cam_off_tissue": 0.8,
+        }
+    )
     df = pd.concat([df, ink], ignore_index=True)
     before = df.copy()
     out = C.summarize_clusters(df, space=np.random.default_rng(0).normal(size=(len(df), 2)))
@@ -214,7 +238,13 @@ def test_artefact_flag_reads_ink_and_blur_and_needs_the_model_to_lean():
     df = _cohort(rng)
     df["sharpness"] = 0.15
     blur = df[df["cluster"] == 0].head(60).copy()
-    blur["cluster"], blur["tile_id"], blur["pred"], blur["prob_pos"], blur["sharpness"] = 3, blur["tile_id"] + 1000, 1, 0.9, 0.03
+    blur["cluster"], blur["tile_id"], blur["pred"], blur["prob_pos"], blur["sharpness"] = (
+        3,
+        blur["tile_id"] + 1000,
+        1,
+        0.9,
+        0.03,
+    )
     inert = df[df["cluster"] == 1].head(60).copy()
     inert["cluster"], inert["tile_id"], inert["ink_frac"] = 4, inert["tile_id"] + 2000, 0.4
     inert["pred"], inert["prob_pos"] = 0, 0.1
@@ -234,7 +264,7 @@ def test_artefact_flag_reads_ink_and_blur_and_needs_the_model_to_lean():
 def test_site_dominance_flag():
     rng = np.random.default_rng(3)
     df = _cohort(rng)
-    df.loc[df["cluster"] == 2, "site"] = "scannerB"   # all of cluster 2 from one site (a third of the cohort)
+    df.loc[df["cluster"] == 2, "site"] = "scannerB"  # all of cluster 2 from one site (a third of the cohort)
     out = C.summarize_clusters(df).set_index("cluster")
     assert out.loc[2, "flags"] == ["dominated"] and "site scannerB" in out.loc[2, "flag_reasons"][0]
     assert out.loc[0, "flags"] == []

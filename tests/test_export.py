@@ -15,10 +15,10 @@ import tiling
 from tests.conftest import copy_run
 from viz import tiles_to_geojson
 from wsi_explain import RunFolder
-from wsi_explain.stages.cluster import run_cluster_stage
 from wsi_explain.core.config import ClusterConfig
 from wsi_explain.core.errors import WsiExplainError
 from wsi_explain.report.export import export_run
+from wsi_explain.stages.cluster import run_cluster_stage
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = 'benign <glands> & "stroma"'  # a pathologist's name, with characters that need escaping
@@ -50,8 +50,8 @@ def test_geojson_round_trips_through_the_annotation_reader(exported):
             name = NAME if c == 1 else f"cluster {c}"
             col = tiling.label_column(name)
             mine = (g["cluster"] == c).to_numpy()
-            np.testing.assert_allclose(fr[col].to_numpy()[mine], 1.0, atol=1e-6)   # each tile is its own cluster
-            np.testing.assert_allclose(fr[col].to_numpy()[~mine], 0.0, atol=1e-6)   # and no other
+            np.testing.assert_allclose(fr[col].to_numpy()[mine], 1.0, atol=1e-6)  # each tile is its own cluster
+            np.testing.assert_allclose(fr[col].to_numpy()[~mine], 0.0, atol=1e-6)  # and no other
 
 
 def test_csv_is_the_cohort_table_with_names(exported):
@@ -79,6 +79,8 @@ def test_export_needs_clustering(tiled, tmp_path):
 
 def test_cli_export(exported, tmp_path):
     run_dir = copy_run(exported[0], tmp_path / "run")
-    res = subprocess.run([sys.executable, "-m", "wsi_explain.cli", "export", str(run_dir)], capture_output=True, text=True, cwd=REPO)
+    res = subprocess.run(
+        [sys.executable, "-m", "wsi_explain.cli", "export", str(run_dir)], capture_output=True, text=True, cwd=REPO
+    )
     assert res.returncode == 0, res.stderr
     assert "2 GeoJSON file(s)" in res.stdout

@@ -19,9 +19,9 @@ from tests.conftest import copy_run
 from tests.tiny_models import tiny_cnn
 from wsi_explain import RunFolder, read_tile_table
 from wsi_explain.core.config import ExtractConfig
-from wsi_explain.stages.extract import STATUS_NONFINITE, STATUS_OK, STATUS_READ_ERROR, run_extract_stage
-from wsi_explain.io.features import read_cams
 from wsi_explain.explain.card import ModelError
+from wsi_explain.io.features import read_cams
+from wsi_explain.stages.extract import STATUS_NONFINITE, STATUS_OK, STATUS_READ_ERROR, run_extract_stage
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "tests.tiny_models:tiny_cnn"
@@ -33,7 +33,9 @@ def run_dir(tiled, tmp_path):
 
 
 def _cfg(**kw):
-    base = dict(arch=TINY, num_classes=2, methods=("gradcam", "hirescam", "eigencam"), workers=0, batch_size=16, chunk_tiles=64)
+    base = dict(
+        arch=TINY, num_classes=2, methods=("gradcam", "hirescam", "eigencam"), workers=0, batch_size=16, chunk_tiles=64
+    )
     base.update(kw)
     return ExtractConfig(**base)
 
@@ -120,7 +122,7 @@ def test_rerun_is_a_noop(run_dir):
     stamp = (run_dir / "slides/generic/features.zarr/zarr.json").stat().st_mtime_ns
     with RunFolder(run_dir) as run:
         [r] = run_extract_stage(run, cfg.model_copy(update={"batch_size": 5, "workers": 1}), slide_ids=["generic"])
-    assert r.status == "skipped"   # batch size and workers do not change results
+    assert r.status == "skipped"  # batch size and workers do not change results
     assert (run_dir / "slides/generic/features.zarr/zarr.json").stat().st_mtime_ns == stamp
     after = _arrays(run_dir / "slides/generic/features.zarr")
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
@@ -167,7 +169,7 @@ def test_activations_and_other_methods(run_dir, caplog):
     cfg = _cfg(activations=True, methods=("gradcam", "saliency", "integratedgradients"), attr_sample=6, attr_px=8)
     with caplog.at_level(logging.INFO, logger="wsi_explain.stages.extract"), RunFolder(run_dir) as run:
         run_extract_stage(run, cfg, slide_ids=["generic"])
-    assert "GB before compression" in caplog.text   # the size is said before the run
+    assert "GB before compression" in caplog.text  # the size is said before the run
     g = zarr.open_group(str(run_dir / "slides/generic/features.zarr"), mode="r")
     assert g["activations"].shape[1:] == (64, 4, 4) and g["activations"].dtype == np.float16
     assert np.asarray(g["activations"][:5]).min() >= 0
@@ -205,7 +207,7 @@ def test_sigkill_resume_equals_uninterrupted(run_dir, tmp_path):
     proc.wait()
     n = len(read_tile_table(run_dir / "slides/generic/tiles.parquet")[0])
     assert 0 < done < n, f"kill landed at {done} of {n} tiles"
-    with RunFolder(run_dir) as run:   # the killed process's lock died with it
+    with RunFolder(run_dir) as run:  # the killed process's lock died with it
         [r] = run_extract_stage(run, cfg, slide_ids=["generic"])
     assert r.status == "done" and r.tiles_per_s > 0
     with RunFolder(clean) as run:
@@ -219,8 +221,23 @@ def test_sigkill_resume_equals_uninterrupted(run_dir, tmp_path):
 def test_cli_extract(run_dir, tmp_path):
     torch.save(tiny_cnn().state_dict(), tmp_path / "w.pt")
     (tmp_path / "w.yaml").write_text("class_names: [benign, tumour]\n")
-    cmd = [sys.executable, "-m", "wsi_explain.cli", "extract", str(run_dir), "--model", TINY, "--weights",
-           str(tmp_path / "w.pt"), "--methods", "gradcam,layercam", "--workers", "0", "--target", "tumour"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "wsi_explain.cli",
+        "extract",
+        str(run_dir),
+        "--model",
+        TINY,
+        "--weights",
+        str(tmp_path / "w.pt"),
+        "--methods",
+        "gradcam,layercam",
+        "--workers",
+        "0",
+        "--target",
+        "tumour",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "tiles/s" in res.stdout and "2 slide(s) extracted, 0 failed" in res.stdout
@@ -232,7 +249,9 @@ def test_cli_extract(run_dir, tmp_path):
     from tests.tiny_models import Unsafe
 
     torch.save({"state_dict": tiny_cnn().state_dict(), "x": Unsafe()}, unsafe)
-    res = subprocess.run(cmd[:7] + ["--weights", str(unsafe), "--num-classes", "2"], capture_output=True, text=True, cwd=REPO)
+    res = subprocess.run(
+        cmd[:7] + ["--weights", str(unsafe), "--num-classes", "2"], capture_output=True, text=True, cwd=REPO
+    )
     assert res.returncode == 2 and "--trust-checkpoint" in res.stderr
 
 
@@ -245,7 +264,7 @@ def test_readers_give_identical_results(tiled, tmp_path):
             run_extract_stage(run, _cfg(reader=reader, workers=workers), slide_ids=["corrupt_middle"])
         out[(reader, workers)] = _arrays(d / "slides/corrupt_middle/features.zarr")
     ref = out[("threads", 0)]
-    assert (ref["status"] == STATUS_READ_ERROR).any()   # decode failures included
+    assert (ref["status"] == STATUS_READ_ERROR).any()  # decode failures included
     for key, arrs in out.items():
         for k in ref:
             np.testing.assert_array_equal(arrs[k], ref[k], err_msg=f"{key} {k}")

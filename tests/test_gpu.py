@@ -13,11 +13,11 @@ import zarr
 
 from tests.conftest import copy_run
 from wsi_explain import RunFolder
-from wsi_explain.explain.maps import scale_maps
 from wsi_explain.core.config import ExtractConfig
-from wsi_explain.stages.extract import STATUS_OK, run_extract_stage
 from wsi_explain.explain.fused import FusedExtractor
 from wsi_explain.explain.load import load_model
+from wsi_explain.explain.maps import scale_maps
+from wsi_explain.stages.extract import STATUS_OK, run_extract_stage
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -30,7 +30,9 @@ def _batch(n=8, px=128):
 
 def _pass(device: str, x: torch.Tensor, **kw):
     # a fresh load per device: the extractor moves its module (seeded init: the same weights)
-    fx = FusedExtractor(load_model("resnet18", num_classes=3), methods=METHODS, device=device, tile_px=x.shape[-1], **kw)
+    fx = FusedExtractor(
+        load_model("resnet18", num_classes=3), methods=METHODS, device=device, tile_px=x.shape[-1], **kw
+    )
     with fx:
         return fx(x)
 
@@ -72,8 +74,14 @@ def test_autocast_keeps_predictions_and_maps():
 
 def test_extract_stage_on_cuda_equals_cpu(tiled, tmp_path):
     """Worker processes with pinned memory (the CUDA default) feeding the GPU give the CPU's arrays."""
-    base = dict(arch="tests.tiny_models:tiny_cnn", num_classes=2, methods=("gradcam", "hirescam", "eigencam_signed"),
-                batch_size=16, chunk_tiles=64, workers=2)
+    base = dict(
+        arch="tests.tiny_models:tiny_cnn",
+        num_classes=2,
+        methods=("gradcam", "hirescam", "eigencam_signed"),
+        batch_size=16,
+        chunk_tiles=64,
+        workers=2,
+    )
     arrays = {}
     for device in ("cpu", "cuda"):
         run_dir = copy_run(tiled, tmp_path / device)

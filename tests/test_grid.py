@@ -23,8 +23,8 @@ def test_grid_frames_at_target_mpp(tiff_grid):
     g = make_grid(r, tissue, GridSpec(tile_px=224, mpp=0.5, min_tissue=0.5))
     assert list(g.columns) == list(tiling.TILE_COLUMNS)
     assert len(g) >= 15
-    assert (g["size0"] == 448).all()          # 224 px at 0.5 µm = 448 level-0 px at 0.25 µm
-    assert (g["level"] == 1).all()            # level 1 is exactly 0.5 µm/px
+    assert (g["size0"] == 448).all()  # 224 px at 0.5 µm = 448 level-0 px at 0.25 µm
+    assert (g["level"] == 1).all()  # level 1 is exactly 0.5 µm/px
     assert (g["read_w"] == 224).all() and (g["read_h"] == 224).all()
     assert (g["x"] % 448 == 0).all() and (g["y"] % 448 == 0).all()
     assert (g["tissue_frac"] >= 0.5).all()
@@ -62,7 +62,7 @@ def test_overlap_and_min_tissue(tiff_grid):
     g0 = make_grid(r, tissue, GridSpec(tile_px=224, mpp=0.5, min_tissue=0.0))
     g1 = make_grid(r, tissue, GridSpec(tile_px=224, mpp=0.5, overlap=112, min_tissue=0.0))
     xs = np.sort(g1["x"].unique())
-    assert np.diff(xs).min() == 224            # stride (224 - 112) px at 0.5 µm = 224 level-0 px
+    assert np.diff(xs).min() == 224  # stride (224 - 112) px at 0.5 µm = 224 level-0 px
     assert len(g1) > 3 * len(g0)
     # min_tissue=0 keeps every grid position: floor((4096-448)/448)+1 by floor((3072-448)/448)+1
     assert len(g0) == 9 * 6

@@ -57,8 +57,13 @@ def canvas_masks(marked_canvases):
     for (name, seed), (clean, marked, strokes) in marked_canvases.items():
         r0, r = (tiling.ArrayReader(im, mpp=4.0, downsamples=(1, 2, 4)) for im in (clean, marked))
         for mpp in MPPS:
-            out[(name, seed, mpp)] = (r0, tiling.detect_tissue(r0, target_mpp=mpp), r,
-                                      tiling.detect_tissue(r, target_mpp=mpp), strokes)
+            out[(name, seed, mpp)] = (
+                r0,
+                tiling.detect_tissue(r0, target_mpp=mpp),
+                r,
+                tiling.detect_tissue(r, target_mpp=mpp),
+                strokes,
+            )
     return out
 
 
@@ -105,7 +110,9 @@ def test_tissue_under_ink_stays_ink_on_glass_does_not(canvas_masks, mpp):
         assert len(kept_tiles) >= 0.95 * len(g0), (name, seed, mpp, len(kept_tiles), len(g0))
         inked = g[g.ink_frac > 0.5]
         assert len(inked) > 20
-        truth_frac = tiling.grid._mask_fraction(truth, tm.scale, inked.x.to_numpy(), inked.y.to_numpy(), int(inked.size0.iloc[0]))
+        truth_frac = tiling.grid._mask_fraction(
+            truth, tm.scale, inked.x.to_numpy(), inked.y.to_numpy(), int(inked.size0.iloc[0])
+        )
         assert (truth_frac < 0.25).mean() <= 0.15, (name, seed, mpp, "inked tiles on glass", (truth_frac < 0.25).mean())
 
 
@@ -141,7 +148,10 @@ def test_stain_estimate_recovers_the_slide_vectors_despite_ink():
     c = rng.gamma(2.0, 0.25, size=(200, 200, 2))
     od = (c @ np.stack([H, E])).astype(np.float32)
     est = tiling.estimate_stains(od)
-    angle = lambda a, b: np.degrees(np.arccos(np.clip(a @ b, -1, 1)))
+
+    def angle(a, b):
+        return np.degrees(np.arccos(np.clip(a @ b, -1, 1)))
+
     assert est.source == "estimated" and angle(est.h, H) < 5 and angle(est.e, E) < 5
     inked = od.copy()
     inked[:, :30] += -np.log10(np.asarray(tiling.MARKER_COLOURS["blue"]) / 255.0) * 0.6

@@ -26,11 +26,14 @@ ALLOWED = {
     "stages": {"core", "io", "explain", "metrics", "report"},
     "demo": {"core", "io", "explain", "stages"},
 }
-# inside stages/, a stage imports no other stage (shared pieces live in io/explain/core);
-# only the pipeline runs them all, and the score stage has its sampler beside it
-STAGE_PEERS = {"pipeline": "*", "score": {"score_sample"}}
-MAX_MODULE_LINES = 600
-MAX_FUNCTION_LINES = 120
+# inside stages/, a stage imports no other stage (shared pieces live in io/explain/core) but the
+# per-slide driver; only the pipeline runs them all, and the score stage has its sampler beside it
+STAGE_PEERS = {"pipeline": "*", "score": {"score_sample", "driver"}}
+SHARED_STAGE_MODULES = {"driver"}
+# about 400 lines a module and 60 a function, as ruff format lays the code out
+MAX_MODULE_LINES = 420
+# lines of a function's body after its docstring (the CLI's option lists are in signatures)
+MAX_FUNCTION_LINES = 60
 
 
 def _imports(path: Path) -> list[str]:
@@ -67,9 +70,9 @@ def _modules(root: Path):
 
 def test_every_module_sits_in_a_known_part():
     top = {p.name for p in PKG.glob("*.py")}
-    assert top == {"__init__.py", "cli.py"}, f"modules loose in wsi_explain/: {sorted(top - {'__init__.py', 'cli.py'})}"
+    assert top == {"__init__.py"}, f"modules loose in wsi_explain/: {sorted(top - {'__init__.py'})}"
     dirs = {p.name for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__"}
-    assert dirs <= set(ALLOWED) | {"templates"}, dirs - set(ALLOWED)
+    assert dirs <= set(ALLOWED) | {"cli"}, dirs - set(ALLOWED)
 
 
 @pytest.mark.parametrize("part", sorted(ALLOWED))
@@ -88,7 +91,7 @@ def test_imports_go_one_way(part):
 def test_stages_do_not_import_each_other():
     bad = []
     for path in _modules(PKG / "stages"):
-        allowed = STAGE_PEERS.get(path.stem, set())
+        allowed = STAGE_PEERS.get(path.stem, SHARED_STAGE_MODULES)
         for mod in _imports(path):
             bits = mod.split(".")
             if bits[:2] == ["wsi_explain", "stages"] and len(bits) > 2 and bits[2] != path.stem:
@@ -99,7 +102,12 @@ def test_stages_do_not_import_each_other():
 
 @pytest.mark.parametrize("pkg", ["tiling", "clustering", "viz"])
 def test_lower_packages_never_import_wsi_explain(pkg):
-    bad = [f"{p.relative_to(REPO)}: {m}" for p in _modules(REPO / pkg) for m in _imports(p) if m.split(".")[0] == "wsi_explain"]
+    bad = [
+        f"{p.relative_to(REPO)}: {m}"
+        for p in _modules(REPO / pkg)
+        for m in _imports(p)
+        if m.split(".")[0] == "wsi_explain"
+    ]
     assert not bad, bad
 
 
@@ -115,6 +123,13 @@ def test_the_checker_sees_a_violation(tmp_path):
         fake.unlink()
 
 
+def _body_start(node) -> int:
+    """First line of a function's code after its docstring."""
+    first = node.body[0]
+    doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
+    return node.body[1].lineno if doc and len(node.body) > 1 else first.lineno
+
+
 def test_modules_and_functions_stay_small():
     long_modules, long_functions = [], []
     for root in ("wsi_explain", "tiling", "clustering", "viz"):
@@ -124,7 +139,7 @@ def test_modules_and_functions_stay_small():
                 long_modules.append(f"{path.relative_to(REPO)}: {text.count(chr(10))} lines")
             for node in ast.walk(ast.parse(text)):
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    n = node.end_lineno - node.lineno + 1
+                    n = node.end_lineno - _body_start(node) + 1
                     if n > MAX_FUNCTION_LINES:
                         long_functions.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {n} lines")
     assert not long_modules, long_modules

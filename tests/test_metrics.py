@@ -54,8 +54,12 @@ def test_deletion_and_insertion_rank_true_map_above_random(known):
     for baseline in ("constant", 0.2):
         d_true = M.curve_auc(M.perturbation_curve(model, x, true, targets=1, baseline=baseline, steps=8))
         d_rnd = M.curve_auc(M.perturbation_curve(model, x, rnd, targets=1, baseline=baseline, steps=8))
-        i_true = M.curve_auc(M.perturbation_curve(model, x, true, targets=1, baseline=baseline, steps=8, mode="insertion"))
-        i_rnd = M.curve_auc(M.perturbation_curve(model, x, rnd, targets=1, baseline=baseline, steps=8, mode="insertion"))
+        i_true = M.curve_auc(
+            M.perturbation_curve(model, x, true, targets=1, baseline=baseline, steps=8, mode="insertion")
+        )
+        i_rnd = M.curve_auc(
+            M.perturbation_curve(model, x, rnd, targets=1, baseline=baseline, steps=8, mode="insertion")
+        )
         assert (d_true < d_rnd).all(), baseline
         assert (i_true > i_rnd).all(), baseline
 
@@ -88,8 +92,10 @@ def test_metrics_invariant_to_batch_size_and_do_not_mutate(known, monkeypatch):
     monkeypatch.setattr(common, "CHUNK", 2)
     r1 = M.road(model, x, rnd, targets=1, percentiles=(20, 60))
     k = 2
-    parts = [M.road(model, x[:k], rnd[:k], targets=1, percentiles=(20, 60)),
-             M.road(model, x[k:], rnd[k:], targets=1, percentiles=(20, 60), seed=k)]
+    parts = [
+        M.road(model, x[:k], rnd[:k], targets=1, percentiles=(20, 60)),
+        M.road(model, x[k:], rnd[k:], targets=1, percentiles=(20, 60), seed=k),
+    ]
     for key in ("morf", "lerf", "combined"):
         np.testing.assert_allclose(r1[key], np.concatenate([p[key] for p in parts]), atol=1e-6)
     other = M.road(model, x[k:], rnd[k:], targets=1, percentiles=(20, 60))  # another seed: other noise
@@ -106,10 +112,25 @@ def test_deletion_agrees_with_quantus_pixel_flipping(known):
     amap = true + np.linspace(0, 1e-4, H * W, dtype=np.float32).reshape(H, W)
     steps = 8
     ours = M.perturbation_curve(model, x1, amap, targets=1, baseline=0.0, steps=steps)
-    pf = quantus.PixelFlipping(features_in_step=H * W // steps, perturb_baseline=0.0, normalise=False,
-                               disable_warnings=True, display_progressbar=False)
-    ref = np.asarray(pf(model=model, x_batch=x1.numpy(), y_batch=np.ones(len(x), int), a_batch=amap[:, None],
-                        device="cpu", softmax=True, channel_first=True), np.float32)
+    pf = quantus.PixelFlipping(
+        features_in_step=H * W // steps,
+        perturb_baseline=0.0,
+        normalise=False,
+        disable_warnings=True,
+        display_progressbar=False,
+    )
+    ref = np.asarray(
+        pf(
+            model=model,
+            x_batch=x1.numpy(),
+            y_batch=np.ones(len(x), int),
+            a_batch=amap[:, None],
+            device="cpu",
+            softmax=True,
+            channel_first=True,
+        ),
+        np.float32,
+    )
     np.testing.assert_allclose(ours[:, 1:], ref, atol=1e-5)
 
 
@@ -149,13 +170,18 @@ def test_road_agrees_with_pytorch_grad_cam(known):
 def test_infidelity_matches_a_hand_computation_and_ranks_maps(known):
     model, x, true, rnd, _ = known
     s, std = 5, 0.1
-    ours = M.infidelity_score(model, x, true, targets=1, noise_std=std, n_samples=s, seed=3, max_examples_per_batch=None)
+    ours = M.infidelity_score(
+        model, x, true, targets=1, noise_std=std, n_samples=s, seed=3, max_examples_per_batch=None
+    )
     # Yeh et al.'s definition with the optimal scale beta (captum's normalize=True), same noise draws
     torch.manual_seed(3)
     xr = x.repeat_interleave(s, 0)
     noise = torch.randn_like(xr) * std
     with torch.no_grad():
-        f = lambda z: torch.softmax(model(z), 1)[:, 1]
+
+        def f(z):
+            return torch.softmax(model(z), 1)[:, 1]
+
         df = (f(xr) - f(xr - noise)).reshape(len(x), s).double()
     a = torch.from_numpy(true)[:, None].expand_as(x).repeat_interleave(s, 0)
     ia = (noise * a).flatten(1).sum(1).reshape(len(x), s).double()
@@ -175,8 +201,14 @@ def test_sensitivity_agrees_with_captum_and_its_bounds(known):
     const = lambda z, target=None: torch.ones(len(z), H, W)  # noqa: E731
     s_id = M.sensitivity(ident, x, targets=1, radius=0.02, n_samples=6, seed=5)
     torch.manual_seed(5)
-    ref = sensitivity_max(lambda z, target=None: ((z[0] if isinstance(z, tuple) else z)[:, 0].float(),), x, perturb_radius=0.02, n_perturb_samples=6,
-                          max_examples_per_batch=32, target=torch.ones(len(x), dtype=torch.long)).numpy()
+    ref = sensitivity_max(
+        lambda z, target=None: ((z[0] if isinstance(z, tuple) else z)[:, 0].float(),),
+        x,
+        perturb_radius=0.02,
+        n_perturb_samples=6,
+        max_examples_per_batch=32,
+        target=torch.ones(len(x), dtype=torch.long),
+    ).numpy()
     np.testing.assert_allclose(s_id, ref, rtol=1e-5)
     bound = 0.02 * np.sqrt(H * W) / np.linalg.norm(x[:, 0].reshape(len(x), -1).numpy(), axis=1)
     assert (s_id > 0).all() and (s_id <= bound + 1e-6).all()
@@ -228,7 +260,9 @@ def test_gini_and_entropy_extremes():
     peak = np.zeros((1, 8, 8))
     peak[0, 3, 4] = 1
     assert M.gini(flat)[0] == pytest.approx(0, abs=1e-6) and M.gini(peak)[0] > 0.95
-    assert M.entropy(flat)[0] == pytest.approx(np.log(64), rel=1e-6) and M.entropy(peak)[0] == pytest.approx(0, abs=1e-6)
+    assert M.entropy(flat)[0] == pytest.approx(np.log(64), rel=1e-6) and M.entropy(peak)[0] == pytest.approx(
+        0, abs=1e-6
+    )
     region = np.zeros((1, 8, 8), bool)
     region[0, :4] = True
     assert M.mass_share(peak, region)[0] == 1.0 and M.mass_share(flat, region)[0] == 0.5
@@ -270,7 +304,9 @@ def test_ensemble_spread_and_relations():
     fit = M.fit_spread_relations(0.2 - 0.3 * (x - 0.5) ** 2, x, x / 2)
     np.testing.assert_allclose(fit["attn_std~acc_mean"]["coef"], [-0.3, 0.3, 0.125], atol=1e-9)
     assert fit["attn_std~acc_mean"]["r2"] == pytest.approx(1.0)
-    assert fit["attn_std~acc_std"]["n"] == 30 and abs(fit["attn_std~acc_std"]["r2"]) < 1e-9  # symmetric: no linear trend
+    assert (
+        fit["attn_std~acc_std"]["n"] == 30 and abs(fit["attn_std~acc_std"]["r2"]) < 1e-9
+    )  # symmetric: no linear trend
 
 
 def test_cluster_removal_moves_the_slides_that_rest_on_it():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tests.tiny_models import Unsafe, tiny_cnn
-from wsi_explain.explain.fused import FusedExtractor
 from wsi_explain.explain.card import CheckpointTrustError, ModelError
+from wsi_explain.explain.fused import FusedExtractor
 from wsi_explain.explain.layers import default_classifier, default_target_layer
 from wsi_explain.explain.load import load_model, load_state_dict
 
@@ -61,7 +61,9 @@ def test_torchscript_model_runs_fused(tmp_path):
 
 def test_model_card_beside_weights(tmp_path):
     torch.save(tiny_cnn(3).state_dict(), tmp_path / "m.pt")
-    (tmp_path / "m.yaml").write_text("class_names: [benign, gleason3, gleason4]\nmean: [0.5, 0.5, 0.5]\nstd: [0.2, 0.2, 0.2]\n")
+    (tmp_path / "m.yaml").write_text(
+        "class_names: [benign, gleason3, gleason4]\nmean: [0.5, 0.5, 0.5]\nstd: [0.2, 0.2, 0.2]\n"
+    )
     lm = load_model("tests.tiny_models:tiny_cnn", weights=tmp_path / "m.pt")
     assert lm.card.num_classes == 3 and lm.card.class_names == ("benign", "gleason3", "gleason4")
     assert lm.card.mean == (0.5, 0.5, 0.5)

@@ -52,7 +52,9 @@ def _assert_same(a: dict, b: dict) -> None:
         if isinstance(a[k], pd.DataFrame):
             pd.testing.assert_frame_equal(a[k], b[k])
         else:
-            np.testing.assert_allclose(a[k].astype(np.float64), b[k].astype(np.float64), rtol=1e-5, atol=1e-5, err_msg=k)
+            np.testing.assert_allclose(
+                a[k].astype(np.float64), b[k].astype(np.float64), rtol=1e-5, atol=1e-5, err_msg=k
+            )
 
 
 def test_local_cluster_equals_serial_and_recovers_a_killed_worker(three_slides, tmp_path):
@@ -60,15 +62,19 @@ def test_local_cluster_equals_serial_and_recovers_a_killed_worker(three_slides, 
 
     from wsi_explain.core.executor import DaskExecutor
 
-    ecfg = ExtractConfig(arch="tests.tiny_models:slow_cnn", num_classes=2, methods=("gradcam",), workers=0, batch_size=16,
-                         chunk_tiles=32)
+    ecfg = ExtractConfig(
+        arch="tests.tiny_models:slow_cnn", num_classes=2, methods=("gradcam",), workers=0, batch_size=16, chunk_tiles=32
+    )
     serial = tmp_path / "serial"
     with RunFolder(serial) as run:
         run_tile_stage(run, discover_slides(three_slides), TILE)
         run_extract_stage(run, ecfg)
     dist = tmp_path / "dask"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client, RunFolder(dist) as run:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+        RunFolder(dist) as run,
+    ):
         ex = DaskExecutor(client)
         tiled = run_tile_stage(run, discover_slides(three_slides), TILE, executor=ex)
         assert [r.status for r in tiled] == ["done"] * 3
@@ -106,7 +112,13 @@ def test_local_cluster_equals_serial_and_recovers_a_killed_worker(three_slides, 
 
 def _bad_batch(slides, d: Path) -> list[str]:
     blank = slides["blank"]
-    return [str(slides["tiff"]), str(slides["corrupt_middle"]), str(slides["notaslide"]), str(blank), str(d / "missing.svs")]
+    return [
+        str(slides["tiff"]),
+        str(slides["corrupt_middle"]),
+        str(slides["notaslide"]),
+        str(blank),
+        str(d / "missing.svs"),
+    ]
 
 
 def test_cli_run_from_yaml_with_bad_slides(slides, tmp_path):
@@ -114,15 +126,29 @@ def test_cli_run_from_yaml_with_bad_slides(slides, tmp_path):
     one: the others complete; the failures are listed with reasons in status and the report."""
     import yaml
 
-    cfg = {"slides": _bad_batch(slides, tmp_path), "out": "run",
-           "tile": {"tile_px": 32, "mpp_target": 1.0, "verify": "all"},
-           "extract": {"arch": "tests.tiny_models:tiny_cnn", "num_classes": 2, "methods": ["gradcam"], "workers": 0},
-           "cluster": {"method": "kmeans", "k": 3, "pca": 8},
-           "score": {"per_cluster": 4, "steps": 4, "road_percentiles": [50], "infidelity_samples": 2,
-                     "sensitivity_samples": 2, "sanity_tiles": 2, "baselines": ["constant"]}}
+    cfg = {
+        "slides": _bad_batch(slides, tmp_path),
+        "out": "run",
+        "tile": {"tile_px": 32, "mpp_target": 1.0, "verify": "all"},
+        "extract": {"arch": "tests.tiny_models:tiny_cnn", "num_classes": 2, "methods": ["gradcam"], "workers": 0},
+        "cluster": {"method": "kmeans", "k": 3, "pca": 8},
+        "score": {
+            "per_cluster": 4,
+            "steps": 4,
+            "road_percentiles": [50],
+            "infidelity_samples": 2,
+            "sensitivity_samples": 2,
+            "sanity_tiles": 2,
+            "baselines": ["constant"],
+        },
+    }
     (tmp_path / "audit.yaml").write_text(yaml.safe_dump(cfg))
-    res = subprocess.run([sys.executable, "-m", "wsi_explain.cli", "run", str(tmp_path / "audit.yaml")], cwd=REPO,
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "wsi_explain.cli", "run", str(tmp_path / "audit.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 1, res.stdout + res.stderr  # failures are reported in the exit code
     run_dir = tmp_path / "run"
     assert "report:" in res.stdout and (run_dir / "report/index.html").exists()
@@ -136,15 +162,21 @@ def test_cli_run_from_yaml_with_bad_slides(slides, tmp_path):
     assert set(man["stages"]["extract"]["slides"]) == {"generic"}
     for stage in ("cluster", "score", "report"):
         assert man["stages"][stage]["slides"]["cohort"]["status"] == "done"
-    st = subprocess.run([sys.executable, "-m", "wsi_explain.cli", "status", str(run_dir)], cwd=REPO, capture_output=True, text=True)
+    st = subprocess.run(
+        [sys.executable, "-m", "wsi_explain.cli", "status", str(run_dir)], cwd=REPO, capture_output=True, text=True
+    )
     for sid in failed:
         assert sid in st.stdout
     assert "no tissue" in st.stdout.lower() or "tissue" in failed["blank"].lower()
     index = (run_dir / "report/index.html").read_text()
     assert "Failures" in index and all(s in index for s in failed)
     # a second run skips everything that is done (failed slides are tried again, and fail again)
-    again = subprocess.run([sys.executable, "-m", "wsi_explain.cli", "run", str(tmp_path / "audit.yaml")], cwd=REPO,
-                           capture_output=True, text=True)
+    again = subprocess.run(
+        [sys.executable, "-m", "wsi_explain.cli", "run", str(tmp_path / "audit.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     man2 = json.loads((run_dir / "manifest.json").read_text())
     for stage in ("tile", "extract", "cluster", "score"):
         for sid, rec in man["stages"][stage]["slides"].items():
@@ -159,7 +191,12 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_disk_full_stops_with_a_clear_message_and_resumes(slides, tmp_path, monkeypatch):
@@ -169,10 +206,15 @@ def test_disk_full_stops_with_a_clear_message_and_resumes(slides, tmp_path, monk
     mnt = tmp_path / "small"
     real = _mount_tmpfs(mnt, "6m")
     try:
-        cfg = PipelineConfig(slides=(str(slides["tiff"]), str(slides["svs"])), out=str(mnt / "run"), tile=TILE,
-                             extract=ExtractConfig(arch="tests.tiny_models:tiny_cnn", num_classes=2, methods=("gradcam",),
-                                                   workers=0, activations=True),
-                             stages=("tile", "extract"))
+        cfg = PipelineConfig(
+            slides=(str(slides["tiff"]), str(slides["svs"])),
+            out=str(mnt / "run"),
+            tile=TILE,
+            extract=ExtractConfig(
+                arch="tests.tiny_models:tiny_cnn", num_classes=2, methods=("gradcam",), workers=0, activations=True
+            ),
+            stages=("tile", "extract"),
+        )
         if real:  # fill the file system so that the extraction runs out of space part way
             filler = mnt / "filler"
             filler.write_bytes(b"\0" * (5 * 1024 * 1024 + 300 * 1024))
@@ -216,19 +258,39 @@ def test_disk_full_stops_with_a_clear_message_and_resumes(slides, tmp_path, monk
 def test_sigkill_in_every_stage_then_rerun_equals_clean_run(slides, tmp_path):
     """`wsi-explain run` killed with SIGKILL once during each stage, rerun after each kill: the
     final cohort tables equal an uninterrupted run's."""
-    args = ["--slides", str(slides["tiff"]), "--slides", str(slides["svs"]), "--model", "tests.tiny_models:slow_cnn",
-            "--num-classes", "2", "--tile-px", "32", "--mpp-target", "1.0", "--methods", "gradcam", "--per-cluster", "4"]
+    args = [
+        "--slides",
+        str(slides["tiff"]),
+        "--slides",
+        str(slides["svs"]),
+        "--model",
+        "tests.tiny_models:slow_cnn",
+        "--num-classes",
+        "2",
+        "--tile-px",
+        "32",
+        "--mpp-target",
+        "1.0",
+        "--methods",
+        "gradcam",
+        "--per-cluster",
+        "4",
+    ]
     yaml_cfg = tmp_path / "cfg.yaml"
-    yaml_cfg.write_text("score: {steps: 4, road_percentiles: [50], infidelity_samples: 2, sensitivity_samples: 2, "
-                        "sanity_tiles: 2, baselines: [constant]}\ncluster: {method: kmeans, k: 3, pca: 8}\n"
-                        "extract: {batch_size: 16, chunk_tiles: 64, workers: 0}\n")
+    yaml_cfg.write_text(
+        "score: {steps: 4, road_percentiles: [50], infidelity_samples: 2, sensitivity_samples: 2, "
+        "sanity_tiles: 2, baselines: [constant]}\ncluster: {method: kmeans, k: 3, pca: 8}\n"
+        "extract: {batch_size: 16, chunk_tiles: 64, workers: 0}\n"
+    )
     cmd = [sys.executable, "-m", "wsi_explain.cli", "run", str(yaml_cfg)] + args
     clean = tmp_path / "clean"
     assert subprocess.run(cmd + ["--out", str(clean)], cwd=REPO, capture_output=True).returncode == 0
     killed = tmp_path / "killed"
     kills = []
     for stage in ("tile", "extract", "cluster", "score", "report"):
-        p = subprocess.Popen(cmd + ["--out", str(killed)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        p = subprocess.Popen(
+            cmd + ["--out", str(killed)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         seen = ""
         for line in p.stdout:  # kill as soon as the stage has started
             seen += line
@@ -254,8 +316,13 @@ def test_pipeline_on_an_existing_dask_scheduler(slides, tmp_path):
     from wsi_explain.stages.pipeline import PipelineConfig, run_pipeline
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        cfg = PipelineConfig(slides=(str(slides["tiff"]), str(slides["notaslide"])), out=str(tmp_path / "run"), tile=TILE,
-                             stages=("tile",), scheduler=cluster.scheduler_address)
+        cfg = PipelineConfig(
+            slides=(str(slides["tiff"]), str(slides["notaslide"])),
+            out=str(tmp_path / "run"),
+            tile=TILE,
+            stages=("tile",),
+            scheduler=cluster.scheduler_address,
+        )
         res = run_pipeline(cfg)
     assert res.stages["tile"] == {"done": 1, "failed": 1} and set(res.failed_slides) == {"notaslide"}
     man = json.loads((tmp_path / "run/manifest.json").read_text())
@@ -271,25 +338,56 @@ def test_run_with_empty_qupath_annotations(slides, tmp_path):
 
     ann = tmp_path / "ann"
     ann.mkdir()
-    tumour = {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {"classification": {"name": "tumour"}},
-              "geometry": {"type": "Polygon", "coordinates": [[[1000, 1000], [9000, 1000], [9000, 6000], [1000, 6000], [1000, 1000]]]}}]}
+    tumour = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "properties": {"classification": {"name": "tumour"}},
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[1000, 1000], [9000, 1000], [9000, 6000], [1000, 6000], [1000, 1000]]],
+                },
+            }
+        ],
+    }
     (ann / "t.geojson").write_text(json.dumps(tumour))
     (ann / "empty.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": []}))
     (ann / "broken.geojson").write_text("<html>not geojson</html>")
-    rows = [("pos_a", slides["tiff"], "t.geojson", 1), ("pos_b", slides["svs"], "t.geojson", 1),
-            ("clean_a", slides["tiff"], "empty.geojson", 0), ("clean_b", slides["svs"], "empty.geojson", 0),
-            ("broken", slides["tiff"], "broken.geojson", 0)]
-    (tmp_path / "cohort.csv").write_text("slide_id,path,annotations,label\n" + "".join(
-        f"{sid},{path},{ann / a},{lab}\n" for sid, path, a, lab in rows))
-    cfg = {"slides": [str(tmp_path / "cohort.csv")], "out": "run",
-           "tile": {"tile_px": 32, "mpp_target": 2.0, "verify": "none"},
-           "extract": {"arch": "tests.tiny_models:tiny_cnn", "num_classes": 2, "methods": ["gradcam"], "workers": 0},
-           "cluster": {"method": "kmeans", "k": 3, "pca": 8, "positive_labels": ["tumour"]},
-           "score": {"per_cluster": 4, "steps": 4, "road_percentiles": [50], "infidelity_samples": 2, "groups": ["faithfulness", "localisation"],
-                     "sensitivity_samples": 2, "sanity_tiles": 2, "baselines": ["constant"]}}
+    rows = [
+        ("pos_a", slides["tiff"], "t.geojson", 1),
+        ("pos_b", slides["svs"], "t.geojson", 1),
+        ("clean_a", slides["tiff"], "empty.geojson", 0),
+        ("clean_b", slides["svs"], "empty.geojson", 0),
+        ("broken", slides["tiff"], "broken.geojson", 0),
+    ]
+    (tmp_path / "cohort.csv").write_text(
+        "slide_id,path,annotations,label\n" + "".join(f"{sid},{path},{ann / a},{lab}\n" for sid, path, a, lab in rows)
+    )
+    cfg = {
+        "slides": [str(tmp_path / "cohort.csv")],
+        "out": "run",
+        "tile": {"tile_px": 32, "mpp_target": 2.0, "verify": "none"},
+        "extract": {"arch": "tests.tiny_models:tiny_cnn", "num_classes": 2, "methods": ["gradcam"], "workers": 0},
+        "cluster": {"method": "kmeans", "k": 3, "pca": 8, "positive_labels": ["tumour"]},
+        "score": {
+            "per_cluster": 4,
+            "steps": 4,
+            "road_percentiles": [50],
+            "infidelity_samples": 2,
+            "groups": ["faithfulness", "localisation"],
+            "sensitivity_samples": 2,
+            "sanity_tiles": 2,
+            "baselines": ["constant"],
+        },
+    }
     (tmp_path / "audit.yaml").write_text(yaml.safe_dump(cfg))
-    res = subprocess.run([sys.executable, "-m", "wsi_explain.cli", "run", str(tmp_path / "audit.yaml")], cwd=REPO,
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "wsi_explain.cli", "run", str(tmp_path / "audit.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 1, res.stdout + res.stderr  # the broken annotation file is a failure
     man = json.loads((tmp_path / "run/manifest.json").read_text())
     tile = man["stages"]["tile"]["slides"]

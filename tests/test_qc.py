@@ -46,7 +46,12 @@ def test_stain_measures_are_the_planted_amounts():
     assert m["stained_frac"] == pytest.approx(0.5)
     assert 0 < m["brightness"] < 1
     glass = tiling.tile_measures(np.full((64, 64, 3), 245, np.uint8), std)
-    assert np.isnan(glass["od_h"]) and np.isnan(glass["od_e"]) and glass["stained_frac"] == 0 and np.isnan(glass["sharpness"])
+    assert (
+        np.isnan(glass["od_h"])
+        and np.isnan(glass["od_e"])
+        and glass["stained_frac"] == 0
+        and np.isnan(glass["sharpness"])
+    )
 
 
 def test_compute_tile_qc_equals_tile_by_tile_and_threads_do_not_matter(he_image):

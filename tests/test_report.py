@@ -11,8 +11,8 @@ import pytest
 
 from tests.conftest import PageWatch, copy_run
 from wsi_explain import RunFolder
-from wsi_explain.report.names import save_cluster_name
 from wsi_explain.core.config import ScoreConfig
+from wsi_explain.report.names import save_cluster_name
 from wsi_explain.stages.report import run_report_stage
 from wsi_explain.stages.score import run_score_stage
 
@@ -22,8 +22,19 @@ def reported(audit_run, tmp_path_factory):
     run_dir = copy_run(audit_run, tmp_path_factory.mktemp("reported") / "run")
     save_cluster_name(run_dir, 0, "benign <b>glands</b>", "checked by <script>alert(3)</script>")
     with RunFolder(run_dir) as run:
-        run_score_stage(run, ScoreConfig(per_cluster=4, steps=4, road_percentiles=(50,), infidelity_samples=2,
-                                         sensitivity_samples=2, sanity_tiles=2, n_boot=50, baselines=("constant",)))
+        run_score_stage(
+            run,
+            ScoreConfig(
+                per_cluster=4,
+                steps=4,
+                road_percentiles=(50,),
+                infidelity_samples=2,
+                sensitivity_samples=2,
+                sanity_tiles=2,
+                n_boot=50,
+                baselines=("constant",),
+            ),
+        )
         out = run_report_stage(run)
     return run_dir, out
 
@@ -80,7 +91,9 @@ def test_report_in_chromium_selection_links_views(reported, browser):
     run_dir, _ = reported
     w = PageWatch(browser)
     w.page.goto((run_dir / "report/index.html").as_uri())
-    w.page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].get_model_by_name('umap')")
+    w.page.wait_for_function(
+        "() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].get_model_by_name('umap')"
+    )
     w.page.wait_for_timeout(1000)
     assert w.model("tiles", "m.selected.indices.length") == 0
     w.drag_select("umap")
@@ -119,9 +132,116 @@ def test_cli_report_and_serve_refuse_unclustered_runs(reported, extracted, tmp_p
 
     repo = Path(__file__).resolve().parents[1]
     run_dir = copy_run(reported[0], tmp_path / "run")
-    res = subprocess.run([sys.executable, "-m", "wsi_explain.cli", "report", str(run_dir)], cwd=repo, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "wsi_explain.cli", "report", str(run_dir)], cwd=repo, capture_output=True, text=True
+    )
     assert res.returncode == 0 and "report:" in res.stdout and "pages" in res.stdout, res.stdout + res.stderr
     ext = copy_run(extracted, tmp_path / "ext")
     for cmd in (["report", str(ext)], ["serve", str(ext), "--port", "1"]):
         res = subprocess.run([sys.executable, "-m", "wsi_explain.cli", *cmd], cwd=repo, capture_output=True, text=True)
         assert res.returncode == 2 and "not clustered" in " ".join(res.stderr.split()), (cmd, res.stdout, res.stderr)
+
+
+HOSTILE = "<script>alert('x')</script>&\"'"
+
+
+def _no_markup_from(text: str, hostile: str = HOSTILE) -> None:
+    assert hostile not in text and "<script>alert" not in text
+
+
+@pytest.mark.parametrize("field", ["slide id", "site", "label", "cluster name", "comment", "flag reason", "method"])
+def test_templates_escape_every_user_controlled_field(tmp_path, field):
+    """Each page template, rendered with a hostile string in one user-controlled field at a time
+    (the rest plain), shows it as text: the template engine escapes it, no caller has to."""
+    from wsi_explain.report.pages import fragment, render
+
+    def v(name, plain):
+        return HOSTILE if name == field else plain
+
+    sid = v("slide id", "s1")
+    cluster = {
+        "id": 0,
+        "name": v("cluster name", "glands"),
+        "size": 3,
+        "n_slides": 1,
+        "positive_rate": 0.5,
+        "ink": 0.0,
+        "cam_ink": float("nan"),
+        "flags": [v("flag reason", "ink")],
+        "comment": v("comment", "ok"),
+    }
+    table = fragment(viz_table({"slide_id": sid, "site": v("site", "A"), "label": v("label", "tumour")}))
+    from bokeh.models import Div
+
+    plots = {name: Div(text="plot") for name in ("explorer", "sanity", "maps")}
+    common = {"title": v("cluster name", "t"), "static": "static", "plots": plots}
+    pages = [
+        render(
+            tmp_path / "index.html",
+            "index.html",
+            **common,
+            n_tiles=3,
+            n_shown=3,
+            n_clusters=1,
+            cam=v("method", "gradcam"),
+            generated="now",
+            clusters=[cluster],
+            metrics_table=table,
+            sanity=[{"method": v("method", "gradcam"), "passed": False, "spearman": 0.1}],
+            spread_keys=None,
+            removal_table=None,
+            concepts={
+                "n_positions": 10,
+                "error": 0.1,
+                "mean_table": table,
+                "rows": [{"name": "concept_0", "auc": None, "r": 0.5, "images": [{"file": "a.jpg", "title": sid}]}],
+            },
+            slides=[sid],
+            failures_table=None,
+        ),
+        render(
+            tmp_path / "cluster.html",
+            "cluster.html",
+            **common,
+            c={**cluster, "mean_confidence": 0.9},
+            comment=cluster["comment"],
+            composition_table=table,
+            metrics_table=None,
+            sections=[{"title": "Representative tiles", "tiles": [{"slide": sid, "tile": 1, "src": ""}]}],
+        ),
+        render(
+            tmp_path / "slide.html",
+            "slide.html",
+            **common,
+            file=v("slide id", "s1.svs"),
+            n_tiles=3,
+            width=10,
+            height=10,
+            mpp=0.5,
+            meta_table=table,
+            scores_table=table,
+            removal_table=None,
+            cam=v("method", "gradcam"),
+            clusters=[{"id": 0, "name": cluster["name"], "n": 3, "tiles": [{"tile": 1, "thumb": "", "strip": ""}]}],
+        ),
+    ]
+    texts = [page.read_text() for page in pages]
+    for text in texts:
+        _no_markup_from(text)
+    assert any("&lt;script&gt;alert(" in t for t in texts), f"{field} is shown on no page"
+
+
+def viz_table(row: dict) -> str:
+    import viz
+
+    return viz.table_html(pd.DataFrame([row]))
+
+
+def test_a_template_without_escaping_would_fail_the_check(tmp_path):
+    """The check above can fail: the same string passed as markup reaches the page raw."""
+    from wsi_explain.report.pages import fragment, render
+
+    page = render(tmp_path / "p.html", "base.html", title="t")
+    text = page.read_text().replace("<h1>t</h1>", "<h1>" + str(fragment(HOSTILE)) + "</h1>")
+    with pytest.raises(AssertionError):
+        _no_markup_from(text)

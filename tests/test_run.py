@@ -29,7 +29,7 @@ def test_manifest_roundtrip_and_skip_logic(tmp_path):
         assert not run.is_done("tile", "s1", params="other", fingerprint="f")
         assert not run.is_done("tile", "s1", params="p", fingerprint="changed")
         (run.path / "out.txt").unlink()
-        assert not run.is_done("tile", "s1", params="p", fingerprint="f")   # outputs must exist
+        assert not run.is_done("tile", "s1", params="p", fingerprint="f")  # outputs must exist
 
 
 def test_no_temporary_files_left(tmp_path):
@@ -74,7 +74,7 @@ def test_slide_ids_are_safe_and_unique(tmp_path):
         (tmp_path / sub / "slide 1.svs").write_bytes(b"x")
     srcs = discover_slides([tmp_path / "a", tmp_path / "b", tmp_path / "missing.tif"])
     assert [s.slide_id for s in srcs] == ["slide_1", "slide_1-2", "missing"]
-    assert not srcs[2].path.exists()   # kept, so the batch can record it as failed
+    assert not srcs[2].path.exists()  # kept, so the batch can record it as failed
 
 
 def test_cohort_csv(tmp_path):

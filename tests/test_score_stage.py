@@ -15,8 +15,16 @@ from wsi_explain import RunFolder
 from wsi_explain.core.config import ScoreConfig
 from wsi_explain.stages.score import COHORT_ROW, run_score_stage
 
-FAST = dict(per_cluster=6, steps=4, road_percentiles=(50,), infidelity_samples=3, sensitivity_samples=2,
-            sanity_tiles=3, n_boot=100, baselines=("constant",))
+FAST = dict(
+    per_cluster=6,
+    steps=4,
+    road_percentiles=(50,),
+    infidelity_samples=3,
+    sensitivity_samples=2,
+    sanity_tiles=3,
+    n_boot=100,
+    baselines=("constant",),
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +44,19 @@ def test_cluster_metrics_table(scored):
     tiles = pd.read_parquet(run_dir / "cohort/tiles.parquet")
     assert set(cm["cluster"]) == set(tiles["cluster"]) | {COHORT_ROW}
     assert set(cm["method"]) == {"gradcam", "hirescam", "saliency", "ensemble", "model"}
-    for metric in ("deletion_auc_constant", "insertion_auc_constant", "dic_multiply", "iic_mask", "road_combined",
-                   "infidelity", "sensitivity", "sanity_spearman", "gini", "entropy", "tissue_share"):
+    for metric in (
+        "deletion_auc_constant",
+        "insertion_auc_constant",
+        "dic_multiply",
+        "iic_mask",
+        "road_combined",
+        "infidelity",
+        "sensitivity",
+        "sanity_spearman",
+        "gini",
+        "entropy",
+        "tissue_share",
+    ):
         assert metric in set(cm.loc[cm.method == "gradcam", "metric"]), metric
     ok = cm.dropna(subset=["ci_low"])
     assert ((ok.ci_low <= ok.value + 1e-9) & (ok.value <= ok.ci_high + 1e-9)).all()
@@ -87,7 +106,11 @@ def test_rerun_is_a_noop_and_new_params_recompute(scored, tmp_path):
         out = run_score_stage(run, ScoreConfig(**{**FAST, "groups": ("complexity",), "methods": ("gradcam",)}))
     assert out.status == "done" and out.n_sampled == 0
     cm = pd.read_parquet(other / "cohort/cluster_metrics.parquet")
-    assert set(cm.method) == {"gradcam", "hirescam", "saliency"} and set(cm.metric) == {"gini", "entropy", "tissue_share"}
+    assert set(cm.method) == {"gradcam", "hirescam", "saliency"} and set(cm.metric) == {
+        "gini",
+        "entropy",
+        "tissue_share",
+    }
 
 
 def test_results_do_not_depend_on_batch_size(audit_run, tmp_path):
@@ -95,10 +118,14 @@ def test_results_do_not_depend_on_batch_size(audit_run, tmp_path):
     for bs in (1, 64):
         d = copy_run(audit_run, tmp_path / f"run{bs}")
         with RunFolder(d) as run:
-            run_score_stage(run, ScoreConfig(**{**FAST, "groups": ("faithfulness",), "methods": ("gradcam",), "batch_size": bs}))
+            run_score_stage(
+                run, ScoreConfig(**{**FAST, "groups": ("faithfulness",), "methods": ("gradcam",), "batch_size": bs})
+            )
         vals.append(pd.read_parquet(d / "cohort/cluster_metrics.parquet"))
     a, b = vals
-    pd.testing.assert_frame_equal(a[["cluster", "method", "metric", "n_tiles"]], b[["cluster", "method", "metric", "n_tiles"]])
+    pd.testing.assert_frame_equal(
+        a[["cluster", "method", "metric", "n_tiles"]], b[["cluster", "method", "metric", "n_tiles"]]
+    )
     np.testing.assert_allclose(a["value"], b["value"], atol=1e-5)
 
 
@@ -113,7 +140,7 @@ def test_killed_score_resumes_to_the_same_result(audit_run, tmp_path):
 import os, signal
 from wsi_explain import RunFolder
 from wsi_explain.core.config import ScoreConfig
-from wsi_explain import score_stage
+from wsi_explain.stages import score as score_stage
 orig = score_stage.atomic_write_parquet
 def write(df, path, meta=None):
     orig(df, path, meta)
@@ -129,8 +156,10 @@ with RunFolder({str(killed)!r}) as run:
     assert len(parts) == 1 and not (killed / "cohort/cluster_metrics.parquet").exists()
     with RunFolder(killed) as run:
         assert run_score_stage(run, ScoreConfig(**cfg)).status == "done"
-    pd.testing.assert_frame_equal(pd.read_parquet(clean / "cohort/cluster_metrics.parquet"),
-                                  pd.read_parquet(killed / "cohort/cluster_metrics.parquet"))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(clean / "cohort/cluster_metrics.parquet"),
+        pd.read_parquet(killed / "cohort/cluster_metrics.parquet"),
+    )
     assert not (killed / "cohort/.score_parts").exists()
 
 
@@ -153,9 +182,31 @@ def test_cli_score_with_extra_models(audit_run, tmp_path):
     repo = Path(__file__).resolve().parents[1]
     run_dir = copy_run(audit_run, tmp_path / "run")
     ck = sorted(audit_run.parent.glob("model_*.pt"))
-    cmd = [sys.executable, "-m", "wsi_explain.cli", "score", str(run_dir), "--methods", "gradcam", "--per-cluster", "4",
-           "--groups", "faithfulness,ensemble,sanity", "--steps", "4", "--baselines", "constant", "--road-percentiles", "50",
-           "--sanity-tiles", "2", "--models", str(ck[1]), "--models", str(ck[2])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "wsi_explain.cli",
+        "score",
+        str(run_dir),
+        "--methods",
+        "gradcam",
+        "--per-cluster",
+        "4",
+        "--groups",
+        "faithfulness,ensemble,sanity",
+        "--steps",
+        "4",
+        "--baselines",
+        "constant",
+        "--road-percentiles",
+        "50",
+        "--sanity-tiles",
+        "2",
+        "--models",
+        str(ck[1]),
+        "--models",
+        str(ck[2]),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=repo)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "deletion_auc_constant" in res.stdout and "randomisation sanity check: gradcam" in res.stdout
@@ -177,8 +228,12 @@ def test_chunking_of_the_sample_does_not_change_values(audit_run, tmp_path, monk
         monkeypatch.setattr(SampleScorer, "CHUNK", chunk)
         d = copy_run(audit_run, tmp_path / f"c{chunk}")
         with RunFolder(d) as run:
-            run_score_stage(run, ScoreConfig(**{**FAST, "per_cluster": 12, "groups": ("faithfulness", "robustness"),
-                                                "methods": ("gradcam",)}))
+            run_score_stage(
+                run,
+                ScoreConfig(
+                    **{**FAST, "per_cluster": 12, "groups": ("faithfulness", "robustness"), "methods": ("gradcam",)}
+                ),
+            )
         out.append(pd.read_parquet(d / "cohort/tile_metrics.parquet"))
     assert out[0]["sampled"].sum() > 8
     pd.testing.assert_frame_equal(out[0], out[1])

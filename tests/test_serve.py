@@ -30,8 +30,13 @@ def _free_port() -> int:
 def server(audit_run, tmp_path_factory):
     run_dir = copy_run(audit_run, tmp_path_factory.mktemp("served") / "run")
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "wsi_explain.cli", "serve", str(run_dir), "--port", str(port)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsi_explain.cli", "serve", str(run_dir), "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
@@ -64,9 +69,16 @@ def test_tiles_on_demand_and_path_traversal_refused(server):
     assert (run_dir / "cache/tiles" / sid / f"{tid}_gradcam_64.png").read_bytes() == body  # cached in the run folder
     status, strip = _get(f"{url}/tiles/{sid}/{tid}.png?method=all&size=0")
     assert status == 200 and len(strip) > len(body)
-    for bad in ("/tiles/..%2F..%2Fmanifest/1.png", "/tiles/%2E%2E/1.png", f"/tiles/{sid}/999999.png",
-                f"/tiles/{sid}/{tid}.png?method=..%2F..%2Fmanifest.json", f"/tiles/{sid}/{tid}.png?size=100000",
-                "/tiles/..%2Fslides%2Fgeneric/1.png", "/overview/..%2Fmanifest.png", "/static/..%2F..%2F..%2Fetc%2Fpasswd"):
+    for bad in (
+        "/tiles/..%2F..%2Fmanifest/1.png",
+        "/tiles/%2E%2E/1.png",
+        f"/tiles/{sid}/999999.png",
+        f"/tiles/{sid}/{tid}.png?method=..%2F..%2Fmanifest.json",
+        f"/tiles/{sid}/{tid}.png?size=100000",
+        "/tiles/..%2Fslides%2Fgeneric/1.png",
+        "/overview/..%2Fmanifest.png",
+        "/static/..%2F..%2F..%2Fetc%2Fpasswd",
+    ):
         status, body = _get(url + bad)
         assert status in (400, 403, 404), (bad, status)
         assert b"schema_version" not in body and b"root:" not in body
@@ -100,7 +112,9 @@ def test_explorer_in_chromium(server, browser):
     url, run_dir, _ = server
     w = PageWatch(browser)
     w.page.goto(url + "/explorer")
-    w.page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].get_model_by_name('umap')")
+    w.page.wait_for_function(
+        "() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].get_model_by_name('umap')"
+    )
     w.page.wait_for_timeout(1500)
     w.drag_select("umap")
     n = w.model("tiles", "m.selected.indices.length")

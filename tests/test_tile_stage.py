@@ -24,7 +24,9 @@ BAD = {
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "wsi_explain.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "wsi_explain.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def test_outputs_and_metadata(slides, tmp_path):
@@ -37,7 +39,7 @@ def test_outputs_and_metadata(slides, tmp_path):
     assert meta["tiling_config"]["tile_px"] == 224 and len(meta["slide_fingerprint"]) == 32
     assert len(tiles) == res[0].n_tiles and tiles["tile_id"].tolist() == list(range(len(tiles)))
     thumb = np.asarray(Image.open(tmp_path / "run/slides/generic/thumbnail.png"))
-    assert thumb.ndim == 3 and (thumb == (0, 160, 0)).all(-1).any()   # grid drawn
+    assert thumb.ndim == 3 and (thumb == (0, 160, 0)).all(-1).any()  # grid drawn
     # the same pixels at twice the mpp cover four times the tissue area
     assert abs(res[1].n_tiles - 4 * res[0].n_tiles) <= 0.2 * 4 * res[0].n_tiles
 
@@ -49,13 +51,20 @@ def test_bad_input_is_recorded_and_the_batch_finishes(slides, tmp_path):
         res = run_tile_stage(run, discover_slides(paths), cfg)
     by_id = {r.slide_id: r for r in res}
     assert by_id["generic"].status == "done" and by_id["aperio"].status == "done"
-    names = {"missing": "missing", "notaslide": "notaslide", "empty": "empty", "truncated": "truncated",
-             "corrupt_middle": "corrupt_middle", "blank": "blank", "nompp": "nompp"}
+    names = {
+        "missing": "missing",
+        "notaslide": "notaslide",
+        "empty": "empty",
+        "truncated": "truncated",
+        "corrupt_middle": "corrupt_middle",
+        "blank": "blank",
+        "nompp": "nompp",
+    }
     manifest = json.loads((tmp_path / "run/manifest.json").read_text())
     for key, sid in names.items():
         r = by_id[sid]
         assert r.status == "failed", sid
-        assert BAD[key] in r.error and sid in r.error, r.error      # names the slide and the problem
+        assert BAD[key] in r.error and sid in r.error, r.error  # names the slide and the problem
         rec = manifest["stages"]["tile"]["slides"][sid]
         assert rec["status"] == "failed" and rec["error"] == r.error
         assert not (tmp_path / "run/slides" / sid / "tiles.parquet").exists()
@@ -99,8 +108,16 @@ def test_explicit_mpp_overrides(slides, tmp_path):
 
 
 def test_annotations_via_cohort_csv(slides, tmp_path):
-    ann = {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
-           "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [4096, 0], [4096, 1536], [0, 1536], [0, 0]]]}}]}
+    ann = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "properties": {"classification": {"name": "Tumor"}},
+                "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [4096, 0], [4096, 1536], [0, 1536], [0, 0]]]},
+            }
+        ],
+    }
     (tmp_path / "a.geojson").write_text(json.dumps(ann))
     (tmp_path / "cohort.csv").write_text(f"path,annotations,label\n{slides['tiff']},a.geojson,1\n")
     with RunFolder(tmp_path / "run") as run:
@@ -123,13 +140,16 @@ def test_cli_tile_summary_and_exit_codes(slides, tmp_path):
     assert st.returncode == 0 and "failed" in st.stdout and "no tissue" in st.stdout
 
 
-@pytest.mark.parametrize("args, match", [
-    (["--tile-px", "0"], "tile_px"),
-    (["--min-tissue", "2"], "min_tissue"),
-    (["--overlap", "300"], "overlap"),
-    (["--mpp-target", "-1"], "mpp_target"),
-    (["--verify", "sometimes"], "verify"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--tile-px", "0"], "tile_px"),
+        (["--min-tissue", "2"], "min_tissue"),
+        (["--overlap", "300"], "overlap"),
+        (["--mpp-target", "-1"], "mpp_target"),
+        (["--verify", "sometimes"], "verify"),
+    ],
+)
 def test_cli_rejects_absurd_parameters(slides, tmp_path, args, match):
     res = _cli("tile", slides["tiff"], "--out", tmp_path, *args)
     assert res.returncode == 2 and match in res.stderr and "invalid tiling parameters" in res.stderr
@@ -157,10 +177,14 @@ def inked_slides(tmp_path_factory, real_fields):
     img, mpp = real_fields["cmu1"]
     from shapely.geometry import LineString
 
-    strokes = [tiling.Stroke(LineString([(900, 200), (1300, 2800)]).buffer(300), "blue", 0.7, 600.0),
-               tiling.Stroke(LineString([(400, 1500), (1900, 1700)]).buffer(250), "black", 0.6, 500.0)]
-    out = {"marked": tiling.write_svs(d / "marked.svs", tiling.render_strokes(img, strokes), mpp=mpp, magnification=20),
-           "clean": tiling.write_svs(d / "clean.svs", img, mpp=mpp, magnification=20)}
+    strokes = [
+        tiling.Stroke(LineString([(900, 200), (1300, 2800)]).buffer(300), "blue", 0.7, 600.0),
+        tiling.Stroke(LineString([(400, 1500), (1900, 1700)]).buffer(250), "black", 0.6, 500.0),
+    ]
+    out = {
+        "marked": tiling.write_svs(d / "marked.svs", tiling.render_strokes(img, strokes), mpp=mpp, magnification=20),
+        "clean": tiling.write_svs(d / "clean.svs", img, mpp=mpp, magnification=20),
+    }
     ink = np.full((2048, 2048, 3), 244, np.uint8)
     ink[100:1900, 100:1900] = tiling.MARKER_COLOURS["green"]
     out["all_ink"] = tiling.write_pyramidal_tiff(d / "all_ink.tif", ink, mpp=2.0)
@@ -175,13 +199,16 @@ def test_qc_columns_ink_and_artefact_option(inked_slides, tmp_path):
 
     paths, strokes = inked_slides
     with RunFolder(tmp_path / "run") as run:
-        res = run_tile_stage(run, discover_slides([paths["marked"], paths["clean"], paths["all_ink"]]),
-                             TileConfig(tile_px=112, mpp_target=1.0))
+        res = run_tile_stage(
+            run,
+            discover_slides([paths["marked"], paths["clean"], paths["all_ink"]]),
+            TileConfig(tile_px=112, mpp_target=1.0),
+        )
     by_id = {r.slide_id: r for r in res}
     assert by_id["all_ink"].status == "failed" and "pen ink covers" in by_id["all_ink"].error
     marked, meta = read_tile_table(tmp_path / "run/slides/marked/tiles.parquet")
     clean, _ = read_tile_table(tmp_path / "run/slides/clean/tiles.parquet")
-    for col, (unit, rng, _) in tiling.QC_COLUMNS.items():
+    for col, (_unit, rng, _) in tiling.QC_COLUMNS.items():
         v = marked[col].dropna()
         assert len(v) == len(marked), col
         assert (v >= 0).all() and (v <= 1).all() if rng == "[0, 1]" else (v >= 0).all(), col
@@ -195,8 +222,9 @@ def test_qc_columns_ink_and_artefact_option(inked_slides, tmp_path):
     codes = np.asarray(Image.open(tmp_path / "run/slides/marked/tissue.png"))
     assert set(np.unique(codes)) <= {0, 1, 2, 3} and (codes == 2).any()
     with RunFolder(tmp_path / "run2") as run:
-        res2 = run_tile_stage(run, discover_slides([paths["marked"]]), TileConfig(tile_px=112, mpp_target=1.0,
-                                                                                  drop_artefacts=True))
+        res2 = run_tile_stage(
+            run, discover_slides([paths["marked"]]), TileConfig(tile_px=112, mpp_target=1.0, drop_artefacts=True)
+        )
     dropped, _ = read_tile_table(tmp_path / "run2/slides/marked/tiles.parquet")
     assert (dropped["ink_frac"] < 0.05).all() and (dropped["sharpness"] >= 0.06).all()
     assert dropped["tile_id"].tolist() == list(range(len(dropped)))
@@ -206,7 +234,9 @@ def test_qc_columns_ink_and_artefact_option(inked_slides, tmp_path):
 def test_glass_tiles_get_a_note_not_a_crash(slides, tmp_path):
     """With min_tissue 0 the grid covers glass: those tiles get NaN stain measures and the slide a note."""
     with RunFolder(tmp_path / "run") as run:
-        res = run_tile_stage(run, discover_slides([slides["svs"]]), TileConfig(tile_px=224, mpp_target=2.0, min_tissue=0.0))
+        res = run_tile_stage(
+            run, discover_slides([slides["svs"]]), TileConfig(tile_px=224, mpp_target=2.0, min_tissue=0.0)
+        )
     assert res[0].status == "done" and res[0].qc["n_glass_tiles"] > 0 and "all glass" in res[0].qc["note"]
     tiles, _ = read_tile_table(tmp_path / "run/slides/aperio/tiles.parquet")
     glass = tiles["stained_frac"] == 0

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import tiling
-from tiling import ArrayReader, detect_tissue, tissue_mask_from_rgb
 from tests.conftest import synthetic_he
+from tiling import ArrayReader, detect_tissue, tissue_mask_from_rgb
 
 
 def _iou(a, b):
@@ -46,8 +46,9 @@ def test_blank_and_black_are_not_tissue():
 
 def test_pen_ink_is_found_and_inked_tissue_stays():
     img, truth = synthetic_he(800, 800, seed=3, blob=(0.5, 0.5, 0.4, 0.4))
-    strokes = tiling.random_strokes(np.random.default_rng(0), img.shape[:2], mpp=2.0, n=2, width_mm=(0.3, 0.4),
-                                    length_mm=(1.0, 1.2))
+    strokes = tiling.random_strokes(
+        np.random.default_rng(0), img.shape[:2], mpp=2.0, n=2, width_mm=(0.3, 0.4), length_mm=(1.0, 1.2)
+    )
     inked = tiling.render_strokes(img, strokes)
     ink_truth = tiling.stroke_coverage([s.polygon for s in strokes], img.shape[:2]) > 0.99
     tm = tissue_mask_from_rgb(inked, mpp=2.0, min_object_um2=500)
@@ -67,7 +68,7 @@ def test_missing_mpp_is_a_clear_error(slides):
 
 def test_min_object_size_in_um2():
     img = np.full((400, 400, 3), 245, np.uint8)
-    img[10:20, 10:20] = (220, 140, 190)   # 10x10 px = 100 µm² at 1 µm/px
+    img[10:20, 10:20] = (220, 140, 190)  # 10x10 px = 100 µm² at 1 µm/px
     img[100:300, 100:300] = (220, 140, 190)
     tissue = tissue_mask_from_rgb(img, mpp=1.0, min_object_um2=1000).mask
     assert not tissue[10:20, 10:20].any()

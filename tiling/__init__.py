@@ -26,12 +26,12 @@ from .errors import (
     TileReadError,
 )
 from .grid import TILE_COLUMNS, GridSpec, make_grid, read_tile, tile_boxes
-from .readers import ArrayReader, OpenSlideReader, SlideInfo, SlideReader, open_slide
-from .thumbnail import grid_thumbnail
 from .ink import InkResult, InkRules, detect_ink
 from .markers import MARKER_COLOURS, Stroke, random_strokes, render_strokes, stroke_coverage
 from .qc import QC_COLUMNS, compute_tile_qc, sharpness, tile_measures
+from .readers import ArrayReader, OpenSlideReader, SlideInfo, SlideReader, open_slide
 from .stain import StainVectors, estimate_stains, glass_level, optical_density, standard_stains
+from .thumbnail import grid_thumbnail
 from .tissue import MASK_CODES, TissueMask, detect_tissue, tissue_mask_from_rgb
 from .writer import write_pyramidal_tiff, write_svs, write_tiled_tiff
 

@@ -122,8 +122,11 @@ def read_geojson(path: str | Path) -> Annotations:
             g = shapely.make_valid(g)
         groups.setdefault(_class_name(feat.get("properties") or {}), []).append(g)
     if not groups and features:
-        raise AnnotationError(path, f"its {len(features)} feature(s) include no polygon or multipolygon (points and "
-                                    "lines are not areas); export annotations, or an empty FeatureCollection for none")
+        raise AnnotationError(
+            path,
+            f"its {len(features)} feature(s) include no polygon or multipolygon (points and "
+            "lines are not areas); export annotations, or an empty FeatureCollection for none",
+        )
     return Annotations(str(path), {k: shapely.union_all(v) for k, v in groups.items()})
 
 
@@ -288,7 +291,9 @@ def geojson_tile_masks(tiles: pd.DataFrame, annotations: Annotations, *, px: int
     return out
 
 
-def mask_tile_labels(tiles: pd.DataFrame, mask: np.ndarray, *, slide_dimensions: tuple[int, int], px: int) -> np.ndarray:
+def mask_tile_labels(
+    tiles: pd.DataFrame, mask: np.ndarray, *, slide_dimensions: tuple[int, int], px: int
+) -> np.ndarray:
     """Class index at each pixel of a px x px grid over each tile, from a label mask covering the
     slide at any downsample (nearest pixel). Returns (m, px, px) of the mask's dtype."""
     W, H = slide_dimensions

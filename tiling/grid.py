@@ -98,7 +98,8 @@ def make_grid(reader: SlideReader, tissue: TissueMask, spec: GridSpec) -> pd.Dat
     -------
     DataFrame with :data:`TILE_COLUMNS`; ``x, y, size0`` in level-0 pixels (int64), ``read_w``,
     ``read_h`` in pixels of ``level``, ``mpp`` in µm per output pixel, ``tissue_frac`` and
-    ``ink_frac`` (share of the footprint that is pen ink) in [0, 1] (float32). Rows in raster order (row-major by y then x); ``tile_id`` is the row index.
+    ``ink_frac`` (share of the footprint that is pen ink) in [0, 1] (float32). Rows in raster order
+    (row-major by y then x); ``tile_id`` is the row index.
 
     Raises
     ------
@@ -195,7 +196,9 @@ def read_tile(reader: SlideReader, tile: pd.Series | dict) -> np.ndarray:
     TileReadError
         When the region fails to decode.
     """
-    img = reader.read_region((int(tile["x"]), int(tile["y"])), int(tile["level"]), (int(tile["read_w"]), int(tile["read_h"])))
+    img = reader.read_region(
+        (int(tile["x"]), int(tile["y"])), int(tile["level"]), (int(tile["read_w"]), int(tile["read_h"]))
+    )
     px = int(tile["tile_px"])
     if img.shape[0] != px or img.shape[1] != px:
         from PIL import Image

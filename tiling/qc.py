@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import TileReadError
-from .stain import FOREGROUND_OD, StainVectors, od_lut
 from .readers import SlideReader
+from .stain import FOREGROUND_OD, StainVectors, od_lut
 
 __all__ = ["QC_COLUMNS", "sharpness", "tile_measures", "compute_tile_qc"]
 
@@ -25,12 +25,24 @@ logger = logging.getLogger(__name__)
 
 #: the QC columns of the tile table: (unit, range, meaning)
 QC_COLUMNS: dict[str, tuple[str, str, str]] = {
-    "tissue_frac": ("fraction", "[0, 1]", "share of the tile's footprint that is tissue, tissue under pen ink included"),
+    "tissue_frac": (
+        "fraction",
+        "[0, 1]",
+        "share of the tile's footprint that is tissue, tissue under pen ink included",
+    ),
     "ink_frac": ("fraction", "[0, 1]", "share of the footprint covered by pen ink (over tissue or glass)"),
-    "sharpness": ("ratio", "[0, 1]", "high-frequency energy share: 1 = white-noise-like detail, 0 = no fine detail "
-                                     "(out of focus); NaN on a tile with no contrast"),
-    "od_h": ("OD", ">= 0", "mean haematoxylin optical density (log10) over the tile's stained pixels, "
-                          "along the slide's own H vector; NaN with no stained pixel"),
+    "sharpness": (
+        "ratio",
+        "[0, 1]",
+        "high-frequency energy share: 1 = white-noise-like detail, 0 = no fine detail "
+        "(out of focus); NaN on a tile with no contrast",
+    ),
+    "od_h": (
+        "OD",
+        ">= 0",
+        "mean haematoxylin optical density (log10) over the tile's stained pixels, "
+        "along the slide's own H vector; NaN with no stained pixel",
+    ),
     "od_e": ("OD", ">= 0", "mean eosin optical density over the stained pixels, along the slide's E vector"),
     "brightness": ("fraction", "[0, 1]", "mean luminance (Rec. 601) of the tile, 1 = white"),
     "stained_frac": ("fraction", "[0, 1]", "share of the tile's pixels with summed OD above 0.3 (not glass)"),
@@ -93,8 +105,13 @@ def tile_measures(tile: np.ndarray, stains: StainVectors, *, lut: np.ndarray | N
         od_h, od_e = max(float(h), 0.0), max(float(e), 0.0)
     else:
         od_h = od_e = float("nan")
-    return {"sharpness": sharpness(gray), "od_h": od_h, "od_e": od_e, "brightness": float(gray.mean() / 255.0),
-            "stained_frac": n / stained.size}
+    return {
+        "sharpness": sharpness(gray),
+        "od_h": od_h,
+        "od_e": od_e,
+        "brightness": float(gray.mean() / 255.0),
+        "stained_frac": n / stained.size,
+    }
 
 
 def compute_tile_qc(

@@ -195,7 +195,9 @@ class OpenSlideReader:
         if self._slide is None:
             raise SlideOpenError(self._path, "reader is closed")
         try:
-            img = self._slide.read_region((int(location[0]), int(location[1])), int(level), (int(size[0]), int(size[1])))
+            img = self._slide.read_region(
+                (int(location[0]), int(location[1])), int(level), (int(size[0]), int(size[1]))
+            )
         except openslide.OpenSlideError as exc:
             raise TileReadError(
                 self._path, f"failed to decode region at {tuple(location)} (level {level}, size {tuple(size)}): {exc}"

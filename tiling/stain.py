@@ -84,19 +84,29 @@ class StainVectors:
         outside = (c[:, 0] < 0) | (c[:, 1] < 0)
         if outside.any():
             vo = v[outside]
-            rays = [np.einsum("ij,ij->i", vo, vo) - np.clip(vo @ u.astype(np.float32), 0, None) ** 2
-                    for u in (self.h, self.e)]
+            rays = [
+                np.einsum("ij,ij->i", vo, vo) - np.clip(vo @ u.astype(np.float32), 0, None) ** 2
+                for u in (self.h, self.e)
+            ]
             out[outside] = np.minimum(*rays)
         return np.sqrt(np.maximum(out, 0)).reshape(np.shape(od)[:-1]).astype(np.float32)
 
     def to_dict(self) -> dict:
-        return {"h": [round(float(x), 5) for x in self.h], "e": [round(float(x), 5) for x in self.e],
-                "glass": [round(float(x), 2) for x in self.glass], "source": self.source}
+        return {
+            "h": [round(float(x), 5) for x in self.h],
+            "e": [round(float(x), 5) for x in self.e],
+            "glass": [round(float(x), 2) for x in self.glass],
+            "source": self.source,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StainVectors":
-        return cls(np.asarray(d["h"], np.float64), np.asarray(d["e"], np.float64),
-                   np.asarray(d.get("glass", (255, 255, 255)), np.float64), d.get("source", "standard"))
+    def from_dict(cls, d: dict) -> StainVectors:
+        return cls(
+            np.asarray(d["h"], np.float64),
+            np.asarray(d["e"], np.float64),
+            np.asarray(d.get("glass", (255, 255, 255)), np.float64),
+            d.get("source", "standard"),
+        )
 
 
 def standard_stains(glass=(255.0, 255.0, 255.0), reason: str = "") -> StainVectors:
@@ -211,6 +221,8 @@ def estimate_stains(
     # haematoxylin absorbs red relative to green more than eosin does
     h, e = (a, b) if a[0] / max(a[1], 1e-6) > b[0] / max(b[1], 1e-6) else (b, a)
     if _angle(h, std.h) > 40 or _angle(e, std.e) > 50 or _angle(h, e) < 3:
-        return standard_stains(glass, f"implausible estimate: H {_angle(h, std.h):.0f}° and E {_angle(e, std.e):.0f}° "
-                                      "from the standard vectors")
+        return standard_stains(
+            glass,
+            f"implausible estimate: H {_angle(h, std.h):.0f}° and E {_angle(e, std.e):.0f}° from the standard vectors",
+        )
     return StainVectors(_unit(h), _unit(e), np.asarray(glass, np.float64), "estimated")

@@ -10,8 +10,9 @@ from .tissue import TissueMask
 __all__ = ["grid_thumbnail"]
 
 
-def grid_thumbnail(tissue: TissueMask, tiles: pd.DataFrame, *, colour=(0, 160, 0), outline=(30, 30, 220),
-                   ink_colour=(255, 0, 255)) -> np.ndarray:
+def grid_thumbnail(
+    tissue: TissueMask, tiles: pd.DataFrame, *, colour=(0, 160, 0), outline=(30, 30, 220), ink_colour=(255, 0, 255)
+) -> np.ndarray:
     """Draw the tiles' boxes, the tissue outline and the pen-ink mask on the tissue mask's image.
 
     Ink is tinted half-way to ``ink_colour`` and outlined in it.

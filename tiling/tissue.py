@@ -151,13 +151,22 @@ def tissue_mask_from_rgb(
     tissue = ndi.binary_closing(tissue, structure=np.ones((3, 3), bool))
     tissue = remove_small_objects(tissue, max_size=max(int(round(min_object_um2 / px_area)), 1))
     tissue = remove_small_holes(tissue, max_size=max(int(round(min_hole_um2 / px_area)), 1))
-    return TissueMask(mask=tissue.astype(bool), scale=1.0, mpp=float(mpp), level=0, image=rgb, ink=ink.astype(bool),
-                      stains=stains)
+    return TissueMask(
+        mask=tissue.astype(bool), scale=1.0, mpp=float(mpp), level=0, image=rgb, ink=ink.astype(bool), stains=stains
+    )
 
 
-def _tissue_under_ink(od_sum: np.ndarray, ink: np.ndarray, fringe: np.ndarray, visible: np.ndarray,
-                      *, lumen_px: int, tissue_od: float = 0.08, glass_share: float = 0.08,
-                      min_glass_px: int = 20) -> np.ndarray:
+def _tissue_under_ink(
+    od_sum: np.ndarray,
+    ink: np.ndarray,
+    fringe: np.ndarray,
+    visible: np.ndarray,
+    *,
+    lumen_px: int,
+    tissue_od: float = 0.08,
+    glass_share: float = 0.08,
+    min_glass_px: int = 20,
+) -> np.ndarray:
     """Which pixels of ``fringe`` (ink and its edge) have tissue under them.
 
     Each pixel first takes the class of the nearest pixel beside the stroke (holes in the tissue
@@ -171,7 +180,6 @@ def _tissue_under_ink(od_sum: np.ndarray, ink: np.ndarray, fringe: np.ndarray, v
     density varies along the stroke by more than ``tissue_od`` blurs this line.
     """
     from scipy import ndimage as ndi
-
     from skimage.morphology import remove_small_holes
 
     # lumens are not glass beside a stroke: fill holes of the tissue (the stroke counting as tissue)
@@ -238,10 +246,20 @@ def detect_tissue(
     if not tm.mask.any():
         not_glass = _min_max(img)[0] < 215
         if tm.ink.sum() >= 0.5 * not_glass.sum() > 0:
-            raise NoTissueError(info.path, f"no tissue found: pen ink covers {100 * tm.ink.mean():.0f}% of the slide "
-                                           f"({100 * tm.ink.sum() / not_glass.sum():.0f}% of what is not glass) and no "
-                                           "stained tissue is visible beside it")
+            raise NoTissueError(
+                info.path,
+                f"no tissue found: pen ink covers {100 * tm.ink.mean():.0f}% of the slide "
+                f"({100 * tm.ink.sum() / not_glass.sum():.0f}% of what is not glass) and no "
+                "stained tissue is visible beside it",
+            )
         raise NoTissueError(info.path, "no tissue found (blank or out-of-focus slide, or thresholds too strict)")
-    logger.debug("%s: tissue %.1f%% (%.1f%% of it under ink) at %.2f µm/px (level %d), stains %s", info.path,
-                 100 * tm.tissue_fraction, 100 * tm.ink_on_tissue_fraction, mpp, level, tm.stains.source)
+    logger.debug(
+        "%s: tissue %.1f%% (%.1f%% of it under ink) at %.2f µm/px (level %d), stains %s",
+        info.path,
+        100 * tm.tissue_fraction,
+        100 * tm.ink_on_tissue_fraction,
+        mpp,
+        level,
+        tm.stains.source,
+    )
     return tm

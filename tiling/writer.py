@@ -154,7 +154,7 @@ def write_svs(
 def write_tiled_tiff(
     path: str | Path,
     size: tuple[int, int],
-    render: "callable",
+    render: callable,
     *,
     mpp: float = 0.25,
     tile: int = 512,

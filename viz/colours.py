@@ -21,7 +21,8 @@ except ImportError:  # pragma: no cover - bokeh is installed with the package
 
 
 def hex_colour(rgb) -> str:
-    return "#%02x%02x%02x" % tuple(int(v) for v in rgb[:3])
+    r, g, b = (int(v) for v in rgb[:3])
+    return f"#{r:02x}{g:02x}{b:02x}"
 
 
 def categorical_colours(values) -> tuple[np.ndarray, dict]:
@@ -37,7 +38,9 @@ def categorical_colours(values) -> tuple[np.ndarray, dict]:
     return s.map(cmap).fillna("#a0a0a0").to_numpy(object), cmap
 
 
-def continuous_colours(values, *, lo: float | None = None, hi: float | None = None) -> tuple[np.ndarray, tuple[float, float]]:
+def continuous_colours(
+    values, *, lo: float | None = None, hi: float | None = None
+) -> tuple[np.ndarray, tuple[float, float]]:
     """Viridis hex colour per value (NaN grey), scaled to [lo, hi] (default: the 1st and 99th
     percentiles). Returns (colours (n,) object, (lo, hi))."""
     v = np.asarray(values, np.float64)

@@ -157,86 +157,171 @@ def explorer_layout(
     table_columns : cluster-table column title -> clusters column.
     """
     from bokeh.layouts import column, row
-    from bokeh.models import (
-        BoxSelectTool,
-        CDSView,
-        ColumnDataSource,
-        CustomJS,
-        DataTable,
-        Div,
-        GroupFilter,
-        HoverTool,
-        HTMLTemplateFormatter,
-        InlineStyleSheet,
-        LassoSelectTool,
-        NumberFormatter,
-        Range1d,
-        Select,
-        TableColumn,
-    )
-    from bokeh.plotting import figure
+    from bokeh.models import ColumnDataSource
 
     names = names or {}
     sort_by = sort_by or {"membership": "membership"}
     extra = tuple(set(sort_by.values()) | {"prob_pos"} | ({has_thumb} if has_thumb else set()))
     data, colour_cols = _source_data(tiles, colour_by, names, extra)
-    first_colour = next(iter(colour_cols.values()))
-    data["colour"] = data[first_colour]
+    data["colour"] = data[next(iter(colour_cols.values()))]
     source = ColumnDataSource(data, name="tiles")
     backend = "webgl" if webgl else "canvas"
+    tooltip = _tooltip("prob_pos" in data, hover_img)
+    umap = _umap_figure(source, tooltip, backend)
+    slide, slide_select = _slide_view(source, slides, tooltip, backend)
+    colour_select = _colour_menu(source, colour_cols)
+    gallery, method_select, sort_select = _gallery(
+        source,
+        methods=methods,
+        sort_by=sort_by,
+        thumb_template=thumb_template,
+        full_template=full_template,
+        has_thumb=has_thumb,
+        max_gallery=max_gallery,
+    )
+    csource, table = _cluster_table(clusters, source, names, table_columns or {"size": "size"})
+    controls = row(colour_select, slide_select, method_select, sort_select)
+    layout = column(controls, row(umap, slide), table, gallery)
+    return ExplorerParts(
+        layout, source, csource, umap, slide, gallery, table, colour_select, slide_select, method_select, sort_select
+    )
 
-    tooltip = ('<div style="font:11px sans-serif">@slide_id tile @tile_id<br>@cname, p=@prob_pos{0.00}</div>'
-               if "prob_pos" in data else '<div style="font:11px sans-serif">@slide_id tile @tile_id<br>@cname</div>')
-    if hover_img:  # Bokeh fills @fields in the tooltip's HTML
+
+def _tooltip(has_prob: bool, hover_img: str | None) -> str:
+    """The hover tooltip's HTML (Bokeh fills the @fields)."""
+    text = "@slide_id tile @tile_id<br>@cname" + (", p=@prob_pos{0.00}" if has_prob else "")
+    tooltip = f'<div style="font:11px sans-serif">{text}</div>'
+    if hover_img:
         tooltip = f'<div><img src="{hover_img}" width="96" height="96"></div>' + tooltip
-    umap = figure(title="UMAP of the cohort's tiles", width=560, height=520, output_backend=backend,
-                  tools="pan,wheel_zoom,reset,save", name="umap")
-    lasso, box = LassoSelectTool(), BoxSelectTool()
-    umap.add_tools(lasso, box, HoverTool(tooltips=tooltip))
+    return tooltip
+
+
+def _umap_figure(source, tooltip: str, backend: str):
+    """The UMAP scatter of every tile, with lasso and box selection."""
+    from bokeh.models import BoxSelectTool, HoverTool, LassoSelectTool
+    from bokeh.plotting import figure
+
+    umap = figure(
+        title="UMAP of the cohort's tiles",
+        width=560,
+        height=520,
+        output_backend=backend,
+        tools="pan,wheel_zoom,reset,save",
+        name="umap",
+    )
+    box = BoxSelectTool()
+    umap.add_tools(LassoSelectTool(), box, HoverTool(tooltips=tooltip))
     umap.toolbar.active_drag = box
-    umap.scatter("umap_x", "umap_y", source=source, size=4, fill_color="colour", line_color="colour",
-                          fill_alpha=0.8, line_alpha=0.8, name="umap_points")
+    umap.scatter(
+        "umap_x",
+        "umap_y",
+        source=source,
+        size=4,
+        fill_color="colour",
+        line_color="colour",
+        fill_alpha=0.8,
+        line_alpha=0.8,
+        name="umap_points",
+    )
     umap.xaxis.visible = umap.yaxis.visible = False
+    return umap
+
+
+def _slide_view(source, slides: dict[str, dict], tooltip: str, backend: str):
+    """The slide panel (overview image, the slide's tiles as squares in level-0 px, box selection)
+    and the slide picker that swaps image, ranges and tile filter -> (figure, Select)."""
+    from bokeh.models import BoxSelectTool, CDSView, ColumnDataSource, CustomJS, GroupFilter, HoverTool, Range1d, Select
+    from bokeh.plotting import figure
 
     sids = sorted(slides)
     s0 = slides[sids[0]]
     img_src = ColumnDataSource({"url": [s0["url"]], "x": [0], "y": [0], "w": [s0["width"]], "h": [s0["height"]]})
     xr, yr = Range1d(0, s0["width"]), Range1d(s0["height"], 0)
-    slide = figure(title="Slide", width=560, height=520, x_range=xr, y_range=yr, output_backend=backend,
-                   tools="pan,wheel_zoom,reset,save", match_aspect=True, name="slide")
+    slide = figure(
+        title="Slide",
+        width=560,
+        height=520,
+        x_range=xr,
+        y_range=yr,
+        output_backend=backend,
+        tools="pan,wheel_zoom,reset,save",
+        match_aspect=True,
+        name="slide",
+    )
     slide.image_url(url="url", x="x", y="y", w="w", h="h", anchor="top_left", source=img_src)
     group = GroupFilter(column_name="slide_id", group=sids[0])
-    r_slide = slide.rect("xc", "yc", "size0", "size0", source=source, view=CDSView(filter=group),
-                         fill_color="colour", line_color="colour", fill_alpha=0.45,
-                         line_alpha=0.8, name="slide_tiles")
+    r_slide = slide.rect(
+        "xc",
+        "yc",
+        "size0",
+        "size0",
+        source=source,
+        view=CDSView(filter=group),
+        fill_color="colour",
+        line_color="colour",
+        fill_alpha=0.45,
+        line_alpha=0.8,
+        name="slide_tiles",
+    )
     sbox = BoxSelectTool(renderers=[r_slide])
     slide.add_tools(sbox, HoverTool(renderers=[r_slide], tooltips=tooltip))
     slide.toolbar.active_drag = sbox
     slide.xaxis.visible = slide.yaxis.visible = False
+    picker = Select(title="Slide", value=sids[0], options=sids, name="slide_picker")
+    args = dict(slides={k: slides[k] for k in sids}, filter=group, img=img_src, xr=xr, yr=yr, sel=picker, source=source)
+    picker.js_on_change("value", CustomJS(args=args, code=_SLIDE_JS))
+    return slide, picker
 
-    colour_select = Select(title="Colour by", value=next(iter(colour_cols)), options=list(colour_cols), name="colour_by")
-    colour_select.js_on_change("value", CustomJS(args=dict(colour_cols=colour_cols, source=source, sel=colour_select),
-                                                 code=_COLOUR_JS))
-    slide_select = Select(title="Slide", value=sids[0], options=sids, name="slide_picker")
-    slide_select.js_on_change("value", CustomJS(args=dict(slides={k: slides[k] for k in sids}, filter=group, img=img_src,
-                                                          xr=xr, yr=yr, sel=slide_select, source=source), code=_SLIDE_JS))
 
-    gallery = Div(text='<div class="wx-head">Select tiles in the UMAP or on the slide to see them here.</div>',
-                  width=1120, name="gallery", stylesheets=[InlineStyleSheet(css=GALLERY_CSS)])  # Divs live in a shadow DOM
-    method_select = Select(title="Overlay", value=methods[0] if methods else "", options=list(methods) or [""], name="method")
+def _colour_menu(source, colour_cols: dict[str, str]):
+    """The "Colour by" menu: swaps the source's colour column in the browser."""
+    from bokeh.models import CustomJS, Select
+
+    sel = Select(title="Colour by", value=next(iter(colour_cols)), options=list(colour_cols), name="colour_by")
+    sel.js_on_change("value", CustomJS(args=dict(colour_cols=colour_cols, source=source, sel=sel), code=_COLOUR_JS))
+    return sel
+
+
+def _gallery(source, *, methods, sort_by, thumb_template, full_template, has_thumb, max_gallery):
+    """The gallery of selected tiles with its overlay and sort menus -> (Div, Select, Select)."""
+    from bokeh.models import CustomJS, Div, InlineStyleSheet, Select
+
+    gallery = Div(
+        text='<div class="wx-head">Select tiles in the UMAP or on the slide to see them here.</div>',
+        width=1120,
+        name="gallery",
+        stylesheets=[InlineStyleSheet(css=GALLERY_CSS)],
+    )  # Divs live in a shadow DOM
+    method_select = Select(
+        title="Overlay", value=methods[0] if methods else "", options=list(methods) or [""], name="method"
+    )
     sort_select = Select(title="Sort gallery by", value=next(iter(sort_by)), options=list(sort_by), name="sort_by")
-    gal_cb = CustomJS(args=dict(source=source, gallery=gallery, method_sel=method_select, sort_sel=sort_select,
-                                sort_cols=sort_by, thumb_tpl=thumb_template, full_tpl=full_template,
-                                has_col=has_thumb or "", maxn=max_gallery), code=_GALLERY_JS)
+    args = dict(
+        source=source,
+        gallery=gallery,
+        method_sel=method_select,
+        sort_sel=sort_select,
+        sort_cols=sort_by,
+        thumb_tpl=thumb_template,
+        full_tpl=full_template,
+        has_col=has_thumb or "",
+        maxn=max_gallery,
+    )
+    gal_cb = CustomJS(args=args, code=_GALLERY_JS)
     source.selected.js_on_change("indices", gal_cb)
     method_select.js_on_change("value", gal_cb)
     sort_select.js_on_change("value", gal_cb)
+    return gallery, method_select, sort_select
 
-    table_columns = table_columns or {"size": "size"}
+
+def _cluster_columns(clusters: pd.DataFrame, names: dict[int, str], table_columns: dict[str, str]) -> dict:
+    """The cluster table's data: cluster, colour swatch, name and the named columns."""
     cdata = {"cluster": clusters["cluster"].to_numpy(np.int64)}
     cdata["swatch"] = colour_column(clusters["cluster"].to_numpy(np.int64))
-    cdata["name"] = np.array([names.get(int(c), "noise" if c < 0 else f"cluster {c}") for c in cdata["cluster"]], object)
-    for title, col in table_columns.items():
+    cdata["name"] = np.array(
+        [names.get(int(c), "noise" if c < 0 else f"cluster {c}") for c in cdata["cluster"]], object
+    )
+    for col in table_columns.values():
         v = clusters[col]
         if pd.api.types.is_integer_dtype(v):
             cdata[col] = v.to_numpy(np.int64)
@@ -244,19 +329,38 @@ def explorer_layout(
             cdata[col] = v.to_numpy(np.float64)
         else:
             cdata[col] = v.astype(str).to_numpy(object)
-    csource = ColumnDataSource(cdata, name="clusters")
-    swatch = HTMLTemplateFormatter(template='<span style="display:inline-block;width:14px;height:14px;background:<%= value %>"></span>')
-    tcols = [TableColumn(field="swatch", title="", width=24, formatter=swatch, sortable=False),
-             TableColumn(field="cluster", title="cluster", width=60), TableColumn(field="name", title="name", width=160)]
-    tcols += [TableColumn(field=col, title=title, formatter=NumberFormatter(format="0.000") if cdata[col].dtype.kind == "f" else None)
-              if cdata[col].dtype.kind == "f" else TableColumn(field=col, title=title) for title, col in table_columns.items()]
-    table = DataTable(source=csource, columns=tcols, width=1120, height=min(300, 30 + 26 * len(clusters)), sortable=True,
-                      reorderable=False, index_position=None, name="cluster_table")
-    csource.selected.js_on_change("indices", CustomJS(args=dict(csource=csource, source=source), code=_TABLE_JS))
+    return cdata
 
-    controls = row(colour_select, slide_select, method_select, sort_select)
-    layout = column(controls, row(umap, slide), table, gallery)
-    return ExplorerParts(layout, source, csource, umap, slide, gallery, table, colour_select, slide_select, method_select, sort_select)
+
+def _cluster_table(clusters: pd.DataFrame, source, names: dict[int, str], table_columns: dict[str, str]):
+    """The sortable cluster table; clicking a row selects the cluster's tiles -> (source, DataTable)."""
+    from bokeh.models import ColumnDataSource, CustomJS, DataTable, HTMLTemplateFormatter, NumberFormatter, TableColumn
+
+    cdata = _cluster_columns(clusters, names, table_columns)
+    csource = ColumnDataSource(cdata, name="clusters")
+    swatch = HTMLTemplateFormatter(
+        template='<span style="display:inline-block;width:14px;height:14px;background:<%= value %>"></span>'
+    )
+    tcols = [
+        TableColumn(field="swatch", title="", width=24, formatter=swatch, sortable=False),
+        TableColumn(field="cluster", title="cluster", width=60),
+        TableColumn(field="name", title="name", width=160),
+    ]
+    for title, col in table_columns.items():
+        fmt = NumberFormatter(format="0.000") if cdata[col].dtype.kind == "f" else None
+        tcols.append(TableColumn(field=col, title=title, formatter=fmt) if fmt else TableColumn(field=col, title=title))
+    table = DataTable(
+        source=csource,
+        columns=tcols,
+        width=1120,
+        height=min(300, 30 + 26 * len(clusters)),
+        sortable=True,
+        reorderable=False,
+        index_position=None,
+        name="cluster_table",
+    )
+    csource.selected.js_on_change("indices", CustomJS(args=dict(csource=csource, source=source), code=_TABLE_JS))
+    return csource, table
 
 
 def escape(text) -> str:

@@ -57,7 +57,9 @@ def to_jpeg(img: np.ndarray, quality: int = 85) -> bytes:
     return buf.getvalue()
 
 
-def stitch_heatmap(overview: np.ndarray, scale: float, boxes: np.ndarray, maps: np.ndarray, *, alpha: float = 0.5) -> np.ndarray:
+def stitch_heatmap(
+    overview: np.ndarray, scale: float, boxes: np.ndarray, maps: np.ndarray, *, alpha: float = 0.5
+) -> np.ndarray:
     """A slide-level heatmap: each tile's map (raw values, one scale for the whole slide: its 99th
     percentile) resized into the tile's footprint over the slide overview.
 
@@ -83,7 +85,7 @@ def stitch_heatmap(overview: np.ndarray, scale: float, boxes: np.ndarray, maps: 
         if c0 >= W or r0 >= H or c1 <= 0 or r1 <= 0:
             continue
         patch = np.asarray(Image.fromarray(m, mode="F").resize((c1 - c0, r1 - r0), Image.BILINEAR))
-        heat[max(r0, 0):r1, max(c0, 0):c1] = patch[max(0, -r0):, max(0, -c0):] / vmax
+        heat[max(r0, 0) : r1, max(c0, 0) : c1] = patch[max(0, -r0) :, max(0, -c0) :] / vmax
     out = overview[..., :3].astype(np.float32).copy()
     have = np.isfinite(heat)
     out[have] = out[have] * (1 - alpha) + jet(heat[have]).astype(np.float32) * alpha

@@ -38,7 +38,9 @@ def metric_table_html(metrics: pd.DataFrame, *, cluster: int, names: dict | None
             return f"{r['value']:.3g} (n={r['n_tiles']})"
         return f"{r['value']:.3g} [{r['ci_low']:.3g}, {r['ci_high']:.3g}] (n={r['n_tiles']})"
 
-    piv = sub.assign(text=sub.apply(cell, axis=1)).pivot_table(index="metric", columns="method", values="text", aggfunc="first")
+    piv = sub.assign(text=sub.apply(cell, axis=1)).pivot_table(
+        index="metric", columns="method", values="text", aggfunc="first"
+    )
     piv = piv.reset_index().fillna("")
     return table_html(piv)
 
@@ -51,17 +53,31 @@ def spread_plot(points: pd.DataFrame, fits: dict, *, method: str, title: str):
     from bokeh.plotting import figure
 
     figs = []
-    for xcol, key, label in (("acc_mean", "attn_std~acc_mean", "mean accuracy"), ("acc_std", "attn_std~acc_std", "std of accuracy")):
+    for xcol, key, label in (
+        ("acc_mean", "attn_std~acc_mean", "mean accuracy"),
+        ("acc_std", "attn_std~acc_std", "std of accuracy"),
+    ):
         src = ColumnDataSource(points[["cluster", xcol, "attn_std", "size"]].rename(columns={xcol: "x"}))
-        f = figure(width=360, height=300, title=f"{title}: attention spread vs {label}", x_axis_label=label,
-                   y_axis_label=f"std of {method} attention", tools="pan,wheel_zoom,reset,save")
+        f = figure(
+            width=360,
+            height=300,
+            title=f"{title}: attention spread vs {label}",
+            x_axis_label=label,
+            y_axis_label=f"std of {method} attention",
+            tools="pan,wheel_zoom,reset,save",
+        )
         f.scatter("x", "attn_std", source=src, size=8, alpha=0.7)
         f.add_tools(HoverTool(tooltips=[("cluster", "@cluster"), ("tiles", "@size")]))
         fit = fits.get(key, {})
         if fit.get("coef"):
             xs = np.linspace(np.nanmin(points[xcol]), np.nanmax(points[xcol]), 50)
-            f.line(xs, np.polyval(fit["coef"], xs), color="firebrick", line_width=2,
-                   legend_label=f"fit R² = {fit['r2']:.2f}" if np.isfinite(fit["r2"]) else "fit")
+            f.line(
+                xs,
+                np.polyval(fit["coef"], xs),
+                color="firebrick",
+                line_width=2,
+                legend_label=f"fit R² = {fit['r2']:.2f}" if np.isfinite(fit["r2"]) else "fit",
+            )
         figs.append(f)
     return row(*figs)
 
@@ -77,8 +93,14 @@ def sanity_plot(sanity: pd.DataFrame, *, cohort_row: int = -2):
     blocks = list(coh.sort_values("step").drop_duplicates("step")["block"])
     figs = []
     for metric in ("spearman", "ssim"):
-        f = figure(width=420, height=300, title=f"{metric} with the original maps", x_range=blocks,
-                   x_axis_label="blocks randomised (cumulative, from the output)", tools="save")
+        f = figure(
+            width=420,
+            height=300,
+            title=f"{metric} with the original maps",
+            x_range=blocks,
+            x_axis_label="blocks randomised (cumulative, from the output)",
+            tools="save",
+        )
         for m, c in zip(methods, colours):
             g = coh[coh["method"] == m].sort_values("step")
             f.line(g["block"].tolist(), g[metric].to_numpy(), color=c, line_width=2, legend_label=m)
@@ -96,9 +118,17 @@ def removal_plot(per_cluster: pd.DataFrame, names: dict | None = None):
     names = names or {}
     d = per_cluster.sort_values("mean_abs_d_mean", ascending=False)
     labels = [names.get(int(c), "noise" if c < 0 else f"cluster {c}") for c in d["cluster"]]
-    src = ColumnDataSource({"label": labels, "mean": d["mean_abs_d_mean"].to_numpy(), "topk": d["mean_abs_d_topk"].to_numpy()})
-    f = figure(width=720, height=300, x_range=labels, title="Cluster removal: mean |change| of slide scores",
-               tools="save", y_axis_label="mean |Δ slide score|")
+    src = ColumnDataSource(
+        {"label": labels, "mean": d["mean_abs_d_mean"].to_numpy(), "topk": d["mean_abs_d_topk"].to_numpy()}
+    )
+    f = figure(
+        width=720,
+        height=300,
+        x_range=labels,
+        title="Cluster removal: mean |change| of slide scores",
+        tools="save",
+        y_axis_label="mean |Δ slide score|",
+    )
     f.vbar(x="label", top="topk", width=0.8, source=src, alpha=0.6, legend_label="top-k aggregation")
     f.vbar(x="label", top="mean", width=0.5, source=src, color="firebrick", alpha=0.8, legend_label="mean aggregation")
     f.add_tools(HoverTool(tooltips=[("cluster", "@label"), ("mean", "@mean{0.000}"), ("top-k", "@topk{0.000}")]))

@@ -58,8 +58,16 @@ def copy_bokeh_js(static_dir: str | Path) -> list[str]:
     return list(BOKEH_JS)
 
 
-def render_page(path: str | Path, *, title: str, body: str, plots: dict | None = None, static: str = "static",
-                nav: str = "", css: str = "") -> Path:
+def render_page(
+    path: str | Path,
+    *,
+    title: str,
+    body: str,
+    plots: dict | None = None,
+    static: str = "static",
+    nav: str = "",
+    css: str = "",
+) -> Path:
     """Write one HTML page.
 
     Parameters
@@ -80,8 +88,9 @@ def render_page(path: str | Path, *, title: str, body: str, plots: dict | None =
         for name, div in divs.items():
             body = body.replace(f"<!--plot:{name}-->", div)
     env = Environment(autoescape=True)
-    out = env.from_string(_TEMPLATE).render(title=title, scripts=BOKEH_JS, static=static, css=PAGE_CSS + css,
-                                            bokeh_script=script, nav=nav, body=body)
+    out = env.from_string(_TEMPLATE).render(
+        title=title, scripts=BOKEH_JS, static=static, css=PAGE_CSS + css, bokeh_script=script, nav=nav, body=body
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -6,9 +6,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_parquet", "atomic_write_text"]
 
@@ -72,7 +72,9 @@ def atomic_write_parquet(df, target: str | Path, meta: dict | None = None) -> Pa
 
     table = pa.Table.from_pandas(df, preserve_index=False)
     if meta is not None:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"wsi_explain": json.dumps(meta, default=str).encode()})
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), b"wsi_explain": json.dumps(meta, default=str).encode()}
+        )
     target = Path(target)
     with atomic_path(target, suffix=".parquet") as tmp:
         pq.write_table(table, tmp)

@@ -71,7 +71,7 @@ class TileConfig(_Frozen):
     label_classes: dict[int, str] | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "TileConfig":
+    def _check(self) -> TileConfig:
         if self.overlap >= self.tile_px:
             raise ValueError(f"overlap ({self.overlap}) must be smaller than tile_px ({self.tile_px})")
         if self.mpp_target is None and self.magnification is None:
@@ -92,7 +92,11 @@ class TileConfig(_Frozen):
 
         mpp = None if self.magnification is not None else self.mpp_target
         return GridSpec(
-            tile_px=self.tile_px, mpp=mpp, magnification=self.magnification, overlap=self.overlap, min_tissue=self.min_tissue
+            tile_px=self.tile_px,
+            mpp=mpp,
+            magnification=self.magnification,
+            overlap=self.overlap,
+            min_tissue=self.min_tissue,
         )
 
 
@@ -298,7 +302,7 @@ class ScoreConfig(_Frozen):
     device: str = "auto"
 
     @model_validator(mode="after")
-    def _check(self) -> "ScoreConfig":
+    def _check(self) -> ScoreConfig:
         bad = [g for g in self.groups if g not in METRIC_GROUPS]
         if bad:
             raise ValueError(f"unknown metric group(s) {bad}; choose from {list(METRIC_GROUPS)}")

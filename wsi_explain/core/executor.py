@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 __all__ = ["SerialExecutor", "DaskExecutor", "make_executor"]
 
@@ -59,8 +59,12 @@ class DaskExecutor:
         from distributed import as_completed
 
         items = list(items)
-        futures = [self.client.submit(fn, it, *args, pure=False, retries=self.retries, key=f"{fn.__name__}-{i}-{os.urandom(4).hex()}")
-                   for i, it in enumerate(items)]
+        futures = [
+            self.client.submit(
+                fn, it, *args, pure=False, retries=self.retries, key=f"{fn.__name__}-{i}-{os.urandom(4).hex()}"
+            )
+            for i, it in enumerate(items)
+        ]
         index = {f.key: i for i, f in enumerate(futures)}
         for fut, res in as_completed(futures, with_results=True):
             yield items[index[fut.key]], res
@@ -103,8 +107,14 @@ def make_executor(*, workers: int = 1, scheduler: str | None = None, memory_limi
 
     n = workers if workers > 1 else n_gpu
     threads = max(1, (os.cpu_count() or 2) // n)
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, memory_limit=memory_limit,
-                           dashboard_address=None, env={"OMP_NUM_THREADS": str(threads), "WSI_EXPLAIN_THREADS": str(threads)})
+    cluster = LocalCluster(
+        n_workers=n,
+        threads_per_worker=1,
+        processes=True,
+        memory_limit=memory_limit,
+        dashboard_address=None,
+        env={"OMP_NUM_THREADS": str(threads), "WSI_EXPLAIN_THREADS": str(threads)},
+    )
     return DaskExecutor(Client(cluster), own=True)
 
 

@@ -27,7 +27,10 @@ def tune_malloc(mmap_threshold: int = 1 << 25, trim_threshold: int = 1 << 30) ->
         return _done
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1
+        ok = (
+            libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
+            and libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1
+        )
     except (OSError, AttributeError):
         return False
     _done = bool(ok)

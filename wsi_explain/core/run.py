@@ -34,7 +34,7 @@ _VERSIONED = ("wsi_explain", "numpy", "pandas", "pyarrow", "openslide", "torch",
 
 
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
 
 
 def params_hash(params: Any) -> str:

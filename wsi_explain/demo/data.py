@@ -26,9 +26,10 @@ __all__ = ["find_demo_source", "build_demo_cohort", "DemoSlide", "draw_marker", 
 
 logger = logging.getLogger(__name__)
 
+_REPO = Path(__file__).resolve().parents[2]  # wsi_explain/demo/data.py -> the repository
 _CANDIDATES = (
-    Path(__file__).resolve().parents[1] / "data" / "CMU-1-Small-Region.svs",  # shipped with the repository
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "CMU-1-Small-Region.svs",
+    _REPO / "data" / "CMU-1-Small-Region.svs",  # shipped with the repository
+    _REPO.parent / "shared" / "data" / "CMU-1-Small-Region.svs",
 )
 
 
@@ -90,7 +91,9 @@ def _patches_from_slide(path: Path, patch_um: float, mpp: float) -> np.ndarray:
             m = tissue.mask[int(y / s) : int((y + patch) / s) + 1, int(x / s) : int((x + patch) / s) + 1]
             if m.size and m.mean() >= 0.9:
                 p = img[y : y + patch, x : x + patch]
-                out.append(np.clip(np.rint(downscale_local_mean(p, (f, f, 1))), 0, 255).astype(np.uint8) if f > 1 else p)
+                out.append(
+                    np.clip(np.rint(downscale_local_mean(p, (f, f, 1))), 0, 255).astype(np.uint8) if f > 1 else p
+                )
     if not out:
         raise RuntimeError(f"{path}: no tissue patch found for the demo")
     return np.stack(out)
@@ -121,8 +124,9 @@ def _augment(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(p.astype(np.float32) * jitter, 0, 255).astype(np.uint8)
 
 
-def draw_marker(img: np.ndarray, rng: np.random.Generator, *, mpp: float, region=None, n_strokes: int = 2,
-                colour: str = "blue") -> tuple[np.ndarray, list]:
+def draw_marker(
+    img: np.ndarray, rng: np.random.Generator, *, mpp: float, region=None, n_strokes: int = 2, colour: str = "blue"
+) -> tuple[np.ndarray, list]:
     """Blue marker strokes across the tissue: a copy of ``img`` (H, W, 3) uint8 and the strokes.
 
     Strokes start inside ``region`` (a shapely polygon in pixels: the tissue), are 0.4-0.9 mm wide
@@ -130,17 +134,36 @@ def draw_marker(img: np.ndarray, rng: np.random.Generator, *, mpp: float, region
     """
     from tiling import random_strokes, render_strokes
 
-    strokes = random_strokes(rng, img.shape[:2], mpp=mpp, n=n_strokes, colours=(colour,), width_mm=(0.4, 0.9),
-                             length_mm=(2.5, 4.0), density=(0.6, 0.9), region=region)
+    strokes = random_strokes(
+        rng,
+        img.shape[:2],
+        mpp=mpp,
+        n=n_strokes,
+        colours=(colour,),
+        width_mm=(0.4, 0.9),
+        length_mm=(2.5, 4.0),
+        density=(0.6, 0.9),
+        region=region,
+    )
     return render_strokes(img, strokes), strokes
 
 
 def _write_strokes(path: Path, strokes: list) -> None:
     from shapely.geometry import mapping
 
-    feats = [{"type": "Feature", "geometry": mapping(s.polygon),
-              "properties": {"classification": {"name": "pen ink"}, "colour": s.colour, "density": s.density,
-                             "width_um": s.width_um}} for s in strokes]
+    feats = [
+        {
+            "type": "Feature",
+            "geometry": mapping(s.polygon),
+            "properties": {
+                "classification": {"name": "pen ink"},
+                "colour": s.colour,
+                "density": s.density,
+                "width_um": s.width_um,
+            },
+        }
+        for s in strokes
+    ]
     path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
 
 
@@ -155,10 +178,18 @@ def ink_detection_scores(slide: DemoSlide, tissue_png: Path, scale: float) -> di
     ink = np.isin(np.asarray(Image.open(tissue_png)), (2, 3))
     polys = [shape(f["geometry"]) for f in json.loads(slide.strokes_path.read_text())["features"]]
     if not polys:
-        return {"recall": float("nan"), "precision": float("nan") if not ink.any() else 0.0, "false_ink": float(ink.mean())}
+        return {
+            "recall": float("nan"),
+            "precision": float("nan") if not ink.any() else 0.0,
+            "false_ink": float(ink.mean()),
+        }
     cov = stroke_coverage(polys, ink.shape, scale=scale)
     hit = float(cov[ink].sum())
-    return {"recall": hit / float(cov.sum()), "precision": hit / max(int(ink.sum()), 1), "false_ink": float((ink & (cov == 0)).mean())}
+    return {
+        "recall": hit / float(cov.sum()),
+        "precision": hit / max(int(ink.sum()), 1),
+        "false_ink": float((ink & (cov == 0)).mean()),
+    }
 
 
 def _compose(patches: np.ndarray, size: tuple[int, int], rng: np.random.Generator, patch: int):
@@ -181,6 +212,31 @@ def _compose(patches: np.ndarray, size: tuple[int, int], rng: np.random.Generato
                 )
     region = affinity.scale(Point(cx * patch, cy * patch).buffer(1.0), rx * patch * 0.9, ry * patch * 0.9)
     return img, region
+
+
+def _patch_groups(src: Path | None, patch_um: float, mpp: float, rng) -> tuple[dict, int]:
+    """Real H&E patches of ``src`` (or synthetic texture without it) split by darkness into the
+    two classes' tissue -> ({label: (n, p, p, 3) uint8}, patch edge p in px)."""
+    if src is not None:
+        patches = _patches_from_slide(src, patch_um, mpp)
+        logger.info("demo cohort from %s (%d patches)", src, len(patches))
+    else:
+        logger.warning("CMU-1-Small-Region.svs not found; the demo cohort uses synthetic H&E-like texture")
+        patches = _synthetic_patches(int(round(patch_um / mpp)), 64, rng)
+    # haematoxylin proxy: share of dark, blue-purple pixels
+    darkness = (patches.mean(axis=3) < 150).mean(axis=(1, 2))
+    order = np.argsort(darkness)
+    half = max(len(order) // 2, 1)
+    return {0: patches[order[:half]], 1: patches[order[-half:]]}, patches.shape[1]
+
+
+def _write_cohort_csv(path: Path, slides: list, test_slides: tuple[int, ...]) -> None:
+    """The cohort CSV (path, label, site, ink, split) the tiling stage reads."""
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "site", "ink", "split"])
+        for i, s in enumerate(slides):
+            w.writerow([s.path.name, s.label, f"site{i % 3}", int(s.ink), "test" if i in test_slides else "train"])
 
 
 def build_demo_cohort(
@@ -226,25 +282,22 @@ def build_demo_cohort(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     src = Path(source) if source else find_demo_source()
-    params = {"n_slides": n_slides, "size_mm": list(size_mm), "mpp": mpp, "ink_slides": list(ink_slides),
-              "test_slides": list(test_slides), "seed": seed, "source": str(src), "patch_um": patch_um, "version": 3}
+    params = {
+        "n_slides": n_slides,
+        "size_mm": list(size_mm),
+        "mpp": mpp,
+        "ink_slides": list(ink_slides),
+        "test_slides": list(test_slides),
+        "seed": seed,
+        "source": str(src),
+        "patch_um": patch_um,
+        "version": 3,
+    }
     stamp = out_dir / "demo_params.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("params") == params:
         # already built with the same parameters: keep the files (and their fingerprints)
         return [DemoSlide(out_dir / s["path"], s["label"], s["ink"]) for s in json.loads(stamp.read_text())["slides"]]
-    patch = int(round(patch_um / mpp))
-    if src is not None:
-        patches = _patches_from_slide(src, patch_um, mpp)
-        logger.info("demo cohort from %s (%d patches)", src, len(patches))
-    else:
-        logger.warning("CMU-1-Small-Region.svs not found; the demo cohort uses synthetic H&E-like texture")
-        patches = _synthetic_patches(patch, 64, rng)
-    patch = patches.shape[1]
-    # haematoxylin proxy: share of dark, blue-purple pixels
-    darkness = (patches.mean(axis=3) < 150).mean(axis=(1, 2))
-    order = np.argsort(darkness)
-    half = max(len(order) // 2, 1)
-    groups = {0: patches[order[:half]], 1: patches[order[-half:]]}
+    groups, patch = _patch_groups(src, patch_um, mpp, rng)
     size = (int(size_mm[0] * 1000 / mpp), int(size_mm[1] * 1000 / mpp))
     slides = []
     for i in range(n_slides):
@@ -263,11 +316,10 @@ def build_demo_cohort(
         slide = DemoSlide(path, label, ink)
         _write_strokes(slide.strokes_path, strokes)
         slides.append(slide)
-    with open(out_dir / "cohort.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label", "site", "ink", "split"])
-        for i, s in enumerate(slides):
-            w.writerow([s.path.name, s.label, f"site{i % 3}", int(s.ink), "test" if i in test_slides else "train"])
-    stamp.write_text(json.dumps({"params": params, "slides": [
-        {"path": s.path.name, "label": s.label, "ink": s.ink} for s in slides]}))
+    _write_cohort_csv(out_dir / "cohort.csv", slides, test_slides)
+    stamp.write_text(
+        json.dumps(
+            {"params": params, "slides": [{"path": s.path.name, "label": s.label, "ink": s.ink} for s in slides]}
+        )
+    )
     return slides

@@ -20,7 +20,9 @@ __all__ = ["train_demo_model"]
 logger = logging.getLogger(__name__)
 
 
-def train_demo_model(run, out_dir: Path, *, seed: int = 0, workers: int = 2, batch_size: int = 32, mpp: float = 2.0) -> Path:
+def train_demo_model(
+    run, out_dir: Path, *, seed: int = 0, workers: int = 2, batch_size: int = 32, mpp: float = 2.0
+) -> Path:
     """Fit the demo head on the tiled slides of ``run`` and save ``out_dir/demo_effnet.pt`` (+ card).
 
     Returns the weights path; an existing file is reused (the demo's reruns are no-ops).
@@ -31,8 +33,8 @@ def train_demo_model(run, out_dir: Path, *, seed: int = 0, workers: int = 2, bat
 
     from wsi_explain.explain.fused import FusedExtractor
     from wsi_explain.explain.load import load_model
-    from wsi_explain.io.tile_table import read_tile_table
     from wsi_explain.io.loader import TileDataset, tile_batches
+    from wsi_explain.io.tile_table import read_tile_table
 
     out_dir = Path(out_dir)
     weights = out_dir / "demo_effnet.pt"
@@ -69,5 +71,7 @@ def train_demo_model(run, out_dir: Path, *, seed: int = 0, workers: int = 2, bat
     tmp = weights.with_suffix(".tmp")
     torch.save(lm.module.state_dict(), tmp)
     tmp.replace(weights)
-    weights.with_suffix(".yaml").write_text(yaml.safe_dump({"class_names": ["negative", "positive"], "tile_px": 224, "mpp": mpp}))
+    weights.with_suffix(".yaml").write_text(
+        yaml.safe_dump({"class_names": ["negative", "positive"], "tile_px": 224, "mpp": mpp})
+    )
     return weights

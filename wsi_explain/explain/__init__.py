@@ -1,1 +1,3 @@
-"""The explainers: model loading (card, checkpoints, adapters, layers), CAMs and the fused pass, captum attributors, map normalisation. Imports only wsi_explain.core."""
+"""The explainers: model loading (card, checkpoints, adapters, layers), CAMs and the fused pass,
+captum attributors, map normalisation. Imports only wsi_explain.core.
+"""

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from wsi_explain.explain.fused import resolve_device
 from wsi_explain.explain.card import LoadedModel, ModelError
+from wsi_explain.explain.fused import resolve_device
 from wsi_explain.explain.layers import default_target_layer, find_module
 
 __all__ = [
@@ -35,7 +35,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: name -> factory(model, **options) -> Attributor
-ATTRIBUTORS: dict[str, Callable[..., "Attributor"]] = {}
+ATTRIBUTORS: dict[str, Callable[..., Attributor]] = {}
 
 
 def register_attributor(name: str):
@@ -71,7 +71,9 @@ class Attributor(ABC):
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([self.module(x[i : i + self.max_batch]).argmax(1) for i in range(0, len(x), self.max_batch)])
+            return torch.cat(
+                [self.module(x[i : i + self.max_batch]).argmax(1) for i in range(0, len(x), self.max_batch)]
+            )
 
     def attribute(self, inputs: torch.Tensor, *, targets: torch.Tensor | np.ndarray | int | None = None) -> np.ndarray:
         """Attribution maps of ``inputs`` for ``targets``.
@@ -115,8 +117,18 @@ class CaptumAttributor(Attributor):
         Passed to ``method.attribute`` (n_steps, sliding_window_shapes...).
     """
 
-    def __init__(self, model, *, method, name: str, channel_reduce: str = "sum", attribute_kwargs=None,
-                 target_layer=None, tile_px=None, **kw) -> None:
+    def __init__(
+        self,
+        model,
+        *,
+        method,
+        name: str,
+        channel_reduce: str = "sum",
+        attribute_kwargs=None,
+        target_layer=None,
+        tile_px=None,
+        **kw,
+    ) -> None:
         # target_layer and tile_px are accepted (and unused) so every attributor takes the same options
         super().__init__(model, **kw)
         self.name = name
@@ -139,7 +151,9 @@ class _IG(CaptumAttributor):
 
         # captum splits the n_steps * n scaled inputs into internal batches of max_batch
         kw = {"n_steps": 50, **self.kwargs, "internal_batch_size": self.max_batch}
-        return self._reduce(IntegratedGradients(self.module).attribute(x, baselines=torch.zeros_like(x), target=targets, **kw))
+        return self._reduce(
+            IntegratedGradients(self.module).attribute(x, baselines=torch.zeros_like(x), target=targets, **kw)
+        )
 
 
 class _GradientShap(CaptumAttributor):
@@ -178,7 +192,11 @@ class _Occlusion(CaptumAttributor):
         stride = int(self.kwargs.get("stride", w))
         per_eval = max(1, self.max_batch // len(x))
         a = Occlusion(self.module).attribute(
-            x, target=targets, sliding_window_shapes=(3, w, w), strides=(3, stride, stride), perturbations_per_eval=per_eval
+            x,
+            target=targets,
+            sliding_window_shapes=(3, w, w),
+            strides=(3, stride, stride),
+            perturbations_per_eval=per_eval,
         )
         return self._reduce(a)
 
@@ -208,7 +226,9 @@ class GradCamAttributor(Attributor):
     them. Hooks are released in ``finally`` (the library's ``with`` block swallows IndexError).
     """
 
-    def __init__(self, model, *, cam_class, name: str, target_layer: str | None = None, tile_px: int = 224, **kw) -> None:
+    def __init__(
+        self, model, *, cam_class, name: str, target_layer: str | None = None, tile_px: int = 224, **kw
+    ) -> None:
         super().__init__(model, **kw)
         self.name = name
         self.cam_class = cam_class
@@ -236,8 +256,14 @@ def _captum(cls_name: str, reduce: str, **defaults):
     def factory(model, *, name: str, attribute_kwargs=None, **kw):
         import captum.attr as ca
 
-        return CaptumAttributor(model, method=getattr(ca, cls_name), name=name, channel_reduce=reduce,
-                                attribute_kwargs={**defaults, **(attribute_kwargs or {})}, **kw)
+        return CaptumAttributor(
+            model,
+            method=getattr(ca, cls_name),
+            name=name,
+            channel_reduce=reduce,
+            attribute_kwargs={**defaults, **(attribute_kwargs or {})},
+            **kw,
+        )
 
     return factory
 
@@ -246,26 +272,13 @@ def _gradcam_family(cls_name: str):
     def factory(model, *, name: str, target_layer=None, tile_px=224, attribute_kwargs=None, **kw):
         import pytorch_grad_cam as pgc
 
-        return GradCamAttributor(model, cam_class=getattr(pgc, cls_name), name=name, target_layer=target_layer,
-                                 tile_px=tile_px, **kw)
+        return GradCamAttributor(
+            model, cam_class=getattr(pgc, cls_name), name=name, target_layer=target_layer, tile_px=tile_px, **kw
+        )
 
     return factory
 
 
-for _name, _factory in {
-    "saliency": _captum("Saliency", "abs_sum"),
-    "inputxgradient": _captum("InputXGradient", "sum"),
-    "scorecam": _gradcam_family("ScoreCAM"),
-    "ablationcam": _gradcam_family("AblationCAM"),
-    "eigengradcam": _gradcam_family("EigenGradCAM"),
-    "fullgrad": _gradcam_family("FullGrad"),
-    "gradcamelementwise": _gradcam_family("GradCAMElementWise"),
-    "randomcam": _gradcam_family("RandomCAM"),
-}.items():
-    register_attributor(_name)(_factory)
-
-
-@register_attributor("deeplift")
 def _deeplift_factory(model, *, name, attribute_kwargs=None, tile_px=224, **kw):
     """DeepLift needs each non-linearity module to be called once per forward (captum's rule):
     checked here, with a clear message, instead of failing in the middle of a run."""
@@ -284,7 +297,9 @@ def _deeplift_factory(model, *, name, attribute_kwargs=None, tile_px=224, **kw):
             f"DeepLift needs every activation module to be used once per forward; {reused[:5]} are reused "
             "(as in torchvision ResNets). Use integratedgradients or gradientshap instead."
         )
-    att = CaptumAttributor(model, method=DeepLift, name=name, channel_reduce="sum", attribute_kwargs=attribute_kwargs, **kw)
+    att = CaptumAttributor(
+        model, method=DeepLift, name=name, channel_reduce="sum", attribute_kwargs=attribute_kwargs, **kw
+    )
     att.expansion = 2  # inputs and baselines go through the model together
     return att
 
@@ -298,12 +313,23 @@ def _own_class(cls, reduce: str):
     return factory
 
 
-for _name, _factory in {
+# the built-in methods, registered one way (users add theirs with @register_attributor)
+_BUILTIN = {
+    "saliency": _captum("Saliency", "abs_sum"),
+    "inputxgradient": _captum("InputXGradient", "sum"),
     "integratedgradients": _own_class(_IG, "sum"),
     "gradientshap": _own_class(_GradientShap, "sum"),
     "occlusion": _own_class(_Occlusion, "sum"),
     "smoothgrad": _own_class(_NoiseTunnel, "abs_sum"),
-}.items():
+    "deeplift": _deeplift_factory,
+    "scorecam": _gradcam_family("ScoreCAM"),
+    "ablationcam": _gradcam_family("AblationCAM"),
+    "eigengradcam": _gradcam_family("EigenGradCAM"),
+    "fullgrad": _gradcam_family("FullGrad"),
+    "gradcamelementwise": _gradcam_family("GradCAMElementWise"),
+    "randomcam": _gradcam_family("RandomCAM"),
+}
+for _name, _factory in _BUILTIN.items():
     register_attributor(_name)(_factory)
 
 
@@ -328,8 +354,9 @@ class FusedCamAttributor(Attributor):
         super().__init__(model, **kw)
         self.name = name
         lm = model if isinstance(model, LoadedModel) else LoadedModel.wrap(self.module)
-        self._fx = FusedExtractor(lm, methods=(name,), target_layer=target_layer, device=str(self.device),
-                                  amp=False, tile_px=tile_px)
+        self._fx = FusedExtractor(
+            lm, methods=(name,), target_layer=target_layer, device=str(self.device), amp=False, tile_px=tile_px
+        )
 
     def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F

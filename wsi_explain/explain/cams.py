@@ -8,7 +8,7 @@ pytorch-grad-cam (tested for equality after its ``scale_cam_image`` normalisatio
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -185,7 +185,9 @@ def needs_grad(methods: list[str] | tuple[str, ...]) -> bool:
     return any(_NEEDS_GRAD[m] for m in methods)
 
 
-def fused_cams(A: torch.Tensor, G: torch.Tensor | None, methods: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
+def fused_cams(
+    A: torch.Tensor, G: torch.Tensor | None, methods: list[str] | tuple[str, ...]
+) -> dict[str, torch.Tensor]:
     """All requested CAMs from one layer's activations and gradients.
 
     Parameters

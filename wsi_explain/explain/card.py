@@ -75,7 +75,9 @@ class ModelCard:
             if data.get("class_names"):
                 data["num_classes"] = len(data["class_names"])
             else:
-                raise ModelError(f"the number of classes is unknown: pass --num-classes or write it in a model card ({path})")
+                raise ModelError(
+                    f"the number of classes is unknown: pass --num-classes or write it in a model card ({path})"
+                )
         for key in ("mean", "std", "class_names"):
             if key in data:
                 data[key] = tuple(data[key])

@@ -16,7 +16,9 @@ def split_methods(methods) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
     unknown = [m for m in methods if m not in FUSED_CAMS and m not in ATTRIBUTORS]
     if unknown:
-        raise ModelError(f"unknown method(s) {unknown}; fused CAMs: {sorted(FUSED_CAMS)}; others: {sorted(ATTRIBUTORS)}")
+        raise ModelError(
+            f"unknown method(s) {unknown}; fused CAMs: {sorted(FUSED_CAMS)}; others: {sorted(ATTRIBUTORS)}"
+        )
     return tuple(m for m in methods if m in FUSED_CAMS), tuple(m for m in methods if m not in FUSED_CAMS)
 
 

@@ -113,7 +113,9 @@ class FusedExtractor:
         self.target = target
         self.keep_activations = keep_activations
         self.amp = amp and self.device.type == "cuda"
-        self._amp_dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+        self._amp_dtype = (
+            torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+        )
         self._handles: list = []
         self._state: dict = {}
         self._norm: tuple | None = None

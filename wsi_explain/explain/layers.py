@@ -69,7 +69,9 @@ def default_classifier(model: nn.Module) -> str:
     for name, mod in model.named_modules():
         if isinstance(mod, _Call) and mod.flatten:
             last = name
-        elif isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.kernel_size == (1, 1) and "classifier" in name):
+        elif isinstance(mod, nn.Linear) or (
+            isinstance(mod, nn.Conv2d) and mod.kernel_size == (1, 1) and "classifier" in name
+        ):
             last = name
     if last is None:
         raise ModelError("no nn.Linear classifier found; name the embedding layer with --embedding-layer")

@@ -153,7 +153,9 @@ def load_model(
     """
     wpath = Path(weights) if weights is not None else None
     card_path = _find_card(wpath, Path(card) if card else None)
-    mc = ModelCard.read(card_path, num_classes=num_classes, class_names=class_names, mean=mean, std=std, tile_px=tile_px)
+    mc = ModelCard.read(
+        card_path, num_classes=num_classes, class_names=class_names, mean=mean, std=std, tile_px=tile_px
+    )
     whash = _file_hash(wpath) if wpath is not None and wpath.is_file() else ""
     if arch == "torchscript":
         if wpath is None or not wpath.is_file():
@@ -178,7 +180,9 @@ def load_model(
             try:
                 module.load_state_dict(sd)
             except RuntimeError as exc:
-                raise ModelError(f"{wpath}: weights do not fit {arch} with {mc.num_classes} classes ({str(exc)[:400]})") from exc
+                raise ModelError(
+                    f"{wpath}: weights do not fit {arch} with {mc.num_classes} classes ({str(exc)[:400]})"
+                ) from exc
     module.eval()
     model_id = f"{arch}" + (f"@{wpath.name}" if wpath else "")
     return LoadedModel(module=module, card=mc, model_id=model_id, weights_hash=whash)

@@ -1,1 +1,3 @@
-"""Data on disk and its readers: slide discovery, the tile table, the per-slide features store, the tile loader and tile images. Imports only wsi_explain.core."""
+"""Data on disk and its readers: slide discovery, the tile table, the per-slide features store, the
+tile loader and tile images. Imports only wsi_explain.core.
+"""

@@ -1,4 +1,7 @@
-"""Reading ``features.zarr`` and adding attribution maps of other methods to it.
+"""The per-slide features store ``features.zarr``: created and written chunk by chunk by the
+extraction stage (:func:`create_store`, :func:`write_chunk`, :func:`read_done`), read by every
+later stage (:func:`open_store`, :func:`read_cams`), and grown with attribution maps of other
+methods (:func:`attribute_tiles`, :func:`add_attributions`).
 
 Attributions of methods outside the fused pass (captum, ScoreCAM...) are costly, so they run on
 all tiles or on a given subset; they are stored in ``attributions/<method>/`` with
@@ -8,12 +11,13 @@ all tiles or on a given subset; they are stored in ``attributions/<method>/`` wi
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-__all__ = ["open_store", "read_cams", "attribute_tiles", "add_attributions"]
+__all__ = ["open_store", "read_cams", "attribute_tiles", "add_attributions", "create_store", "read_done", "write_chunk"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,3 +102,76 @@ def add_attributions(store_path: str | Path, method: str, tile_ids: np.ndarray, 
     grp = g.require_group(name)
     grp.create_array("tile_ids", data=np.asarray(tile_ids, np.int64))
     grp.create_array("maps", data=np.asarray(maps, np.float32), chunks=(min(len(maps), 64),) + maps.shape[1:])
+
+
+def create_store(path: Path, *, n: int, probe, chunk_tiles: int, params: str, n_models: int, attrs: dict):
+    """Open the slide's ``features.zarr`` for writing, or create it afresh (when it is missing,
+    unreadable, or made with other ``params`` or another tile count) with every array sized for
+    ``n`` tiles, shaped like ``probe`` (the fused pass's output on one tile), chunked by
+    ``chunk_tiles`` tiles; ``attrs`` (model, layers, classes, methods) go in its attributes."""
+    import zarr
+
+    if path.exists():
+        try:
+            g = zarr.open_group(str(path), mode="r+")
+            if g.attrs.get("params") == params and g.attrs.get("n_tiles") == n:
+                return g
+        except Exception as exc:  # unreadable store: start again
+            logger.warning("%s: unreadable feature store, recreating (%s)", path, exc)
+        shutil.rmtree(path)
+    g = zarr.open_group(str(path), mode="w")
+    c = chunk_tiles
+
+    def arr(name, shape, dtype, fill=0):
+        g.create_array(name, shape=shape, chunks=(c,) + tuple(shape[1:]), dtype=dtype, fill_value=fill)
+
+    arr("embeddings", (n, probe.embeddings.shape[1]), "float32")
+    arr("logits", (n, probe.logits.shape[1]), "float32")
+    arr("targets", (n,), "int16", -1)
+    for m, cam in probe.cams.items():
+        arr(f"cams/{m}", (n,) + cam.shape[1:], "float16")
+        arr(f"cams_scale/{m}", (n,), "float32")
+    if probe.activations is not None:
+        arr("activations", (n,) + probe.activations.shape[1:], "float16")
+    if n_models > 1:
+        k = probe.logits.shape[1]
+        arr("ensemble/probs", (n, n_models, k), "float32")
+        arr("ensemble/probs_mean", (n, k), "float32")
+        arr("ensemble/probs_std", (n, k), "float32")
+        for m, cam in probe.cams.items():
+            arr(f"ensemble/cams/{m}_mean", (n,) + cam.shape[1:], "float16")
+            arr(f"ensemble/cams/{m}_std", (n,) + cam.shape[1:], "float16")
+    arr("status", (n,), "int8")
+    arr("done", (n,), "bool", False)
+    g.attrs.update({**attrs, "params": params, "n_tiles": n, "chunk_tiles": c})
+    return g
+
+
+def read_done(g) -> np.ndarray:
+    """(n,) bool: the tiles whose chunk was written completely."""
+    try:
+        return np.asarray(g["done"][:], dtype=bool)
+    except Exception:  # a chunk file cut by a kill: treat everything as not done
+        return np.zeros(g.attrs["n_tiles"], bool)
+
+
+def write_chunk(g, idx: np.ndarray, buf: dict) -> None:
+    """Write one chunk's arrays (``buf``: name -> list of batch arrays, rows ``idx``), then mark
+    the rows done: data first and ``done`` last, so a kill in between leaves the chunk pending."""
+    if len(idx) == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max()) + 1
+    contiguous = hi - lo == len(idx) and (np.diff(idx) == 1).all()
+    for name, parts in buf.items():
+        data = np.concatenate(parts)
+        arr = g[name]
+        data = data.astype(arr.dtype, copy=False)
+        if contiguous:
+            arr[lo:hi] = data
+        else:
+            arr.oindex[idx] = data
+    # done last: a kill before this line leaves the chunk pending
+    if contiguous:
+        g["done"][lo:hi] = True
+    else:
+        g["done"].oindex[idx] = np.ones(len(idx), bool)

@@ -57,7 +57,9 @@ class TileDataset(Dataset):
     def __getitem__(self, i: int):
         x, y, level, rw, rh, px = (int(v) for v in self._rows[i])
         try:
-            img = tiling.read_tile(self._get_reader(), {"x": x, "y": y, "level": level, "read_w": rw, "read_h": rh, "tile_px": px})
+            img = tiling.read_tile(
+                self._get_reader(), {"x": x, "y": y, "level": level, "read_w": rw, "read_h": rh, "tile_px": px}
+            )
             img = np.require(img, requirements=("C", "W"))  # PIL's arrays can be read-only
             return i, torch.from_numpy(img), True, ""
         except tiling.SlideError as exc:
@@ -101,7 +103,11 @@ def make_loader(dataset: TileDataset, batches: list[list[int]], *, workers: int,
     """A DataLoader yielding the given batches in order, read by ``workers`` processes."""
     kwargs = {}
     if workers > 0:
-        kwargs = {"prefetch_factor": 4, "persistent_workers": False, "multiprocessing_context": "fork" if os.name == "posix" else None}
+        kwargs = {
+            "prefetch_factor": 4,
+            "persistent_workers": False,
+            "multiprocessing_context": "fork" if os.name == "posix" else None,
+        }
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin, **kwargs)
 
 

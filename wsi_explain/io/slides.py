@@ -18,7 +18,22 @@ logger = logging.getLogger(__name__)
 
 #: File suffixes taken from a folder (OpenSlide formats plus plain images).
 SLIDE_SUFFIXES = frozenset(
-    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm", ".png", ".jpg", ".jpeg"}
+    {
+        ".svs",
+        ".tif",
+        ".tiff",
+        ".ndpi",
+        ".vms",
+        ".vmu",
+        ".scn",
+        ".mrxs",
+        ".bif",
+        ".svslide",
+        ".dcm",
+        ".png",
+        ".jpg",
+        ".jpeg",
+    }
 )
 _MIB = 1 << 20
 

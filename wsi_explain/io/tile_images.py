@@ -62,8 +62,8 @@ class TileImages:
         with self._lock:
             if slide_id not in self._slides:
                 from wsi_explain.io.features import open_store
-                from wsi_explain.io.tile_table import read_tile_table
                 from wsi_explain.io.loader import TileDataset
+                from wsi_explain.io.tile_table import read_tile_table
 
                 sdir = self.run_path / "slides" / slide_id
                 tiles, meta = read_tile_table(sdir / "tiles.parquet")

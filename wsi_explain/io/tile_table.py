@@ -24,8 +24,9 @@ def read_tile_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
     return table.to_pandas(), meta
 
 
-def tissue_cells(tiles: pd.DataFrame, tissue_png: Path, scale: float, h: int, w: int, *,
-                 code: int | tuple[int, ...] = 1) -> np.ndarray:
+def tissue_cells(
+    tiles: pd.DataFrame, tissue_png: Path, scale: float, h: int, w: int, *, code: int | tuple[int, ...] = 1
+) -> np.ndarray:
     """(n, h, w) bool: is the centre of each CAM cell on tissue (``code`` 1 in the coded mask,
     ``tiling.MASK_CODES``; 2 = pen ink over tissue, 3 = pen ink on glass)?"""
     from PIL import Image
@@ -34,8 +35,14 @@ def tissue_cells(tiles: pd.DataFrame, tissue_png: Path, scale: float, h: int, w:
     H, W = coded.shape
     fy = (np.arange(h) + 0.5) / h
     fx = (np.arange(w) + 0.5) / w
-    x = tiles["x"].to_numpy(np.float64)[:, None, None] + fx[None, None, :] * tiles["size0"].to_numpy(np.float64)[:, None, None]
-    y = tiles["y"].to_numpy(np.float64)[:, None, None] + fy[None, :, None] * tiles["size0"].to_numpy(np.float64)[:, None, None]
+    x = (
+        tiles["x"].to_numpy(np.float64)[:, None, None]
+        + fx[None, None, :] * tiles["size0"].to_numpy(np.float64)[:, None, None]
+    )
+    y = (
+        tiles["y"].to_numpy(np.float64)[:, None, None]
+        + fy[None, :, None] * tiles["size0"].to_numpy(np.float64)[:, None, None]
+    )
     xi = np.clip((x / scale).astype(int), 0, W - 1)
     yi = np.clip((y / scale).astype(int), 0, H - 1)
     xi, yi = np.broadcast_arrays(xi, yi)

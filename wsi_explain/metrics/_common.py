@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import contextlib
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -127,8 +127,8 @@ def confidence_change(
     The map is min-max normalised per input to [0, 1]. ``how="multiply"`` darkens the image by
     the heat map (``fill + (x - fill) * map``; ``fill`` is in normalised input space, 0 = the
     normalisation mean, which is pytorch-grad-cam's ``multiply_tensor_with_cam``; pass the
-    normalised value of black per channel, ``-mean / std``, to darken to black); ``how="mask"`` keeps the pixels where the map
-    is at least ``threshold`` and sets the rest to ``fill``.
+    normalised value of black per channel, ``-mean / std``, to darken to black); ``how="mask"``
+    keeps the pixels where the map is at least ``threshold`` and sets the rest to ``fill``.
 
     Returns
     -------
@@ -232,7 +232,19 @@ def infidelity_score(
     out = []
     for s0, s1, mepb in chunks(n, n_samples, max_examples_per_batch):
         with seeded(seed + s0):
-            out.append(infidelity(forward, perturb, x[s0:s1], attr[s0:s1], target=t[s0:s1], n_perturb_samples=n_samples,
-                                  max_examples_per_batch=mepb, normalize=True).detach().cpu())
+            out.append(
+                infidelity(
+                    forward,
+                    perturb,
+                    x[s0:s1],
+                    attr[s0:s1],
+                    target=t[s0:s1],
+                    n_perturb_samples=n_samples,
+                    max_examples_per_batch=mepb,
+                    normalize=True,
+                )
+                .detach()
+                .cpu()
+            )
     out = torch.cat(out)
     return out.detach().cpu().numpy().astype(np.float32)

@@ -24,11 +24,13 @@ def slide_scores(tiles: pd.DataFrame, *, prob: str = "prob_pos", topk: int = 8) 
     DataFrame indexed by slide_id with columns mean, topk, n_tiles.
     """
     g = tiles.groupby("slide_id")[prob]
-    return pd.DataFrame({
-        "mean": g.mean(),
-        "topk": g.apply(lambda s: float(np.sort(s.to_numpy())[-topk:].mean())),
-        "n_tiles": g.size(),
-    })
+    return pd.DataFrame(
+        {
+            "mean": g.mean(),
+            "topk": g.apply(lambda s: float(np.sort(s.to_numpy())[-topk:].mean())),
+            "n_tiles": g.size(),
+        }
+    )
 
 
 def _auc(labels: pd.Series, scores: pd.Series) -> float:
@@ -71,12 +73,27 @@ def cluster_removal(
         touched = sorted(tiles.loc[tiles["cluster"] == c, "slide_id"].unique())
         d = after[["mean", "topk"]] - base[["mean", "topk"]]
         for sid in touched:
-            rows.append({"cluster": int(c), "slide_id": sid, "mean_before": base.at[sid, "mean"], "mean_after": after.at[sid, "mean"],
-                         "topk_before": base.at[sid, "topk"], "topk_after": after.at[sid, "topk"],
-                         "d_mean": d.at[sid, "mean"], "d_topk": d.at[sid, "topk"]})
-        rec = {"cluster": int(c), "n_tiles": int((tiles["cluster"] == c).sum()), "n_slides": len(touched),
-               "mean_abs_d_mean": float(d["mean"].abs().mean(skipna=True)), "max_abs_d_mean": float(d["mean"].abs().max(skipna=True)),
-               "mean_abs_d_topk": float(d["topk"].abs().mean(skipna=True)), "max_abs_d_topk": float(d["topk"].abs().max(skipna=True))}
+            rows.append(
+                {
+                    "cluster": int(c),
+                    "slide_id": sid,
+                    "mean_before": base.at[sid, "mean"],
+                    "mean_after": after.at[sid, "mean"],
+                    "topk_before": base.at[sid, "topk"],
+                    "topk_after": after.at[sid, "topk"],
+                    "d_mean": d.at[sid, "mean"],
+                    "d_topk": d.at[sid, "topk"],
+                }
+            )
+        rec = {
+            "cluster": int(c),
+            "n_tiles": int((tiles["cluster"] == c).sum()),
+            "n_slides": len(touched),
+            "mean_abs_d_mean": float(d["mean"].abs().mean(skipna=True)),
+            "max_abs_d_mean": float(d["mean"].abs().max(skipna=True)),
+            "mean_abs_d_topk": float(d["topk"].abs().mean(skipna=True)),
+            "max_abs_d_topk": float(d["topk"].abs().max(skipna=True)),
+        }
         if slide_labels is not None:
             lab = slide_labels.reindex(base.index)
             for agg in ("mean", "topk"):

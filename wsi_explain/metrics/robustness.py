@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -37,8 +37,8 @@ def sensitivity(
 
     Returns
     -------
-    (N,) float32 (inputs in seeded chunks, as :func:`infidelity_score`): max over the copies of ||map(x + e) - map(x)|| / ||map(x)|| (Frobenius; lower
-    is more robust).
+    (N,) float32 (inputs in seeded chunks, as :func:`infidelity_score`): max over the copies of
+    ||map(x + e) - map(x)|| / ||map(x)|| (Frobenius; lower is more robust).
     """
     from captum.metrics import sensitivity_max
 
@@ -56,7 +56,17 @@ def sensitivity(
     out = []
     for s0, s1, mepb in chunks(n, n_samples, max_examples_per_batch):
         with seeded(seed + s0):
-            out.append(sensitivity_max(fn, x[s0:s1], perturb_radius=radius, n_perturb_samples=n_samples,
-                                       max_examples_per_batch=mepb, target=t[s0:s1]).detach().cpu())
+            out.append(
+                sensitivity_max(
+                    fn,
+                    x[s0:s1],
+                    perturb_radius=radius,
+                    n_perturb_samples=n_samples,
+                    max_examples_per_batch=mepb,
+                    target=t[s0:s1],
+                )
+                .detach()
+                .cpu()
+            )
     out = torch.cat(out)
     return out.detach().cpu().numpy().astype(np.float32)

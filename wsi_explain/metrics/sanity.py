@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -114,5 +114,7 @@ def cascading_randomisation(
         sub = work.get_submodule(name)
         _reinit(sub, gen)
         maps = np.asarray(explain(work, inputs, t), np.float32)
-        steps.append({"step": i, "block": name, "spearman": spearman_rows(original, maps), "ssim": ssim_rows(original, maps)})
+        steps.append(
+            {"step": i, "block": name, "spearman": spearman_rows(original, maps), "ssim": ssim_rows(original, maps)}
+        )
     return steps

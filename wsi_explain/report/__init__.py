@@ -1,1 +1,3 @@
-"""What a person reads: report pages from autoescaped templates, the served explorer, exports, cluster names and verdicts."""
+"""What a person reads: report pages from autoescaped templates, the served explorer, exports,
+cluster names and verdicts.
+"""

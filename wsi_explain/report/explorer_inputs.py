@@ -8,9 +8,18 @@ import pandas as pd
 __all__ = ["colour_options", "cluster_table"]
 
 #: menu label -> tile column, offered when the column exists and has values
-_OPTIONAL = (("label", "label_pos"), ("slide label", "label"), ("site", "site"), ("outlier score", "outlier_score"),
-             ("attribution off tissue", "cam_off_tissue"), ("pen ink", "ink_frac"), ("sharpness", "sharpness"),
-             ("haematoxylin OD", "od_h"), ("eosin OD", "od_e"), ("brightness", "brightness"))
+_OPTIONAL = (
+    ("label", "label_pos"),
+    ("slide label", "label"),
+    ("site", "site"),
+    ("outlier score", "outlier_score"),
+    ("attribution off tissue", "cam_off_tissue"),
+    ("pen ink", "ink_frac"),
+    ("sharpness", "sharpness"),
+    ("haematoxylin OD", "od_h"),
+    ("eosin OD", "od_e"),
+    ("brightness", "brightness"),
+)
 
 
 def colour_options(tiles: pd.DataFrame, *, metric_columns=()) -> dict[str, str]:
@@ -33,8 +42,13 @@ def cluster_table(clusters: pd.DataFrame, metrics: pd.DataFrame | None, keys) ->
     Returns the clusters with the added columns (input not modified) and title -> column.
     """
     out = clusters.assign(flags_text=[", ".join(f) for f in clusters["flags"]])
-    columns = {"tiles": "size", "slides": "n_slides", "positive rate": "positive_rate", "confidence": "mean_confidence",
-               "flags": "flags_text"}
+    columns = {
+        "tiles": "size",
+        "slides": "n_slides",
+        "positive rate": "positive_rate",
+        "confidence": "mean_confidence",
+        "flags": "flags_text",
+    }
     if metrics is not None:
         for method, metric, title in keys:
             sub = metrics[(metrics.method == method) & (metrics.metric == metric)].set_index("cluster")["value"]

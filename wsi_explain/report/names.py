@@ -42,7 +42,12 @@ def read_cluster_names(run_path: str | Path) -> dict:
         raise WsiExplainError(f"{p}: expected a JSON object")
     if "version" not in doc:  # written by hand: {"names": {...}} or a bare {"3": "name"} mapping
         names = doc["names"] if isinstance(doc.get("names"), dict) else doc
-        doc = {"version": 0, "names": {str(k): str(v) for k, v in names.items()}, "comments": doc.get("comments", {}), "history": []}
+        doc = {
+            "version": 0,
+            "names": {str(k): str(v) for k, v in names.items()},
+            "comments": doc.get("comments", {}),
+            "history": [],
+        }
     doc.setdefault("comments", {})
     doc.setdefault("history", [])
     return doc
@@ -64,8 +69,16 @@ def save_cluster_name(run_path: str | Path, cluster: int, name: str, comment: st
     else:
         doc["comments"].pop(key, None)
     doc["version"] = int(doc.get("version", 0)) + 1
-    doc["history"].append({"version": doc["version"], "time": now_iso(), "cluster": int(cluster), "name": name,
-                           "comment": comment, "author": author})
+    doc["history"].append(
+        {
+            "version": doc["version"],
+            "time": now_iso(),
+            "cluster": int(cluster),
+            "name": name,
+            "comment": comment,
+            "author": author,
+        }
+    )
     _path(run_path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(_path(run_path), doc)
     return doc

@@ -45,8 +45,8 @@ def _tile_handler():
 def _load(run_path: Path) -> dict:
     import pyarrow.parquet as pq
 
-    from wsi_explain.report.names import read_cluster_names
     from wsi_explain.io.tile_table import read_tile_table
+    from wsi_explain.report.names import read_cluster_names
 
     cdir = run_path / "cohort"
     tiles = pd.read_parquet(cdir / "tiles.parquet")
@@ -62,41 +62,78 @@ def _load(run_path: Path) -> dict:
         W, H = m["level0_dimensions"]
         slides[sid] = {"url": f"/overview/{sid}.png", "width": int(W), "height": int(H)}
     doc = read_cluster_names(run_path)
-    return {"tiles": tiles, "clusters": clusters, "slides": slides, "cam": meta.get("cam_method") or "gradcam",
-            "names": {int(k): v for k, v in doc["names"].items()}, "comments": {int(k): v for k, v in doc["comments"].items()}}
+    return {
+        "tiles": tiles,
+        "clusters": clusters,
+        "slides": slides,
+        "cam": meta.get("cam_method") or "gradcam",
+        "names": {int(k): v for k, v in doc["names"].items()},
+        "comments": {int(k): v for k, v in doc["comments"].items()},
+    }
 
 
-def explorer_document(doc, run_path: Path, images) -> None:
-    """Fill a Bokeh document with the explorer of a run, plus cluster naming."""
+def _explorer_parts(d: dict, run_path: Path, images):
+    """The linked explorer of the run's data ``d`` (tiles served by this server's routes)."""
+    import viz
+    from wsi_explain.report.explorer_inputs import cluster_table, colour_options
+
+    tiles, clusters, cam = d["tiles"], d["clusters"], d["cam"]
+    colour_by = colour_options(tiles, metric_columns=[c for c in tiles.columns if ":" in c])
+    methods = [cam] + [m for m in images.methods(tiles["slide_id"].iloc[0]) if m != cam]
+    metrics_path = run_path / "cohort" / "cluster_metrics.parquet"
+    keys = [
+        (cam, m, m)
+        for m in ("deletion_auc_blur", "deletion_auc_constant", "road_combined", "pointing_game", "sanity_spearman")
+    ]
+    clusters, table_columns = cluster_table(
+        clusters,
+        pd.read_parquet(metrics_path) if metrics_path.exists() else None,
+        keys + [("model", "removal_mean_abs_d_mean", "removal |Δ score|")],
+    )
+    sort_by = {"membership": "membership", "confidence": "confidence", "probability": "prob_pos"}
+    if "cam_off_tissue" in tiles.columns:
+        sort_by["attribution off tissue"] = "cam_off_tissue"
+    return viz.explorer_layout(
+        tiles,
+        clusters,
+        slides=d["slides"],
+        colour_by=colour_by,
+        thumb_template="/tiles/{slide}/{tile}.png?method={method}&size=96",
+        full_template="/tiles/{slide}/{tile}.png?method=all&size=0",
+        methods=methods,
+        names=d["names"],
+        sort_by=sort_by,
+        hover_img=f"/tiles/@slide_id/@tile_id.png?method={cam}&size=96",
+        table_columns=table_columns,
+    )
+
+
+def _relabel(parts, c: int, label: str) -> None:
+    """Show cluster ``c``'s new name in the cluster table and on its tiles' hover."""
+    cs = dict(parts.cluster_source.data)
+    cs["name"] = [label if int(k) == c else v for k, v in zip(cs["cluster"], cs["name"])]
+    parts.cluster_source.data = cs
+    cname = np.asarray(parts.source.data["cname"], object).copy()
+    cname[np.asarray(parts.source.data["cluster"]) == c] = label
+    parts.source.data["cname"] = cname
+
+
+def _naming_panel(d: dict, run_path: Path, parts):
+    """Cluster naming: pick a cluster (or click its table row), write a name and a comment, save
+    (versioned, in ``cohort/cluster_names.json``) -> (row of inputs, status Div)."""
     from bokeh.layouts import column, row
     from bokeh.models import Button, Div, Select, TextAreaInput, TextInput
 
     import viz
-
     from wsi_explain.report.names import save_cluster_name
-    from wsi_explain.report.explorer_inputs import cluster_table, colour_options
 
-    d = _load(run_path)
-    tiles, clusters, cam = d["tiles"], d["clusters"], d["cam"]
-    colour_by = colour_options(tiles, metric_columns=[c for c in tiles.columns if ":" in c])
-    methods = images.methods(tiles["slide_id"].iloc[0])
-    methods = [cam] + [m for m in methods if m != cam]
-    metrics_path = run_path / "cohort" / "cluster_metrics.parquet"
-    keys = [(cam, m, m) for m in ("deletion_auc_blur", "deletion_auc_constant", "road_combined", "pointing_game", "sanity_spearman")]
-    clusters, table_columns = cluster_table(clusters, pd.read_parquet(metrics_path) if metrics_path.exists() else None,
-                                            keys + [("model", "removal_mean_abs_d_mean", "removal |Δ score|")])
-    parts = viz.explorer_layout(
-        tiles, clusters, slides=d["slides"], colour_by=colour_by, thumb_template="/tiles/{slide}/{tile}.png?method={method}&size=96",
-        full_template="/tiles/{slide}/{tile}.png?method=all&size=0", methods=methods, names=d["names"],
-        sort_by={"membership": "membership", "confidence": "confidence", "probability": "prob_pos",
-                 **({"attribution off tissue": "cam_off_tissue"} if "cam_off_tissue" in tiles.columns else {})},
-        hover_img=f"/tiles/@slide_id/@tile_id.png?method={cam}&size=96",
-        table_columns=table_columns)
-    ids = [str(c) for c in clusters["cluster"]]
+    ids = [str(c) for c in parts.cluster_source.data["cluster"]]
     pick = Select(title="Cluster to name", value=ids[0], options=ids, name="name_cluster")
-    name_in = TextInput(title="Name", placeholder="cluster name", value=d["names"].get(int(ids[0]), ""), name="name_input")
-    comment_in = TextAreaInput(title="Comment", placeholder="comment", value=d["comments"].get(int(ids[0]), ""), rows=2,
-                               name="comment_input")
+    first = int(ids[0])
+    name_in = TextInput(title="Name", placeholder="cluster name", value=d["names"].get(first, ""), name="name_input")
+    comment_in = TextAreaInput(
+        title="Comment", placeholder="comment", value=d["comments"].get(first, ""), rows=2, name="comment_input"
+    )
     save = Button(label="Save name", button_type="primary", name="save_name")
     status = Div(text="", name="name_status")
 
@@ -118,24 +155,33 @@ def explorer_document(doc, run_path: Path, images) -> None:
         d["names"] = {int(k): v for k, v in saved["names"].items()}
         d["comments"] = {int(k): v for k, v in saved["comments"].items()}
         label = d["names"].get(c, "noise" if c < 0 else f"cluster {c}")
-        cs = dict(parts.cluster_source.data)
-        cs["name"] = [label if int(k) == c else v for k, v in zip(cs["cluster"], cs["name"])]
-        parts.cluster_source.data = cs
-        src = parts.source.data["cluster"]
-        cname = np.asarray(parts.source.data["cname"], object).copy()
-        cname[np.asarray(src) == c] = label
-        parts.source.data["cname"] = cname
+        _relabel(parts, c, label)
         status.text = viz.escape(f"saved cluster {c} as {label!r} (names version {saved['version']})")
 
     pick.on_change("value", on_pick)
     parts.cluster_source.selected.on_change("indices", on_table)
     save.on_click(on_save)
-    doc.add_root(column(Div(text=f"<h2>wsi-explain explorer: {viz.escape(run_path.name)}</h2>"), parts.layout,
-                        row(pick, name_in, comment_in, column(Div(text=""), save)), status))
+    return row(pick, name_in, comment_in, column(Div(text=""), save)), status
+
+
+def explorer_document(doc, run_path: Path, images) -> None:
+    """Fill a Bokeh document with the explorer of a run, plus cluster naming."""
+    from bokeh.layouts import column
+    from bokeh.models import Div
+
+    import viz
+
+    d = _load(run_path)
+    parts = _explorer_parts(d, run_path, images)
+    naming, status = _naming_panel(d, run_path, parts)
+    title = Div(text=f"<h2>wsi-explain explorer: {viz.escape(run_path.name)}</h2>")
+    doc.add_root(column(title, parts.layout, naming, status))
     doc.title = "wsi-explain explorer"
 
 
-def make_server(run_path: str | Path, *, port: int = 5006, address: str = "127.0.0.1", allow_origin: list[str] | None = None):
+def make_server(
+    run_path: str | Path, *, port: int = 5006, address: str = "127.0.0.1", allow_origin: list[str] | None = None
+):
     """A Bokeh server with the explorer at ``/explorer`` (not started)."""
     from bokeh.application import Application
     from bokeh.application.handlers.function import FunctionHandler
@@ -162,6 +208,13 @@ def make_server(run_path: str | Path, *, port: int = 5006, address: str = "127.0
 
     app = Application(FunctionHandler(lambda doc: explorer_document(doc, run_path, images)))
     origins = allow_origin or [f"{address}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"]
-    return Server({"/explorer": app}, port=port, address=address, allow_websocket_origin=origins,
-                  extra_patterns=[(r"/tiles/([^/]+)/(\d+)\.png", _tile_handler(), {"images": images}),
-                                  (r"/overview/([^/]+)\.png", OverviewHandler)])
+    return Server(
+        {"/explorer": app},
+        port=port,
+        address=address,
+        allow_websocket_origin=origins,
+        extra_patterns=[
+            (r"/tiles/([^/]+)/(\d+)\.png", _tile_handler(), {"images": images}),
+            (r"/overview/([^/]+)\.png", OverviewHandler),
+        ],
+    )

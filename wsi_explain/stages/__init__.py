@@ -1,1 +1,3 @@
-"""The pipeline's stages (tile, extract, cluster, score, report), the per-slide driver they share, and the pipeline that runs them in order."""
+"""The pipeline's stages (tile, extract, cluster, score, report), the per-slide driver they share,
+and the pipeline that runs them in order.
+"""

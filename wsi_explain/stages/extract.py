@@ -20,22 +20,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
-import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from wsi_explain.explain.maps import scale_maps, softmax
 from wsi_explain.core.config import ExtractConfig
-from wsi_explain.core.errors import DiskFullError, SlideError, WsiExplainError, is_disk_full
-from wsi_explain.core.run import STAGES, now_iso, params_hash, RunFolder
+from wsi_explain.core.errors import WsiExplainError
+from wsi_explain.core.run import STAGES, RunFolder, now_iso, params_hash
 from wsi_explain.explain.extractors import build_extractors, split_methods
+from wsi_explain.explain.maps import scale_maps, softmax
+from wsi_explain.stages.driver import collect, guarded, record_failure
 
-__all__ = ["ExtractResult", "run_extract_stage", "extract_slide", "open_features", "STAGE"]
+__all__ = ["ExtractResult", "run_extract_stage", "extract_slide", "STAGE"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,51 +62,21 @@ def _probe(fx, tile_px: int):
         return fx.forward(torch.zeros(1, 3, tile_px, tile_px))
 
 
-def open_features(path: Path, *, n: int, probe, cfg: ExtractConfig, params: str, n_models: int, attrs: dict):
-    """Open (or create afresh when params differ) the slide's Zarr group with all arrays."""
-    import zarr
-
-    if path.exists():
-        try:
-            g = zarr.open_group(str(path), mode="r+")
-            if g.attrs.get("params") == params and g.attrs.get("n_tiles") == n:
-                return g
-        except Exception as exc:  # unreadable store: start again
-            logger.warning("%s: unreadable feature store, recreating (%s)", path, exc)
-        shutil.rmtree(path)
-    g = zarr.open_group(str(path), mode="w")
-    c = cfg.chunk_tiles
-
-    def arr(name, shape, dtype, fill=0):
-        g.create_array(name, shape=shape, chunks=(c,) + tuple(shape[1:]), dtype=dtype, fill_value=fill)
-
-    arr("embeddings", (n, probe.embeddings.shape[1]), "float32")
-    arr("logits", (n, probe.logits.shape[1]), "float32")
-    arr("targets", (n,), "int16", -1)
-    for m, cam in probe.cams.items():
-        arr(f"cams/{m}", (n,) + cam.shape[1:], "float16")
-        arr(f"cams_scale/{m}", (n,), "float32")
-    if probe.activations is not None:
-        arr("activations", (n,) + probe.activations.shape[1:], "float16")
-    if n_models > 1:
-        k = probe.logits.shape[1]
-        arr("ensemble/probs", (n, n_models, k), "float32")
-        arr("ensemble/probs_mean", (n, k), "float32")
-        arr("ensemble/probs_std", (n, k), "float32")
-        for m, cam in probe.cams.items():
-            arr(f"ensemble/cams/{m}_mean", (n,) + cam.shape[1:], "float16")
-            arr(f"ensemble/cams/{m}_std", (n,) + cam.shape[1:], "float16")
-    arr("status", (n,), "int8")
-    arr("done", (n,), "bool", False)
-    g.attrs.update({**attrs, "params": params, "n_tiles": n, "chunk_tiles": c})
-    return g
-
-
-def _read_done(g) -> np.ndarray:
-    try:
-        return np.asarray(g["done"][:], dtype=bool)
-    except Exception:  # a chunk file cut by a kill: treat everything as not done
-        return np.zeros(g.attrs["n_tiles"], bool)
+def _store_attrs(extractors: list, probe, cfg: ExtractConfig) -> dict:
+    """What ``features.zarr`` records of the model: id, weights, layers, normalisation, classes,
+    methods, target and CAM shape."""
+    main = extractors[0]
+    return {
+        "model_id": main.model.model_id,
+        "weights_hash": [fx.model.weights_hash for fx in extractors],
+        "target_layer": main.target_layer,
+        "embedding_layer": main.embedding_layer,
+        "normalisation": {"mean": list(main.model.card.mean), "std": list(main.model.card.std)},
+        "class_names": list(main.model.card.class_names),
+        "methods": list(main.methods),
+        "target": cfg.target,
+        "cam_shape": list(next(iter(probe.cams.values())).shape[1:]) if probe.cams else [],
+    }
 
 
 def extract_slide(
@@ -135,6 +104,7 @@ def extract_slide(
     on_tiles : callable(int), optional
         Called with the number of tiles finished after each batch (progress bars).
     """
+    from wsi_explain.io.features import create_store, read_done, write_chunk
     from wsi_explain.io.loader import TileDataset, chunk_batches, tile_batches
 
     t0 = time.perf_counter()
@@ -142,19 +112,11 @@ def extract_slide(
     tile_px = int(tiles["tile_px"].iloc[0])
     main = extractors[0]
     probe = _probe(main, tile_px)
-    attrs = {
-        "model_id": main.model.model_id,
-        "weights_hash": [fx.model.weights_hash for fx in extractors],
-        "target_layer": main.target_layer,
-        "embedding_layer": main.embedding_layer,
-        "normalisation": {"mean": list(main.model.card.mean), "std": list(main.model.card.std)},
-        "class_names": list(main.model.card.class_names),
-        "methods": list(main.methods),
-        "target": cfg.target,
-        "cam_shape": list(next(iter(probe.cams.values())).shape[1:]) if probe.cams else [],
-    }
-    g = open_features(store, n=n, probe=probe, cfg=cfg, params=params, n_models=len(extractors), attrs=attrs)
-    done = _read_done(g)
+    attrs = _store_attrs(extractors, probe, cfg)
+    g = create_store(
+        store, n=n, probe=probe, chunk_tiles=cfg.chunk_tiles, params=params, n_models=len(extractors), attrs=attrs
+    )
+    done = read_done(g)
     pending = np.flatnonzero(~done)
     dataset = TileDataset(slide_path, tiles, mpp=mpp)
     chunks = chunk_batches(pending, chunk=cfg.chunk_tiles, batch=cfg.batch_size)
@@ -168,7 +130,9 @@ def extract_slide(
         seen: dict[int, int] = {}
         bufs: dict[int, dict] = {}
         reader = cfg.reader if cfg.reader != "auto" else ("processes" if main.device.type == "cuda" else "threads")
-        loader = tile_batches(dataset, [b for _, b in flat], reader=reader, workers=cfg.workers, pin=main.device.type == "cuda")
+        loader = tile_batches(
+            dataset, [b for _, b in flat], reader=reader, workers=cfg.workers, pin=main.device.type == "cuda"
+        )
         for (c, _), (ids, imgs, ok, errs) in zip(flat, loader):
             ok = ok.numpy().astype(bool)
             x = main.normalise(imgs)
@@ -179,7 +143,7 @@ def extract_slide(
                 on_tiles(len(ids))
             seen[c] = seen.get(c, 0) + 1
             if seen[c] == last_of_chunk[c]:
-                _write_chunk(g, np.array([i for b in chunks[c] for i in b]), bufs.pop(c))
+                write_chunk(g, np.array([i for b in chunks[c] for i in b]), bufs.pop(c))
     finally:
         for fx in contexts:
             fx.__exit__(None, None, None)
@@ -230,26 +194,6 @@ def _collect(buf: dict, outs: list, ok: np.ndarray, errs: list, ids: np.ndarray,
             add(f"ensemble/cams/{m}_std", []).append(stack.std(1))
 
 
-def _write_chunk(g, idx: np.ndarray, buf: dict) -> None:
-    if len(idx) == 0:
-        return
-    lo, hi = int(idx.min()), int(idx.max()) + 1
-    contiguous = hi - lo == len(idx) and (np.diff(idx) == 1).all()
-    for name, parts in buf.items():
-        data = np.concatenate(parts)
-        arr = g[name]
-        data = data.astype(arr.dtype, copy=False)
-        if contiguous:
-            arr[lo:hi] = data
-        else:
-            arr.oindex[idx] = data
-    # done last: a kill before this line leaves the chunk pending
-    if contiguous:
-        g["done"][lo:hi] = True
-    else:
-        g["done"].oindex[idx] = np.ones(len(idx), bool)
-
-
 def _input_fingerprint(tile_rec: dict, tiles_path: Path, weights_hashes: list[str]) -> str:
     st = tiles_path.stat()
     blob = json.dumps([tile_rec.get("fingerprint"), tile_rec.get("params"), st.st_size, weights_hashes])
@@ -271,7 +215,9 @@ def _file_key(path: str | None) -> tuple:
 
 def _models(cfg: ExtractConfig, tile_px: int) -> tuple[list, list]:
     # the key holds the checkpoints' mtimes and sizes: a file replaced in place is reloaded
-    key = (cfg.model_dump_json(), tile_px, _file_key(cfg.weights), _file_key(cfg.card)) + tuple(_file_key(w) for w in cfg.ensemble)
+    key = (cfg.model_dump_json(), tile_px, _file_key(cfg.weights), _file_key(cfg.card)) + tuple(
+        _file_key(w) for w in cfg.ensemble
+    )
     if key not in _MODELS:
         extractors = build_extractors(cfg, tile_px)
         if extractors[0].device.type == "cpu":
@@ -285,34 +231,62 @@ def _models(cfg: ExtractConfig, tile_px: int) -> tuple[list, list]:
 
 def extract_task(sid: str, run_path: str, cfg: ExtractConfig, params: str, tile_px: int, on_tiles=None) -> dict:
     """Extract one slide of a run (a task: runs here or on a Dask worker). Never raises for a
-    bad slide: returns ``{"ok": False, "error": message}`` so the parent records it."""
+    bad slide: returns ``{"ok": False, "error": message}`` (:func:`~wsi_explain.stages.driver.guarded`)
+    so the parent records it."""
     from wsi_explain.core.executor import worker_setup
     from wsi_explain.io.tile_table import read_tile_table
 
-    start, t0 = now_iso(), time.perf_counter()
     device = worker_setup()
     if device is not None and cfg.device == "auto":
         cfg = cfg.model_copy(update={"device": device})
     rel = Path("slides") / sid / "features.zarr"
     store = Path(run_path) / rel
-    try:
+
+    def work() -> dict:
         extractors, attributors = _models(cfg, tile_px)
         tiles, meta = read_tile_table(Path(run_path) / "slides" / sid / "tiles.parquet")
-        res = extract_slide(meta["slide_path"], tiles, store, extractors, cfg, params=params, mpp=meta.get("level0_mpp"),
-                            on_tiles=on_tiles)
+        res = extract_slide(
+            meta["slide_path"],
+            tiles,
+            store,
+            extractors,
+            cfg,
+            params=params,
+            mpp=meta.get("level0_mpp"),
+            on_tiles=on_tiles,
+        )
         res.slide_id = sid
         _run_attributors(meta, tiles, store, extractors[0], cfg, params, attributors)
-        return {"ok": True, "result": res, "start": start, "end": now_iso(), "output": str(rel)}
-    except (SlideError, WsiExplainError, OSError) as exc:
-        if is_disk_full(exc):
-            return {"ok": False, "disk_full": True, "error": f"disk full while extracting slide {sid}: {exc}"}
-        msg = str(exc)
-    except Exception as exc:  # a bug must not sink the batch: record it with its traceback in the log
-        if is_disk_full(exc):
-            return {"ok": False, "disk_full": True, "error": f"disk full while extracting slide {sid}: {exc}"}
-        logger.error("slide %s: unexpected error during extraction\n%s", sid, traceback.format_exc())
-        msg = f"slide {sid}: unexpected {type(exc).__name__}: {exc}"
-    return {"ok": False, "error": msg, "start": start, "seconds": time.perf_counter() - t0}
+        return {"result": res, "output": str(rel)}
+
+    return guarded("extracting", f"slide {sid}", work)
+
+
+def _skip_check(run: RunFolder, ids: list[str], tile_stage: dict, params: str, weights_hashes: list[str]):
+    """-> (results of slides not tiled (recorded as failed) or already extracted, slides to
+    extract, their input fingerprints)."""
+    results: dict[str, ExtractResult] = {}
+    pending, fps = [], {}
+    for sid in ids:
+        tiles_path = run.slide_dir(sid) / "tiles.parquet"
+        rec = tile_stage.get(sid)
+        if not rec or rec.get("status") != "done" or not tiles_path.exists():
+            msg = f"slide {sid}: not tiled (run `wsi-explain tile` first)"
+            results[sid] = _failed(run, sid, params, None, now_iso(), 0.0, msg)
+            continue
+        fps[sid] = _input_fingerprint(rec, tiles_path, weights_hashes)
+        if run.is_done(STAGE, sid, params=params, fingerprint=fps[sid]):
+            old = run.slide_record(STAGE, sid)
+            results[sid] = ExtractResult(
+                sid,
+                "skipped",
+                n_tiles=old.get("n_tiles", 0),
+                n_read_errors=old.get("n_read_errors", 0),
+                n_nonfinite=old.get("n_nonfinite", 0),
+            )
+        else:
+            pending.append(sid)
+    return results, pending, fps
 
 
 def run_extract_stage(
@@ -336,7 +310,7 @@ def run_extract_stage(
     from wsi_explain.io.tile_table import read_tile_table
 
     executor = executor or SerialExecutor()
-    tile_stage = run.stage(STAGES[0])  # the tiling stage's records["slides"]
+    tile_stage = run.stage(STAGES[0])["slides"]  # the tiling stage's records
     ids = slide_ids or [s for s, r in tile_stage.items() if r.get("status") == "done"]
     if not ids:
         raise WsiExplainError(f"{run.path}: no tiled slide to extract; run `wsi-explain tile` first")
@@ -349,42 +323,43 @@ def run_extract_stage(
         n_total = sum(tile_stage[s].get("n_tiles", 0) for s in ids if s in tile_stage)
         shape = _probe(extractors[0], tile_px).activations.shape[1:]
         gb = n_total * int(np.prod(shape)) * 2 / 1e9
-        logger.info("spatial activations: %d tiles x %s float16 = %.2f GB before compression", n_total, tuple(shape), gb)
+        logger.info(
+            "spatial activations: %d tiles x %s float16 = %.2f GB before compression", n_total, tuple(shape), gb
+        )
     weights_hashes = [fx.model.weights_hash for fx in extractors]
-    results: dict[str, ExtractResult] = {}
-    pending, fps = [], {}
-    for sid in ids:
-        tiles_path = run.slide_dir(sid) / "tiles.parquet"
-        rec = tile_stage.get(sid)
-        if not rec or rec.get("status") != "done" or not tiles_path.exists():
-            results[sid] = _failed(run, sid, params, None, now_iso(), time.perf_counter(),
-                                   f"slide {sid}: not tiled (run `wsi-explain tile` first)")
-        else:
-            fps[sid] = _input_fingerprint(rec, tiles_path, weights_hashes)
-            if run.is_done(STAGE, sid, params=params, fingerprint=fps[sid]):
-                old = run.slide_record(STAGE, sid)
-                results[sid] = ExtractResult(sid, "skipped", n_tiles=old.get("n_tiles", 0),
-                                             n_read_errors=old.get("n_read_errors", 0), n_nonfinite=old.get("n_nonfinite", 0))
-            else:
-                pending.append(sid)
-                continue
-        if on_slide is not None:
-            on_slide(results[sid])
-    extra = (on_tiles,) if isinstance(executor, SerialExecutor) else ()
-    for sid, out in executor.map(extract_task, pending, str(run.path), cfg, params, tile_px, *extra):
-        if out.get("disk_full"):
-            raise DiskFullError(f"{out['error']}; finished slides and chunks are kept: free space and rerun to resume")
-        if out["ok"]:
-            res = out["result"]
-            run.record(STAGE, sid, status="done", params=params, fingerprint=fps[sid], outputs=[out["output"]],
-                       n_tiles=res.n_tiles, n_read_errors=res.n_read_errors, n_nonfinite=res.n_nonfinite,
-                       problems=res.problems, tiles_per_s=round(res.tiles_per_s, 2), start=out["start"], end=out["end"],
-                       seconds=round(res.seconds, 3), error=None)
-        else:
-            res = _failed(run, sid, params, fps[sid], out["start"], time.perf_counter() - out["seconds"], out["error"])
-        results[sid] = res
+    results, pending, fps = _skip_check(run, ids, tile_stage, params, weights_hashes)
+    for res in results.values():
         if on_slide is not None:
             on_slide(res)
+    extra = (on_tiles,) if isinstance(executor, SerialExecutor) else ()
+
+    def done(sid: str, out: dict) -> ExtractResult:
+        res = out["result"]
+        run.record(
+            STAGE,
+            sid,
+            status="done",
+            params=params,
+            fingerprint=fps[sid],
+            outputs=[out["output"]],
+            n_tiles=res.n_tiles,
+            n_read_errors=res.n_read_errors,
+            n_nonfinite=res.n_nonfinite,
+            problems=res.problems,
+            tiles_per_s=round(res.tiles_per_s, 2),
+            start=out["start"],
+            end=out["end"],
+            seconds=round(res.seconds, 3),
+            error=None,
+        )
+        return res
+
+    def failed(sid: str, out: dict) -> ExtractResult:
+        return _failed(run, sid, params, fps[sid], out["start"], out["seconds"], out["error"])
+
+    outcomes = executor.map(extract_task, pending, str(run.path), cfg, params, tile_px, *extra)
+    hint = "finished slides and chunks are kept: free space and rerun to resume"
+    results.update(collect(outcomes, done=done, failed=failed, on_slide=on_slide, resume_hint=hint))
     return [results[s] for s in ids]
 
 
@@ -393,8 +368,9 @@ def _build_attributors(cfg: ExtractConfig, fx, tile_px: int) -> list:
 
     _, others = split_methods(cfg.methods)
     return [
-        make_attributor(m, fx.model, max_batch=cfg.attr_max_batch, device=cfg.device,
-                        target_layer=fx.target_layer, tile_px=tile_px)
+        make_attributor(
+            m, fx.model, max_batch=cfg.attr_max_batch, device=cfg.device, target_layer=fx.target_layer, tile_px=tile_px
+        )
         for m in others
     ]
 
@@ -409,20 +385,30 @@ def _run_attributors(meta: dict, tiles, store: Path, fx, cfg: ExtractConfig, par
     ok = np.flatnonzero(np.asarray(g["status"][:]) == STATUS_OK)
     targets_all = np.asarray(g["targets"][:], np.int64)
     rng = np.random.default_rng(cfg.seed)
-    ids = ok if cfg.attr_sample == 0 or cfg.attr_sample >= len(ok) else np.sort(rng.choice(ok, cfg.attr_sample, replace=False))
+    ids = (
+        ok
+        if cfg.attr_sample == 0 or cfg.attr_sample >= len(ok)
+        else np.sort(rng.choice(ok, cfg.attr_sample, replace=False))
+    )
     for att in attributors:
         name = f"attributions/{att.name}"
         if name in g and g[name].attrs.get("params") == params:
             continue  # already done in an earlier (killed) run
-        maps = attribute_tiles(meta["slide_path"], tiles, att, tile_ids=ids, normalise=fx.normalise,
-                               batch_size=cfg.batch_size, out_px=cfg.attr_px, mpp=meta.get("level0_mpp"),
-                               targets=targets_all[ids])
+        maps = attribute_tiles(
+            meta["slide_path"],
+            tiles,
+            att,
+            tile_ids=ids,
+            normalise=fx.normalise,
+            batch_size=cfg.batch_size,
+            out_px=cfg.attr_px,
+            mpp=meta.get("level0_mpp"),
+            targets=targets_all[ids],
+        )
         add_attributions(store, att.name, ids, maps)
         open_store(store, mode="r+")[name].attrs.update({"params": params, "out_px": cfg.attr_px})
 
 
-def _failed(run, sid, params, fp, start, t0, msg) -> ExtractResult:
-    logger.warning("extraction failed: %s", msg)
-    run.record(STAGE, sid, status="failed", params=params, fingerprint=fp, outputs=[], start=start, end=now_iso(),
-               seconds=round(time.perf_counter() - t0, 3), error=msg)
-    return ExtractResult(sid, "failed", seconds=time.perf_counter() - t0, error=msg)
+def _failed(run, sid, params, fp, start, seconds, msg) -> ExtractResult:
+    record_failure(run, STAGE, sid, params=params, fingerprint=fp, start=start, seconds=seconds, error=msg)
+    return ExtractResult(sid, "failed", seconds=seconds, error=msg)

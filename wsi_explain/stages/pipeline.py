@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import yaml
 from pydantic import Field
@@ -23,7 +23,6 @@ from wsi_explain.core.run import STAGES, RunFolder
 __all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "load_pipeline_config", "read_pipeline_yaml", "STAGES"]
 
 logger = logging.getLogger(__name__)
-
 
 
 class PipelineConfig(_Frozen):
@@ -92,7 +91,62 @@ class PipelineResult:
     report: Path | None = None
 
 
-def run_pipeline(cfg: PipelineConfig, *, executor=None, on_event: Callable[[str, str], None] | None = None) -> PipelineResult:
+# One runner per stage, in pipeline order: (run, cfg, executor, say) -> (summary, report index or None).
+# The summary is the stage's status, or for per-slide stages the count of slides per status.
+
+
+def _run_tile(run: RunFolder, cfg: PipelineConfig, executor, say) -> tuple:
+    from wsi_explain.io.slides import discover_slides
+    from wsi_explain.stages.tile import run_tile_stage
+
+    sources = discover_slides(list(cfg.slides), mpp=cfg.mpp)
+    res = run_tile_stage(
+        run, sources, cfg.tile, executor=executor, on_slide=lambda r: say("tile", f"{r.slide_id}: {r.status}")
+    )
+    return _counts(res), None
+
+
+def _run_extract(run: RunFolder, cfg: PipelineConfig, executor, say) -> tuple:
+    from wsi_explain.stages.extract import run_extract_stage
+
+    res = run_extract_stage(
+        run, cfg.extract, executor=executor, on_slide=lambda r: say("extract", f"{r.slide_id}: {r.status}")
+    )
+    return _counts(res), None
+
+
+def _run_cluster(run: RunFolder, cfg: PipelineConfig, executor, say) -> tuple:
+    from wsi_explain.stages.cluster import run_cluster_stage
+
+    return run_cluster_stage(run, cfg.cluster, on_step=lambda s: say("cluster", s)).status, None
+
+
+def _run_score(run: RunFolder, cfg: PipelineConfig, executor, say) -> tuple:
+    from wsi_explain.stages.score import run_score_stage
+
+    return run_score_stage(run, cfg.score, on_progress=lambda w, d, t: say("score", f"{w} {d}/{t}")).status, None
+
+
+def _run_report(run: RunFolder, cfg: PipelineConfig, executor, say) -> tuple:
+    from wsi_explain.stages.report import run_report_stage
+
+    rep = run_report_stage(run, on_progress=lambda w, d, t: say("report", f"{w} {d}/{t}"))
+    return rep.status, rep.index
+
+
+RUNNERS: dict[str, Callable] = {
+    "tile": _run_tile,
+    "extract": _run_extract,
+    "cluster": _run_cluster,
+    "score": _run_score,
+    "report": _run_report,
+}
+assert tuple(RUNNERS) == STAGES, "a runner per stage, in pipeline order"
+
+
+def run_pipeline(
+    cfg: PipelineConfig, *, executor=None, on_event: Callable[[str, str], None] | None = None
+) -> PipelineResult:
     """Run the stages of ``cfg`` in order (see the module docstring).
 
     Parameters
@@ -101,13 +155,7 @@ def run_pipeline(cfg: PipelineConfig, *, executor=None, on_event: Callable[[str,
         one given here is not closed).
     on_event : callable(stage, message), optional (progress in the CLI).
     """
-    from wsi_explain.stages.cluster import run_cluster_stage
     from wsi_explain.core.executor import make_executor
-    from wsi_explain.stages.extract import run_extract_stage
-    from wsi_explain.stages.report import run_report_stage
-    from wsi_explain.stages.score import run_score_stage
-    from wsi_explain.io.slides import discover_slides
-    from wsi_explain.stages.tile import run_tile_stage
 
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
@@ -118,43 +166,37 @@ def run_pipeline(cfg: PipelineConfig, *, executor=None, on_event: Callable[[str,
     executor = executor or make_executor(workers=cfg.workers, scheduler=cfg.scheduler)
     try:
         with RunFolder(cfg.out) as run:
-            run.set_config("pipeline", {"workers": cfg.workers, "scheduler": cfg.scheduler, "stages": list(cfg.stages),
-                                        "executor": executor.name})
-            for stage in STAGES:
+            setup = {"workers": cfg.workers, "scheduler": cfg.scheduler, "stages": list(cfg.stages)}
+            run.set_config("pipeline", {**setup, "executor": executor.name})
+            for stage, runner in RUNNERS.items():
                 if stage not in cfg.stages:
                     continue
                 t0 = time.perf_counter()
                 say(stage, "started")
-                if stage == "tile":
-                    sources = discover_slides(list(cfg.slides), mpp=cfg.mpp)
-                    res = run_tile_stage(run, sources, cfg.tile, executor=executor,
-                                         on_slide=lambda r: say("tile", f"{r.slide_id}: {r.status}"))
-                    out.stages[stage] = _counts(res)
-                elif stage == "extract":
-                    res = run_extract_stage(run, cfg.extract, executor=executor,
-                                            on_slide=lambda r: say("extract", f"{r.slide_id}: {r.status}"))
-                    out.stages[stage] = _counts(res)
-                elif stage == "cluster":
-                    out.stages[stage] = run_cluster_stage(run, cfg.cluster, on_step=lambda s: say("cluster", s)).status
-                elif stage == "score":
-                    out.stages[stage] = run_score_stage(run, cfg.score, on_progress=lambda w, d, t: say("score", f"{w} {d}/{t}")).status
-                else:
-                    rep = run_report_stage(run, on_progress=lambda w, d, t: say("report", f"{w} {d}/{t}"))
-                    out.stages[stage], out.report = rep.status, rep.index
+                out.stages[stage], report = runner(run, cfg, executor, say)
+                out.report = report or out.report
                 out.seconds[stage] = round(time.perf_counter() - t0, 2)
                 say(stage, f"finished in {out.seconds[stage]:.1f} s")
-            for stage in ("tile", "extract"):
-                for sid, rec in run.stage(stage)["slides"].items():
-                    if rec.get("status") == "failed":
-                        out.failed_slides.setdefault(sid, f"{stage}: {rec.get('error')}")
+            out.failed_slides = _failed_slides(run)
     except OSError as exc:
         if is_disk_full(exc):
-            raise DiskFullError(f"disk full while writing to {cfg.out} ({exc}); what finished is kept: free space and "
-                                "rerun to resume") from exc
+            raise DiskFullError(
+                f"disk full while writing to {cfg.out} ({exc}); what finished is kept: free space and rerun to resume"
+            ) from exc
         raise
     finally:
         if own:
             executor.close()
+    return out
+
+
+def _failed_slides(run: RunFolder) -> dict[str, str]:
+    """slide id -> "stage: error" for slides that failed tiling or extraction (the first stage)."""
+    out: dict[str, str] = {}
+    for stage in ("tile", "extract"):
+        for sid, rec in run.stage(stage)["slides"].items():
+            if rec.get("status") == "failed":
+                out.setdefault(sid, f"{stage}: {rec.get('error')}")
     return out
 
 

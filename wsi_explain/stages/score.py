@@ -25,9 +25,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -36,7 +36,7 @@ from wsi_explain import metrics as M
 from wsi_explain.core.atomic import atomic_write_json, atomic_write_parquet
 from wsi_explain.core.config import ClusterConfig, ExtractConfig, ScoreConfig
 from wsi_explain.core.errors import WsiExplainError
-from wsi_explain.core.run import STAGES, now_iso, params_hash, RunFolder
+from wsi_explain.core.run import STAGES, RunFolder, now_iso, params_hash
 
 __all__ = ["STAGE", "COHORT_ROW", "ScoreOutcome", "run_score_stage", "read_cluster_metrics"]
 
@@ -60,9 +60,8 @@ class ScoreOutcome:
 
 def _cheap_metrics(run: RunFolder, tiles: pd.DataFrame, cfg: ScoreConfig, positive: int) -> pd.DataFrame:
     """Complexity of every stored map and the stored ensemble's spread, slide by slide."""
-    from wsi_explain.io.tile_table import tissue_cells
     from wsi_explain.io.features import open_store, read_cams
-    from wsi_explain.io.tile_table import read_tile_table
+    from wsi_explain.io.tile_table import read_tile_table, tissue_cells
 
     groups = set(cfg.groups)
     parts = []
@@ -124,8 +123,17 @@ def _aggregate(wide: pd.DataFrame, cfg: ScoreConfig) -> pd.DataFrame:
                 ci = (mean, mean - 1.96 * se, mean + 1.96 * se, len(v))
             else:
                 ci = M.bootstrap_ci(v, n_boot=cfg.n_boot, seed=cfg.seed)
-            rows.append({"cluster": int(cl), "method": method, "metric": metric, "value": ci[0], "ci_low": ci[1],
-                         "ci_high": ci[2], "n_tiles": int(ci[3])})
+            rows.append(
+                {
+                    "cluster": int(cl),
+                    "method": method,
+                    "metric": metric,
+                    "value": ci[0],
+                    "ci_low": ci[1],
+                    "ci_high": ci[2],
+                    "n_tiles": int(ci[3]),
+                }
+            )
     return pd.DataFrame(rows, columns=["cluster", "method", "metric", "value", "ci_low", "ci_high", "n_tiles"])
 
 
@@ -141,8 +149,17 @@ def _removal(tiles: pd.DataFrame, cfg: ScoreConfig) -> tuple[pd.DataFrame, pd.Da
         for k, v in r.items():
             if k in ("cluster", "n_tiles", "n_slides") or pd.isna(v):
                 continue
-            rows.append({"cluster": int(r["cluster"]), "method": "model", "metric": f"removal_{k}", "value": float(v),
-                         "ci_low": np.nan, "ci_high": np.nan, "n_tiles": int(r["n_tiles"])})
+            rows.append(
+                {
+                    "cluster": int(r["cluster"]),
+                    "method": "model",
+                    "metric": f"removal_{k}",
+                    "value": float(v),
+                    "ci_low": np.nan,
+                    "ci_high": np.nan,
+                    "n_tiles": int(r["n_tiles"]),
+                }
+            )
     return per_slide, pd.DataFrame(rows)
 
 
@@ -155,7 +172,9 @@ def _ensemble_fits(wide: pd.DataFrame) -> dict:
         per_cluster = wide[wide["cluster"] >= 0].groupby("cluster")[[c, "ensemble:acc_mean", "ensemble:acc_std"]].mean()
         out[m] = {
             "tiles": M.fit_spread_relations(wide[c], wide["ensemble:acc_mean"], wide["ensemble:acc_std"]),
-            "clusters": M.fit_spread_relations(per_cluster[c], per_cluster["ensemble:acc_mean"], per_cluster["ensemble:acc_std"]),
+            "clusters": M.fit_spread_relations(
+                per_cluster[c], per_cluster["ensemble:acc_mean"], per_cluster["ensemble:acc_std"]
+            ),
         }
     return out
 
@@ -165,43 +184,40 @@ def read_cluster_metrics(run_path: str | Path) -> pd.DataFrame:
     return pd.read_parquet(Path(run_path) / "cohort" / "cluster_metrics.parquet")
 
 
-def run_score_stage(run: RunFolder, cfg: ScoreConfig, *, on_progress: Callable[[str, int, int], None] | None = None) -> ScoreOutcome:
-    """Score every cluster of a clustered run (see the module docstring for the outputs)."""
+def _cluster_inputs(run: RunFolder) -> tuple[dict, pd.DataFrame, dict]:
+    """The clustering stage's record, the cohort tile table and its metadata; raises when the run
+    is not clustered."""
     import pyarrow.parquet as pq
 
-    t0 = time.perf_counter()
     crec = run.slide_record("cluster", COHORT)
-    cdir = run.path / "cohort"
-    if not crec or crec.get("status") != "done" or not (cdir / "tiles.parquet").exists():
+    path = run.path / "cohort" / "tiles.parquet"
+    if not crec or crec.get("status") != "done" or not path.exists():
         raise WsiExplainError(f"{run.path}: not clustered; run `wsi-explain cluster` first")
-    tiles = pd.read_parquet(cdir / "tiles.parquet")
-    cmeta = json.loads(pq.read_schema(cdir / "tiles.parquet").metadata[b"wsi_explain"])
-    ccfg = ClusterConfig(**cmeta["config"])
-    ecfg = ExtractConfig(**run.manifest["config"]["extract"])
-    methods = tuple(cfg.methods or ecfg.methods)
-    from wsi_explain.explain.extractors import split_methods
-    from wsi_explain.stages.score_sample import sample_clusters
+    return crec, pd.read_parquet(path), json.loads(pq.read_schema(path).metadata[b"wsi_explain"])
 
-    split_methods(methods)  # unknown names stop here, before any work
-    params = params_hash({**cfg.result_params(), "methods": list(methods)})
-    fp = hashlib.sha256(json.dumps([crec.get("params"), crec.get("fingerprint"), crec.get("end")]).encode()).hexdigest()[:32]
-    run.set_config(STAGE, cfg.model_dump(mode="json"))
-    outputs = ["cohort/cluster_metrics.parquet", "cohort/tile_metrics.parquet"]
-    if run.is_done(STAGE, COHORT, params=params, fingerprint=fp):
-        rec = run.slide_record(STAGE, COHORT)
-        return ScoreOutcome("skipped", rec.get("n_rows", 0), rec.get("n_sampled", 0), 0.0, rec.get("sanity", {}))
-    start = now_iso()
-    progress = on_progress or (lambda what, done, total: None)
+
+def _sampled_metrics(
+    run: RunFolder,
+    cfg: ScoreConfig,
+    ecfg: ExtractConfig,
+    ccfg: ClusterConfig,
+    methods,
+    tiles,
+    positive: int,
+    parts_dir: Path,
+    progress,
+) -> tuple[list, list]:
+    """The expensive metrics on each cluster's sample -> (long value tables, sanity tables), one per
+    cluster. Each cluster's result is written to ``parts_dir`` as it finishes, so a killed run
+    resumes at the first cluster not done."""
+    from wsi_explain.stages.score_sample import SampleScorer, sample_clusters
+
     groups = set(cfg.groups)
-    positive = min(ccfg.positive_class, len(cmeta.get("class_names") or [0, 1]) - 1)
-
-    progress("cheap metrics", 0, 1)
-    wide = pd.concat([tiles[["slide_id", "tile_id", "cluster"]], _cheap_metrics(run, tiles, cfg, positive)], axis=1)
-    progress("cheap metrics", 1, 1)
-
-    sampled_groups = groups & {"faithfulness", "robustness", "localisation", "sanity"} or (groups & {"ensemble"} and cfg.models)
-    samples = sample_clusters(tiles, per_cluster=cfg.per_cluster, seed=cfg.seed, include_noise=cfg.include_noise) if sampled_groups else {}
-    parts_dir = cdir / ".score_parts" / params
+    if not (
+        groups & {"faithfulness", "robustness", "localisation", "sanity"} or (groups & {"ensemble"} and cfg.models)
+    ):
+        return [], []
+    samples = sample_clusters(tiles, per_cluster=cfg.per_cluster, seed=cfg.seed, include_noise=cfg.include_noise)
     parts_dir.mkdir(parents=True, exist_ok=True)
     long_parts, sanity_parts = [], []
     scorer = None
@@ -209,69 +225,134 @@ def run_score_stage(run: RunFolder, cfg: ScoreConfig, *, on_progress: Callable[[
         progress("sampled metrics", i, len(samples))
         vpath, spath = parts_dir / f"cluster_{c}.parquet", parts_dir / f"sanity_{c}.parquet"
         if vpath.exists() and spath.exists():  # done before the run was killed
-            long_parts.append(pd.read_parquet(vpath))
-            sanity_parts.append(pd.read_parquet(spath))
-            continue
-        if scorer is None:
-            from wsi_explain.stages.score_sample import SampleScorer
-
-            tile_px = int(pd.read_parquet(run.slide_dir(sample["slide_id"].iloc[0]) / "tiles.parquet", columns=["tile_px"])["tile_px"].iloc[0])
-            scorer = SampleScorer(run.path, cfg, ecfg, methods, ccfg.positive_labels, tile_px)
-            scorer.positive_class = positive
-        values, sanity = scorer.score(c, sample)
-        atomic_write_parquet(values, vpath)
-        atomic_write_parquet(sanity, spath)
+            values, sanity = pd.read_parquet(vpath), pd.read_parquet(spath)
+        else:
+            if scorer is None:
+                first = run.slide_dir(sample["slide_id"].iloc[0]) / "tiles.parquet"
+                tile_px = int(pd.read_parquet(first, columns=["tile_px"])["tile_px"].iloc[0])
+                scorer = SampleScorer(run.path, cfg, ecfg, methods, ccfg.positive_labels, tile_px)
+                scorer.positive_class = positive
+            values, sanity = scorer.score(c, sample)
+            atomic_write_parquet(values, vpath)
+            atomic_write_parquet(sanity, spath)
         long_parts.append(values)
         sanity_parts.append(sanity)
     progress("sampled metrics", len(samples), len(samples))
+    return long_parts, sanity_parts
 
-    n_sampled = 0
-    if long_parts and any(len(p) for p in long_parts):
-        long = pd.concat([p for p in long_parts if len(p)], ignore_index=True)
-        long["col"] = long["method"] + ":" + long["metric"]
-        piv = long.pivot_table(index=["slide_id", "tile_id"], columns="col", values="value", aggfunc="first")
-        key = pd.MultiIndex.from_frame(wide[["slide_id", "tile_id"]].astype({"tile_id": np.int64}))
-        piv = piv.reindex(key)
-        n_sampled = int(piv.notna().any(axis=1).sum())
-        wide["sampled"] = piv.notna().any(axis=1).to_numpy()
-        for col in piv.columns:
-            wide[col] = piv[col].to_numpy(np.float32)
-    else:
+
+def _merge_sampled(wide: pd.DataFrame, long_parts: list) -> int:
+    """Adds one column per ``method:metric`` of the sampled tiles (NaN elsewhere) and ``sampled``
+    to ``wide`` (in place); returns the number of sampled tiles."""
+    if not (long_parts and any(len(p) for p in long_parts)):
         wide["sampled"] = False
+        return 0
+    long = pd.concat([p for p in long_parts if len(p)], ignore_index=True)
+    long["col"] = long["method"] + ":" + long["metric"]
+    piv = long.pivot_table(index=["slide_id", "tile_id"], columns="col", values="value", aggfunc="first")
+    piv = piv.reindex(pd.MultiIndex.from_frame(wide[["slide_id", "tile_id"]].astype({"tile_id": np.int64})))
+    wide["sampled"] = piv.notna().any(axis=1).to_numpy()
+    for col in piv.columns:
+        wide[col] = piv[col].to_numpy(np.float32)
+    return int(wide["sampled"].sum())
 
+
+def _sanity_summary(sanity_parts: list, cfg: ScoreConfig) -> tuple[pd.DataFrame, dict]:
+    """Per-cluster sanity rows plus the cohort's (tile-weighted means), and the verdict per method
+    (passes when Spearman after full randomisation is below ``cfg.sanity_threshold``)."""
+    parts = [s for s in sanity_parts if len(s)]
+    if not parts:
+        return pd.DataFrame(), {}
+    df = pd.concat(parts, ignore_index=True)
+    w = df.assign(ws=df["spearman"] * df["n"], wss=df["ssim"] * df["n"])
+    tot = w.groupby(["method", "step", "block"], as_index=False)[["ws", "wss", "n"]].sum()
+    tot = tot.assign(cluster=COHORT_ROW, spearman=tot["ws"] / tot["n"], ssim=tot["wss"] / tot["n"])[df.columns]
+    verdict = {}
+    for m, g in tot.groupby("method"):
+        last = g.sort_values("step").iloc[-1]
+        verdict[m] = {
+            "spearman": float(last["spearman"]),
+            "ssim": float(last["ssim"]),
+            "passed": bool(last["spearman"] < cfg.sanity_threshold),
+        }
+    return pd.concat([df, tot], ignore_index=True), verdict
+
+
+def _write_tables(cdir: Path, wide: pd.DataFrame, agg: pd.DataFrame, meta: dict) -> pd.DataFrame:
+    """Write ``tile_metrics.parquet`` (one row per tile) and ``cluster_metrics.parquet`` (sorted by
+    cluster, method, metric), both with ``meta``; returns the sorted cluster table."""
+    atomic_write_parquet(wide, cdir / "tile_metrics.parquet", meta)
+    agg = agg.sort_values(["cluster", "method", "metric"], ignore_index=True)
+    atomic_write_parquet(agg, cdir / "cluster_metrics.parquet", meta)
+    return agg
+
+
+def _fingerprint(cluster_record: dict) -> str:
+    """The scoring's input fingerprint: the clustering's params, fingerprint and end time."""
+    blob = json.dumps([cluster_record.get(k) for k in ("params", "fingerprint", "end")])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def run_score_stage(
+    run: RunFolder, cfg: ScoreConfig, *, on_progress: Callable[[str, int, int], None] | None = None
+) -> ScoreOutcome:
+    """Score every cluster of a clustered run (see the module docstring for the outputs)."""
+    from wsi_explain.explain.extractors import split_methods
+
+    t0 = time.perf_counter()
+    crec, tiles, cmeta = _cluster_inputs(run)
+    cdir = run.path / "cohort"
+    ccfg = ClusterConfig(**cmeta["config"])
+    ecfg = ExtractConfig(**run.manifest["config"]["extract"])
+    methods = tuple(cfg.methods or ecfg.methods)
+    split_methods(methods)  # unknown names stop here, before any work
+    params = params_hash({**cfg.result_params(), "methods": list(methods)})
+    fp = _fingerprint(crec)
+    run.set_config(STAGE, cfg.model_dump(mode="json"))
+    if run.is_done(STAGE, COHORT, params=params, fingerprint=fp):
+        rec = run.slide_record(STAGE, COHORT)
+        return ScoreOutcome("skipped", rec.get("n_rows", 0), rec.get("n_sampled", 0), 0.0, rec.get("sanity", {}))
+    start = now_iso()
+    progress = on_progress or (lambda what, done, total: None)
+    groups = set(cfg.groups)
+    positive = min(ccfg.positive_class, len(cmeta.get("class_names") or [0, 1]) - 1)
+    progress("cheap metrics", 0, 1)
+    wide = pd.concat([tiles[["slide_id", "tile_id", "cluster"]], _cheap_metrics(run, tiles, cfg, positive)], axis=1)
+    progress("cheap metrics", 1, 1)
+    parts = _sampled_metrics(run, cfg, ecfg, ccfg, methods, tiles, positive, cdir / ".score_parts" / params, progress)
+    n_sampled = _merge_sampled(wide, parts[0])
     agg = _aggregate(wide, cfg)
-    extra = {}
+    outputs = ["cohort/cluster_metrics.parquet", "cohort/tile_metrics.parquet"]
     if "removal" in groups and "prob_pos" in tiles.columns:
         per_slide, rem_rows = _removal(tiles, cfg)
         atomic_write_parquet(per_slide, cdir / "cluster_removal.parquet")
         agg = pd.concat([agg, rem_rows], ignore_index=True)
         outputs.append("cohort/cluster_removal.parquet")
-    sanity_df = pd.concat([s for s in sanity_parts if len(s)], ignore_index=True) if any(len(s) for s in sanity_parts) else pd.DataFrame()
-    sanity_verdict = {}
+    sanity_df, sanity_verdict = _sanity_summary(parts[1], cfg)
     if len(sanity_df):
-        w = sanity_df.assign(ws=sanity_df["spearman"] * sanity_df["n"], wss=sanity_df["ssim"] * sanity_df["n"])
-        tot = w.groupby(["method", "step", "block"], as_index=False)[["ws", "wss", "n"]].sum()
-        tot = tot.assign(cluster=COHORT_ROW, spearman=tot["ws"] / tot["n"], ssim=tot["wss"] / tot["n"])[sanity_df.columns]
-        sanity_df = pd.concat([sanity_df, tot], ignore_index=True)
-        for m, g in tot.groupby("method"):
-            last = g.sort_values("step").iloc[-1]
-            sanity_verdict[m] = {"spearman": float(last["spearman"]), "ssim": float(last["ssim"]),
-                                 "passed": bool(last["spearman"] < cfg.sanity_threshold)}
         atomic_write_parquet(sanity_df, cdir / "sanity.parquet")
         outputs.append("cohort/sanity.parquet")
-    fits = _ensemble_fits(wide) if "ensemble" in groups else {}
-    if fits:
+    if "ensemble" in groups and (fits := _ensemble_fits(wide)):
         atomic_write_json(cdir / "ensemble_fit.json", fits)
         outputs.append("cohort/ensemble_fit.json")
-        extra["ensemble_fit"] = fits
-    meta = {"config": cfg.model_dump(mode="json"), "methods": list(methods), "sanity": sanity_verdict,
-            "cohort_row": COHORT_ROW, "positive_class": positive}
-    atomic_write_parquet(wide, cdir / "tile_metrics.parquet", meta)
-    atomic_write_parquet(agg.sort_values(["cluster", "method", "metric"], ignore_index=True), cdir / "cluster_metrics.parquet", meta)
+    meta = {"config": cfg.model_dump(mode="json"), "methods": list(methods), "sanity": sanity_verdict}
+    agg = _write_tables(cdir, wide, agg, {**meta, "cohort_row": COHORT_ROW, "positive_class": positive})
     shutil.rmtree(cdir / ".score_parts", ignore_errors=True)
     out = ScoreOutcome("done", len(agg), n_sampled, time.perf_counter() - t0, sanity_verdict)
-    run.record(STAGE, COHORT, status="done", params=params, fingerprint=fp, outputs=outputs, n_rows=len(agg),
-               n_sampled=n_sampled, methods=list(methods), sanity=sanity_verdict, start=start, end=now_iso(),
-               seconds=round(out.seconds, 3), error=None)
+    run.record(
+        STAGE,
+        COHORT,
+        status="done",
+        params=params,
+        fingerprint=fp,
+        outputs=outputs,
+        n_rows=len(agg),
+        n_sampled=n_sampled,
+        methods=list(methods),
+        sanity=sanity_verdict,
+        start=start,
+        end=now_iso(),
+        seconds=round(out.seconds, 3),
+        error=None,
+    )
     return out
-

@@ -8,7 +8,6 @@ tile tables and annotations) and :meth:`SampleScorer.score` turns a sample into 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +17,51 @@ import torch
 from wsi_explain import metrics as M
 from wsi_explain.core.config import ExtractConfig, ScoreConfig
 from wsi_explain.explain.maps import minmax_maps
+from wsi_explain.io.samples import SampleReader, grades_for
 
 __all__ = ["SampleScorer", "sample_clusters", "grades_for"]
 
 logger = logging.getLogger(__name__)
 
+VALUE_COLUMNS = ["slide_id", "tile_id", "cluster", "method", "metric", "value"]
 
-def sample_clusters(tiles: pd.DataFrame, *, per_cluster: int, seed: int, include_noise: bool = True) -> dict[int, pd.DataFrame]:
+
+def _localisation(m: str, maps, regions: tuple, threshold: float) -> dict:
+    """Pointing game, graded hit, relevance mass and rank, IoU and coverage against the sample's
+    annotation regions, keyed (method, metric)."""
+    region, codes, grade_of = regions
+    io = M.iou_coverage(maps, region, threshold=threshold)
+    return {
+        (m, "pointing_game"): M.pointing_game(maps, region),
+        (m, "graded_hit"): M.graded_hit(maps, codes, grades=grade_of),
+        (m, "relevance_mass"): M.relevance_mass(maps, region),
+        (m, "relevance_rank"): M.relevance_rank(maps, region),
+        (m, "iou"): io["iou"],
+        (m, "coverage"): io["coverage"],
+    }
+
+
+def _long_values(sample: pd.DataFrame, cluster: int, cols: dict) -> pd.DataFrame:
+    """{(method, metric): (N,) values} -> long DataFrame with :data:`VALUE_COLUMNS`."""
+    rows = [
+        pd.DataFrame(
+            {
+                "slide_id": sample["slide_id"],
+                "tile_id": sample["tile_id"].astype(np.int64),
+                "cluster": cluster,
+                "method": m,
+                "metric": k,
+                "value": v.astype(np.float64),
+            }
+        )
+        for (m, k), v in cols.items()
+    ]
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=VALUE_COLUMNS)
+
+
+def sample_clusters(
+    tiles: pd.DataFrame, *, per_cluster: int, seed: int, include_noise: bool = True
+) -> dict[int, pd.DataFrame]:
     """A sample of at most ``per_cluster`` tiles per cluster, balanced over the cluster's slides
     (slides in random order, each contributing in turn). Rows keep slide_id, tile_id, cluster."""
     rng = np.random.default_rng(seed)
@@ -46,29 +83,6 @@ def sample_clusters(tiles: pd.DataFrame, *, per_cluster: int, seed: int, include
     return out
 
 
-def grades_for(classes: list[str], positive: tuple[str, ...], grades: dict[str, float] | None) -> dict[str, float]:
-    """Graded-hit score of each annotation class: explicit ``grades`` (matched case-insensitively),
-    else positive labels in order 3, 2, 1 (then 1) and the other classes 0."""
-    from tiling import label_column
-
-    if grades:
-        g = {label_column(k): float(v) for k, v in grades.items()}
-        return {c: g.get(label_column(c), 0.0) for c in classes}
-    pos = [label_column(p) for p in positive]
-    return {c: float(max(3 - pos.index(label_column(c)), 1)) if label_column(c) in pos else 0.0 for c in classes}
-
-
-@dataclass
-class _SlideInfo:
-    tiles: pd.DataFrame
-    meta: dict
-    targets: np.ndarray
-    dataset: object  # TileDataset: one slide handle per slide, reused for every sampled tile
-    ann: object = None
-    mask: np.ndarray | None = None
-    classes: dict = field(default_factory=dict)
-
-
 class SampleScorer:
     """Score samples of tiles with every method and metric family of a :class:`ScoreConfig`.
 
@@ -81,8 +95,15 @@ class SampleScorer:
     positive_labels : annotation classes counted as positive (localisation region, grades)
     """
 
-    def __init__(self, run_path: Path, cfg: ScoreConfig, ecfg: ExtractConfig, methods: tuple[str, ...],
-                 positive_labels: tuple[str, ...], tile_px: int) -> None:
+    def __init__(
+        self,
+        run_path: Path,
+        cfg: ScoreConfig,
+        ecfg: ExtractConfig,
+        methods: tuple[str, ...],
+        positive_labels: tuple[str, ...],
+        tile_px: int,
+    ) -> None:
         from wsi_explain.explain.attributors import make_explainer
         from wsi_explain.explain.extractors import build_extractors
 
@@ -94,90 +115,15 @@ class SampleScorer:
         self.ecfg = ecfg
         card = self.fx.model.card
         self.black = tuple(-m / s for m, s in zip(card.mean, card.std))
-        opts = dict(target_layer=self.fx.target_layer, tile_px=tile_px, max_batch=ecfg.attr_max_batch, device=cfg.device)
+        opts = dict(
+            target_layer=self.fx.target_layer, tile_px=tile_px, max_batch=ecfg.attr_max_batch, device=cfg.device
+        )
         self._opts = opts
         self.explainers = {m: make_explainer(m, self.fx.model, **opts) for m in methods}
         self._extra = None
-        self._slides: dict[str, _SlideInfo] = {}
+        self.reader = SampleReader(run_path, self.fx.normalise, positive_labels, cfg.grades)
 
     # -- inputs ----------------------------------------------------------------------------
-    def _slide(self, sid: str) -> _SlideInfo:
-        if sid not in self._slides:
-            from wsi_explain.io.features import open_store
-            from wsi_explain.io.tile_table import read_tile_table
-
-            sdir = self.run_path / "slides" / sid
-            tiles, meta = read_tile_table(sdir / "tiles.parquet")
-            targets = np.asarray(open_store(sdir / "features.zarr")["targets"][:], np.int64)
-            from wsi_explain.io.loader import TileDataset
-
-            ds = TileDataset(meta["slide_path"], tiles, mpp=meta.get("level0_mpp"))
-            info = _SlideInfo(tiles, meta, targets, ds)
-            self._load_annotations(info)
-            self._slides[sid] = info
-        return self._slides[sid]
-
-    def _load_annotations(self, info: _SlideInfo) -> None:
-        import tiling
-
-        try:
-            if info.meta.get("annotations"):
-                info.ann = tiling.read_geojson(info.meta["annotations"])
-            elif info.meta.get("label_mask"):
-                info.mask = tiling.read_label_mask(info.meta["label_mask"])
-                names = info.meta.get("label_classes") or {}
-                info.classes = {int(i): names.get(str(int(i)), f"class_{int(i)}") for i in np.unique(info.mask)}
-        except (tiling.AnnotationError, OSError) as exc:  # scored without localisation, and said so
-            logger.warning("slide %s: annotations unusable for localisation (%s)", info.meta.get("slide_id"), exc)
-            info.ann, info.mask = None, None
-
-    def _images(self, sample: pd.DataFrame) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """Normalised inputs (N, 3, px, px) on the CPU, targets (N,), and an ok flag per tile."""
-        imgs, tg, ok = [], [], []
-        for sid, tid in zip(sample["slide_id"], sample["tile_id"]):
-            info = self._slide(sid)
-            _, img, good, err = info.dataset[int(tid)]
-            if not good:
-                logger.warning("slide %s tile %d: %s (left out of the metrics)", sid, tid, err)
-            imgs.append(np.asarray(img))
-            tg.append(info.targets[int(tid)])
-            ok.append(bool(good))
-        x = self.fx.normalise(np.stack(imgs)).float().cpu().contiguous()
-        return x, np.asarray(tg, np.int64), np.asarray(ok)
-
-    def _regions(self, sample: pd.DataFrame, px: int):
-        """(N, px, px) bool region of interest and int grade codes + their grades, or None."""
-        import tiling
-
-        region = np.zeros((len(sample), px, px), bool)
-        codes = np.zeros((len(sample), px, px), np.int32)
-        grade_of: dict[int, float] = {0: -1.0}
-        names: dict[str, int] = {}
-        any_ann = False
-        for sid, idx in sample.groupby("slide_id").indices.items():
-            info = self._slide(sid)
-            rows = info.tiles.iloc[sample["tile_id"].to_numpy()[idx].astype(int)]
-            if info.ann is not None:
-                masks = tiling.geojson_tile_masks(rows, info.ann, px=px)
-            elif info.mask is not None:
-                lab = tiling.mask_tile_labels(rows, info.mask, slide_dimensions=tuple(info.meta["level0_dimensions"]), px=px)
-                masks = {name: lab == i for i, name in info.classes.items() if i != 0}
-            else:
-                continue
-            any_ann = True
-            grades = grades_for(list(masks), self.positive, self.cfg.grades)
-            pos = {tiling.label_column(p) for p in self.positive}
-            best = np.full((len(idx), px, px), -np.inf)
-            for name, mk in masks.items():
-                if not pos or tiling.label_column(name) in pos:
-                    region[idx] |= mk
-                code = names.setdefault(name, len(names) + 1)
-                grade_of[code] = grades[name]
-                better = mk & (grades[name] > best)
-                codes[idx] = np.where(better, code, codes[idx])
-                best = np.where(better, grades[name], best)
-        return (region, codes, grade_of) if any_ann else None
-
     # -- the metrics -------------------------------------------------------------------------
     #: tiles scored together: memory stays bounded whatever ``per_cluster`` (a multiple of the
     #: metrics' seeded chunk, so the values do not depend on it)
@@ -202,68 +148,103 @@ class SampleScorer:
         return values, (pd.concat(san, ignore_index=True) if san else pd.DataFrame())
 
     def _score_chunk(self, cluster: int, sample: pd.DataFrame, offset: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-        cfg, groups = self.cfg, set(self.cfg.groups)
-        seed = cfg.seed + offset
-        x, t, ok = self._images(sample)
+        """Every metric family of the config on one chunk of the sample (``offset``: its first
+        row in the sample, which seeds the noisy metrics)."""
+        groups = set(self.cfg.groups)
+        x, t, ok = self.reader.images(sample)
         sample, x, t = sample[ok].reset_index(drop=True), x[torch.from_numpy(ok)], t[ok]
-        cols: dict[tuple[str, str], np.ndarray] = {}
-        sanity_rows = []
         if len(sample) == 0:
-            return pd.DataFrame(columns=["slide_id", "tile_id", "cluster", "method", "metric", "value"]), pd.DataFrame()
-        regions = self._regions(sample, x.shape[-1]) if "localisation" in groups else None
-        bs = cfg.batch_size
+            return pd.DataFrame(columns=VALUE_COLUMNS), pd.DataFrame()
+        regions = self.reader.regions(sample, x.shape[-1]) if "localisation" in groups else None
+        cols: dict[tuple[str, str], np.ndarray] = {}
+        sanity_rows: list[dict] = []
         for m, ex in self.explainers.items():
             maps = ex.attribute(x, targets=t)
             if "faithfulness" in groups:
-                for base in cfg.baselines:
-                    for mode in ("deletion", "insertion"):
-                        c = M.perturbation_curve(self.model, x, maps, targets=t, mode=mode, baseline=base, steps=cfg.steps, batch_size=bs)
-                        cols[(m, f"{mode}_auc_{base}")] = M.curve_auc(c)
-                for how in ("multiply", "mask"):
-                    cc = M.confidence_change(self.model, x, maps, targets=t, how=how, threshold=cfg.mask_threshold,
-                                             fill=self.black, batch_size=bs)
-                    cols[(m, f"dic_{how}")], cols[(m, f"iic_{how}")] = cc["drop"], cc["increase"]
-                k = len(x) if cfg.road_tiles == 0 else max(0, min(len(x), cfg.road_tiles - offset))
-                if k:
-                    r = M.road(self.model, x[:k], maps[:k], targets=t[:k], percentiles=cfg.road_percentiles, seed=seed)
-                    for name in ("morf", "lerf", "combined"):
-                        col = np.full(len(x), np.nan, np.float32)
-                        col[:k] = r[name]
-                        cols[(m, f"road_{name}")] = col
-                cols[(m, "infidelity")] = M.infidelity_score(self.model, x, maps, targets=t, noise_std=cfg.infidelity_noise,
-                                                             n_samples=cfg.infidelity_samples, seed=seed,
-                                                             max_examples_per_batch=max(bs, cfg.infidelity_samples))
+                cols.update(self._faithfulness(m, x, maps, t, offset))
             if "robustness" in groups:
-                cols[(m, "sensitivity")] = M.sensitivity(lambda z, target=None, _ex=ex: _ex.attribute(z, targets=target), x,
-                                                         targets=t, radius=cfg.sensitivity_radius,
-                                                         n_samples=cfg.sensitivity_samples, seed=seed,
-                                                         max_examples_per_batch=max(bs, cfg.sensitivity_samples))
+                cols.update(self._robustness(m, ex, x, t, offset))
             if regions is not None:
-                region, codes, grade_of = regions
-                cols[(m, "pointing_game")] = M.pointing_game(maps, region)
-                cols[(m, "graded_hit")] = M.graded_hit(maps, codes, grades=grade_of)
-                cols[(m, "relevance_mass")] = M.relevance_mass(maps, region)
-                cols[(m, "relevance_rank")] = M.relevance_rank(maps, region)
-                io = M.iou_coverage(maps, region, threshold=cfg.mask_threshold)
-                cols[(m, "iou")], cols[(m, "coverage")] = io["iou"], io["coverage"]
-            if "sanity" in groups and cfg.sanity_tiles > 0 and offset == 0:
-                k = min(cfg.sanity_tiles, len(x))
-                steps = M.cascading_randomisation(self.model, self._sanity_explain(m), x[:k], targets=t[:k], seed=cfg.seed)
-                for st in steps:
-                    sanity_rows.append({"cluster": cluster, "method": m, "step": st["step"], "block": st["block"],
-                                        "spearman": float(np.nanmean(st["spearman"])), "ssim": float(np.nanmean(st["ssim"])), "n": k})
-                full_sp = np.full(len(x), np.nan, np.float32)
-                full_ss = np.full(len(x), np.nan, np.float32)
-                full_sp[:k], full_ss[:k] = steps[-1]["spearman"], steps[-1]["ssim"]
-                cols[(m, "sanity_spearman")], cols[(m, "sanity_ssim")] = full_sp, full_ss
+                cols.update(_localisation(m, maps, regions, self.cfg.mask_threshold))
+            if "sanity" in groups and self.cfg.sanity_tiles > 0 and offset == 0:
+                cols.update(self._sanity(cluster, m, x, t, sanity_rows))
         if "ensemble" in groups and self.cfg.models:
             labels = sample["label_pos"].to_numpy(np.float64) if "label_pos" in sample.columns else None
             cols.update(self._ensemble(x, t, labels))
-        rows = [pd.DataFrame({"slide_id": sample["slide_id"], "tile_id": sample["tile_id"].astype(np.int64), "cluster": cluster,
-                              "method": m, "metric": k, "value": v.astype(np.float64)}) for (m, k), v in cols.items()]
-        values = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
-            columns=["slide_id", "tile_id", "cluster", "method", "metric", "value"])
-        return values, pd.DataFrame(sanity_rows)
+        return _long_values(sample, cluster, cols), pd.DataFrame(sanity_rows)
+
+    def _faithfulness(self, m: str, x: torch.Tensor, maps, t: np.ndarray, offset: int) -> dict:
+        """Deletion and insertion AUC per baseline, DiC/IiC, ROAD (on the first ``road_tiles`` of
+        the sample) and infidelity, keyed (method, metric)."""
+        cfg, bs, cols = self.cfg, self.cfg.batch_size, {}
+        for base in cfg.baselines:
+            for mode in ("deletion", "insertion"):
+                c = M.perturbation_curve(
+                    self.model, x, maps, targets=t, mode=mode, baseline=base, steps=cfg.steps, batch_size=bs
+                )
+                cols[(m, f"{mode}_auc_{base}")] = M.curve_auc(c)
+        for how in ("multiply", "mask"):
+            cc = M.confidence_change(
+                self.model, x, maps, targets=t, how=how, threshold=cfg.mask_threshold, fill=self.black, batch_size=bs
+            )
+            cols[(m, f"dic_{how}")], cols[(m, f"iic_{how}")] = cc["drop"], cc["increase"]
+        k = len(x) if cfg.road_tiles == 0 else max(0, min(len(x), cfg.road_tiles - offset))
+        if k:
+            r = M.road(
+                self.model, x[:k], maps[:k], targets=t[:k], percentiles=cfg.road_percentiles, seed=cfg.seed + offset
+            )
+            for name in ("morf", "lerf", "combined"):
+                col = np.full(len(x), np.nan, np.float32)
+                col[:k] = r[name]
+                cols[(m, f"road_{name}")] = col
+        cols[(m, "infidelity")] = M.infidelity_score(
+            self.model,
+            x,
+            maps,
+            targets=t,
+            noise_std=cfg.infidelity_noise,
+            n_samples=cfg.infidelity_samples,
+            seed=cfg.seed + offset,
+            max_examples_per_batch=max(bs, cfg.infidelity_samples),
+        )
+        return cols
+
+    def _robustness(self, m: str, ex, x: torch.Tensor, t: np.ndarray, offset: int) -> dict:
+        """Max-sensitivity of the method's maps, keyed (method, "sensitivity")."""
+        cfg = self.cfg
+        sens = M.sensitivity(
+            lambda z, target=None: ex.attribute(z, targets=target),
+            x,
+            targets=t,
+            radius=cfg.sensitivity_radius,
+            n_samples=cfg.sensitivity_samples,
+            seed=cfg.seed + offset,
+            max_examples_per_batch=max(cfg.batch_size, cfg.sensitivity_samples),
+        )
+        return {(m, "sensitivity"): sens}
+
+    def _sanity(self, cluster: int, m: str, x: torch.Tensor, t: np.ndarray, rows: list) -> dict:
+        """The cascading randomisation on the first ``sanity_tiles`` tiles: appends the curve to
+        ``rows`` and returns the per-tile values after full randomisation (NaN beyond)."""
+        k = min(self.cfg.sanity_tiles, len(x))
+        steps = M.cascading_randomisation(self.model, self._sanity_explain(m), x[:k], targets=t[:k], seed=self.cfg.seed)
+        for st in steps:
+            spearman, ssim = float(np.nanmean(st["spearman"])), float(np.nanmean(st["ssim"]))
+            rows.append(
+                {
+                    "cluster": cluster,
+                    "method": m,
+                    "step": st["step"],
+                    "block": st["block"],
+                    "spearman": spearman,
+                    "ssim": ssim,
+                    "n": k,
+                }
+            )
+        full_sp = np.full(len(x), np.nan, np.float32)
+        full_ss = np.full(len(x), np.nan, np.float32)
+        full_sp[:k], full_ss[:k] = steps[-1]["spearman"], steps[-1]["ssim"]
+        return {(m, "sanity_spearman"): full_sp, (m, "sanity_ssim"): full_ss}
 
     def _sanity_explain(self, method: str):
         from wsi_explain.explain.attributors import make_explainer
@@ -279,12 +260,24 @@ class SampleScorer:
         from wsi_explain.explain.fused import FusedExtractor
 
         if self._extra is None:
-            self._extra = [build_extractors(self.ecfg.model_copy(update={"weights": w}), self.tile_px)[0] for w in self.cfg.models]
+            self._extra = [
+                build_extractors(self.ecfg.model_copy(update={"weights": w}), self.tile_px)[0] for w in self.cfg.models
+            ]
         fused = [m for m in self.fx.methods]
         probs, cams = [], {m: [] for m in fused}
         for fx in [self.fx] + self._extra:
-            f = FusedExtractor(fx.model, methods=tuple(fused), target_layer=fx.target_layer, device=self.cfg.device,
-                               amp=False, tile_px=self.tile_px) if not fused or fx.methods != tuple(fused) else fx
+            f = (
+                FusedExtractor(
+                    fx.model,
+                    methods=tuple(fused),
+                    target_layer=fx.target_layer,
+                    device=self.cfg.device,
+                    amp=False,
+                    tile_px=self.tile_px,
+                )
+                if not fused or fx.methods != tuple(fused)
+                else fx
+            )
             with f:
                 out = f.forward(x, targets=t)
             probs.append(torch.softmax(torch.from_numpy(out.logits), 1).numpy())

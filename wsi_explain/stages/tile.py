@@ -6,24 +6,22 @@ other slides finish. A slide whose params and fingerprint are unchanged is skipp
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 
 import tiling
-
 from wsi_explain.core.atomic import atomic_path, atomic_write_parquet
 from wsi_explain.core.config import TileConfig
-from wsi_explain.core.errors import DiskFullError, SlideError, is_disk_full
-from wsi_explain.core.run import STAGES, now_iso, params_hash, RunFolder
+from wsi_explain.core.errors import SlideError
+from wsi_explain.core.run import STAGES, RunFolder, params_hash
 from wsi_explain.io.slides import SlideSource, slide_fingerprint
+from wsi_explain.stages.driver import collect, guarded, record_failure
 
 __all__ = ["TileResult", "tile_slide", "run_tile_stage", "STAGE"]
 
@@ -92,7 +90,11 @@ def tile_slide(source: SlideSource, cfg: TileConfig, out_dir: Path, *, fingerpri
         if source.label_mask is not None:
             mask = tiling.read_label_mask(source.label_mask)
             fr = tiling.mask_label_fractions(
-                tiles, mask, slide_dimensions=reader.info.dimensions, classes=cfg.label_classes, path=str(source.label_mask)
+                tiles,
+                mask,
+                slide_dimensions=reader.info.dimensions,
+                classes=cfg.label_classes,
+                path=str(source.label_mask),
             )
             tiles = pd.concat([tiles, fr], axis=1)
         _verify(reader, tiles, cfg)
@@ -124,17 +126,28 @@ def _qc_summary(tissue: tiling.TissueMask) -> dict:
 def _measure_tiles(reader, tiles: pd.DataFrame, tissue, cfg: TileConfig, qc: dict) -> pd.DataFrame:
     """The per-tile QC columns; tiles that fail to decode get NaN (the extraction marks them too)."""
     errors: list[str] = []
-    measured = tiling.compute_tile_qc(reader, tiles, tissue.stains, threads=cfg.qc_threads,
-                                      on_error=lambda i, exc: errors.append(f"tile {i}: {exc.problem}"))
+    measured = tiling.compute_tile_qc(
+        reader,
+        tiles,
+        tissue.stains,
+        threads=cfg.qc_threads,
+        on_error=lambda i, exc: errors.append(f"tile {i}: {exc.problem}"),
+    )
     tiles = pd.concat([tiles, measured], axis=1)
     blank = int((tiles["stained_frac"] == 0).sum())
     qc.update(n_read_errors=len(errors), n_glass_tiles=blank)
     if errors:
         qc["read_errors"] = errors[:5]
-        logger.warning("%s tiles of %s failed to decode during QC (measures NaN), e.g. %s", len(errors),
-                       reader.info.path, errors[0])
+        logger.warning(
+            "%s tiles of %s failed to decode during QC (measures NaN), e.g. %s",
+            len(errors),
+            reader.info.path,
+            errors[0],
+        )
     if blank:
-        logger.warning("%s: %d tile(s) are all glass (no stained pixel): their stain measures are NaN", reader.info.path, blank)
+        logger.warning(
+            "%s: %d tile(s) are all glass (no stained pixel): their stain measures are NaN", reader.info.path, blank
+        )
         qc["note"] = f"{blank} tile(s) are all glass (no stained pixel): their stain and sharpness measures are NaN"
     return tiles
 
@@ -144,9 +157,12 @@ def _drop_artefacts(tiles: pd.DataFrame, cfg: TileConfig, qc: dict, path) -> pd.
     bad = (tiles["ink_frac"] >= cfg.max_ink_frac) | (tiles["sharpness"] < cfg.min_sharpness)
     qc["n_dropped_artefacts"] = int(bad.sum())
     if bad.all():
-        raise tiling.NoTissueError(path, f"every one of its {len(tiles)} tiles is an artefact (pen ink >= "
-                                         f"{cfg.max_ink_frac:.0%} or sharpness < {cfg.min_sharpness}); "
-                                         "tile it without --drop-artefacts")
+        raise tiling.NoTissueError(
+            path,
+            f"every one of its {len(tiles)} tiles is an artefact (pen ink >= "
+            f"{cfg.max_ink_frac:.0%} or sharpness < {cfg.min_sharpness}); "
+            "tile it without --drop-artefacts",
+        )
     tiles = tiles[~bad].reset_index(drop=True)
     tiles["tile_id"] = np.arange(len(tiles), dtype=np.int64)
     return tiles
@@ -199,25 +215,43 @@ def tile_task(src: SlideSource, cfg: TileConfig, run_path: str, fingerprints: di
 
     ``fingerprints`` (slide id -> fingerprint) are those the parent computed for its skip check;
     a slide without one is fingerprinted here. Never raises for a bad slide: returns
-    ``{"ok": False, "error": message}`` instead, so the parent records it and the batch goes on.
+    ``{"ok": False, "error": message}`` instead (:func:`~wsi_explain.stages.driver.guarded`), so
+    the parent records it and the batch goes on.
     """
-    start, t0, fp = now_iso(), time.perf_counter(), None
-    try:
+    fp: dict[str, str | None] = {"value": (fingerprints or {}).get(src.slide_id)}
+
+    def work() -> dict:
         if not src.path.exists():
             raise tiling.SlideNotFoundError(src.path, "no such file")
-        fp = (fingerprints or {}).get(src.slide_id) or _fingerprint(src)
-        res = tile_slide(src, cfg, Path(run_path) / "slides" / src.slide_id, fingerprint=fp)
-        return {"ok": True, "result": res, "fingerprint": fp, "start": start, "end": now_iso()}
-    except (SlideError, OSError) as exc:
-        if is_disk_full(exc):
-            return {"ok": False, "disk_full": True, "error": f"disk full while tiling {src.path}: {exc}"}
-        msg = str(exc) if isinstance(exc, SlideError) else f"{src.path}: {type(exc).__name__}: {exc}"
-    except Exception as exc:  # an unexpected bug must not sink the batch; keep the traceback
-        if is_disk_full(exc):
-            return {"ok": False, "disk_full": True, "error": f"disk full while tiling {src.path}: {exc}"}
-        logger.error("%s: unexpected error while tiling\n%s", src.path, traceback.format_exc())
-        msg = f"{src.path}: unexpected {type(exc).__name__}: {exc}"
-    return {"ok": False, "error": msg, "fingerprint": fp, "start": start, "seconds": time.perf_counter() - t0}
+        fp["value"] = fp["value"] or _fingerprint(src)
+        res = tile_slide(src, cfg, Path(run_path) / "slides" / src.slide_id, fingerprint=fp["value"])
+        return {"result": res}
+
+    return {**guarded("tiling", str(src.path), work), "fingerprint": fp["value"]}
+
+
+def _skip_check(run: RunFolder, sources: list[SlideSource], params: str) -> tuple[dict, list, dict]:
+    """-> (results of the slides already done, slides to tile, their fingerprints)."""
+    done, pending, fps = {}, [], {}
+    for src in sources:
+        try:
+            fp = _fingerprint(src) if src.path.exists() else None
+        except OSError:
+            fp = None
+        if fp is not None and run.is_done(STAGE, src.slide_id, params=params, fingerprint=fp):
+            rec = run.slide_record(STAGE, src.slide_id)
+            done[src.slide_id] = TileResult(
+                src.slide_id,
+                str(src.path),
+                "skipped",
+                n_tiles=rec.get("n_tiles", 0),
+                tissue_frac=rec.get("tissue_frac", 0.0),
+            )
+        else:
+            pending.append(src)
+            if fp is not None:
+                fps[src.slide_id] = fp
+    return done, pending, fps
 
 
 def run_tile_stage(
@@ -250,47 +284,49 @@ def run_tile_stage(
     params = params_hash(cfg.result_params())
     run.set_config(STAGE, cfg.model_dump(mode="json"))
     executor = executor or SerialExecutor()
-    results: dict[str, TileResult] = {}
-    pending, fps = [], {}
-    for src in sources:
-        try:
-            fp = _fingerprint(src) if src.path.exists() else None
-        except OSError:
-            fp = None
-        if fp is not None and run.is_done(STAGE, src.slide_id, params=params, fingerprint=fp):
-            rec = run.slide_record(STAGE, src.slide_id)
-            results[src.slide_id] = TileResult(src.slide_id, str(src.path), "skipped", n_tiles=rec.get("n_tiles", 0),
-                                               tissue_frac=rec.get("tissue_frac", 0.0))
-            if on_slide is not None:
-                on_slide(results[src.slide_id])
-        else:
-            pending.append(src)
-            if fp is not None:
-                fps[src.slide_id] = fp
-    for src, out in executor.map(tile_task, pending, cfg, str(run.path), fps):
-        rel_dir = Path("slides") / src.slide_id
-        outputs = [str(rel_dir / "tiles.parquet"), str(rel_dir / "thumbnail.png"), str(rel_dir / "tissue.png")]
-        if out.get("disk_full"):
-            raise DiskFullError(f"{out['error']}; slides finished so far are kept: free space and rerun to resume")
-        if out["ok"]:
-            res = out["result"]
-            run.record(
-                STAGE, src.slide_id, status="done", path=str(src.path), params=params, fingerprint=out["fingerprint"],
-                outputs=outputs, n_tiles=res.n_tiles, tissue_frac=res.tissue_frac, start=out["start"], end=out["end"],
-                seconds=round(res.seconds, 3), error=None, meta=src.meta, qc=res.qc,
-            )
-        else:
-            res = _failed(run, src, params, out["fingerprint"], out["start"], time.perf_counter() - out["seconds"], out["error"])
-        results[src.slide_id] = res
+    results, pending, fps = _skip_check(run, sources, params)
+    for res in results.values():
         if on_slide is not None:
             on_slide(res)
+
+    def done(src: SlideSource, out: dict) -> TileResult:
+        res, rel = out["result"], Path("slides") / src.slide_id
+        run.record(
+            STAGE,
+            src.slide_id,
+            status="done",
+            path=str(src.path),
+            params=params,
+            fingerprint=out["fingerprint"],
+            outputs=[str(rel / "tiles.parquet"), str(rel / "thumbnail.png"), str(rel / "tissue.png")],
+            n_tiles=res.n_tiles,
+            tissue_frac=res.tissue_frac,
+            start=out["start"],
+            end=out["end"],
+            seconds=round(res.seconds, 3),
+            error=None,
+            meta=src.meta,
+            qc=res.qc,
+        )
+        return res
+
+    def failed(src: SlideSource, out: dict) -> TileResult:
+        record_failure(
+            run,
+            STAGE,
+            src.slide_id,
+            params=params,
+            fingerprint=out["fingerprint"],
+            start=out["start"],
+            seconds=out["seconds"],
+            error=out["error"],
+            path=str(src.path),
+            meta=src.meta,
+        )
+        return TileResult(src.slide_id, str(src.path), "failed", seconds=out["seconds"], error=out["error"])
+
+    outcomes = executor.map(tile_task, pending, cfg, str(run.path), fps)
+    hint = "slides finished so far are kept: free space and rerun to resume"
+    for src, res in collect(outcomes, done=done, failed=failed, on_slide=on_slide, resume_hint=hint):
+        results[src.slide_id] = res
     return [results[s.slide_id] for s in sources]
-
-
-def _failed(run, src, params, fp, start, t0, msg) -> TileResult:
-    logger.warning("tiling failed: %s", msg)
-    run.record(
-        STAGE, src.slide_id, status="failed", path=str(src.path), params=params, fingerprint=fp, outputs=[],
-        start=start, end=now_iso(), seconds=round(time.perf_counter() - t0, 3), error=msg, meta=src.meta,
-    )
-    return TileResult(src.slide_id, str(src.path), "failed", seconds=time.perf_counter() - t0, error=msg)

@@ -1,0 +1,218 @@
+"""Commands over a whole run: ``report``, ``serve``, ``export``, ``status``, ``run``, ``demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from wsi_explain.cli.app import app
+from wsi_explain.cli.console import csv as _csv
+from wsi_explain.cli.console import exits_on_error, fail, make_config, open_run, progress_bar, setup_logging
+from wsi_explain.cli.stage_commands import _run_tiling, _tile_config
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="Run folder (clustered; scored runs also show metrics)."),
+    max_points: int = typer.Option(200_000, help="Most tiles drawn in the report's UMAP (a stratified sample beyond)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Write report/index.html (cohort), report/clusters/*.html and report/slides/*.html."""
+    setup_logging(verbose)
+    from rich.console import Console
+
+    from wsi_explain.stages.report import run_report_stage
+
+    console = Console()
+    rf = open_run(run)
+    with rf, progress_bar(console=console) as bar, exits_on_error():
+        task = bar.add_task("report pages", total=None)
+        out = run_report_stage(
+            rf, max_points=max_points, on_progress=lambda w, d, t: bar.update(task, completed=d, total=t)
+        )
+    console.print(f"report: {out.index} ({out.n_pages} pages, {out.n_images} tile images, {out.seconds:.1f} s)")
+
+
+@app.command()
+def serve(
+    run: Path = typer.Argument(..., help="Run folder (clustered)."),
+    port: int = typer.Option(5006, help="Port."),
+    address: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1: this machine only)."),
+    allow_origin: list[str] | None = typer.Option(
+        None, help="Extra host:port allowed to open the websocket (when proxied)."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Serve the linked explorer (UMAP, slide panel, gallery, cluster table, naming) until Ctrl-C."""
+    setup_logging(verbose)
+    from rich.console import Console
+
+    from wsi_explain.report.serve import make_server
+
+    with exits_on_error():
+        server = make_server(run, port=port, address=address, allow_origin=allow_origin)
+    if address not in ("127.0.0.1", "localhost", "::1"):
+        Console(stderr=True).print(f"warning: serving on {address}: anyone who can reach this machine can open the run")
+    server.start()
+    Console().print(
+        f"explorer: http://{'127.0.0.1' if address in ('0.0.0.0', '') else address}:{port}/explorer (Ctrl-C stops)"
+    )
+    try:
+        server.io_loop.start()
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def export(run: Path = typer.Argument(..., help="Run folder (clustered).")) -> None:
+    """Write exports/<slide>.geojson (tiles as QuPath detections, classified by cluster) and
+    exports/cohort_tiles.csv."""
+    from rich.console import Console
+
+    from wsi_explain.report.export import export_run
+
+    with open_run(run) as rf, exits_on_error():
+        paths = export_run(rf)
+    Console().print(f"wrote {len(paths) - 1} GeoJSON file(s) and {paths[-1]}")
+
+
+@app.command()
+def status(run: Path = typer.Argument(..., help="Run folder.")) -> None:
+    """Print each stage and slide of a run with its state, counts and errors."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from wsi_explain.core.errors import ManifestError
+    from wsi_explain.core.run import RunFolder
+
+    with exits_on_error(ManifestError):
+        rf = RunFolder(run, readonly=True)
+    console = Console()
+    if not rf.manifest["stages"]:
+        console.print(f"{rf.path}: no stage has run yet")
+        return
+    for name, stage in rf.manifest["stages"].items():
+        table = Table(title=f"stage: {name}")
+        for col in ("slide", "status", "tiles", "seconds", "error"):
+            table.add_column(col, overflow="fold")
+        for sid, rec in stage.get("slides", {}).items():
+            table.add_row(
+                sid,
+                rec.get("status", "?"),
+                str(rec.get("n_tiles", "")),
+                str(rec.get("seconds", "")),
+                rec.get("error") or "",
+            )
+        console.print(table)
+
+
+@app.command("run")
+def run_cmd(
+    config: Path | None = typer.Argument(None, help="YAML run config (see README); options below override it."),
+    slides: list[str] | None = typer.Option(None, "--slides", help="Slide files, folders or cohort CSVs (repeat)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder."),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        help="Architecture: torchvision name, efficientnet_lite0, torchscript or package.module:factory.",
+    ),
+    weights: str | None = typer.Option(None, help="Checkpoint (weights_only) or TorchScript file."),
+    num_classes: int | None = typer.Option(None, help="Classes of the model (or from its model card)."),
+    methods: str | None = typer.Option(None, help="Comma-separated attribution methods."),
+    tile_px: int | None = typer.Option(None, help="Tile size in pixels."),
+    mpp_target: float | None = typer.Option(None, help="Tile resolution, µm per pixel."),
+    mpp: float | None = typer.Option(None, help="Level-0 µm/px for files that lack it."),
+    positive_labels: str | None = typer.Option(None, help="Comma-separated annotation classes that are positive."),
+    per_cluster: int | None = typer.Option(None, help="Tiles sampled per cluster for the expensive metrics."),
+    stages: str | None = typer.Option(
+        None, help="Comma-separated stages (default: tile,extract,cluster,score,report)."
+    ),
+    workers: int | None = typer.Option(
+        None, help="Dask LocalCluster worker processes for tiling and extraction (1 = serial)."
+    ),
+    scheduler: str | None = typer.Option(None, help="Existing Dask scheduler, tcp://host:port."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """The whole audit: tile, extract, cluster, score and report, skipping what is already done."""
+    setup_logging(verbose)
+    from rich.console import Console
+
+    from wsi_explain.stages.pipeline import PipelineConfig, read_pipeline_yaml, run_pipeline
+
+    def section(base: dict, **kw) -> dict:
+        return {**base, **{k: v for k, v in kw.items() if v is not None}}
+
+    with exits_on_error():
+        doc = read_pipeline_yaml(config) if config else {}
+    doc = section(
+        doc,
+        slides=list(slides) if slides else None,
+        out=str(out) if out else None,
+        workers=workers,
+        scheduler=scheduler,
+        mpp=mpp,
+        stages=list(_csv(stages)) or None,
+    )
+    doc["tile"] = section(doc.get("tile") or {}, tile_px=tile_px, mpp_target=mpp_target)
+    doc["extract"] = section(
+        doc.get("extract") or {},
+        arch=model,
+        weights=weights,
+        num_classes=num_classes,
+        methods=list(_csv(methods)) or None,
+    )
+    doc["cluster"] = section(doc.get("cluster") or {}, positive_labels=list(_csv(positive_labels)) or None)
+    doc["score"] = section(doc.get("score") or {}, per_cluster=per_cluster)
+    if not doc.get("slides") or not doc.get("out"):
+        fail("give --slides and --out (or a run config with slides: and out:)")
+    cfg = make_config(PipelineConfig, "run", **doc)
+    console = Console()
+    with console.status("running") as st:
+
+        def on_event(stage: str, msg: str) -> None:
+            st.update(f"{stage}: {msg}")
+            if msg.startswith(("finished", "started")) or ": failed" in msg:
+                console.print(f"[bold]{stage}[/]: {msg}", highlight=False)
+
+        with exits_on_error():
+            res = run_pipeline(cfg, on_event=on_event)
+    for sid, err in res.failed_slides.items():
+        console.print(f"[red]failed[/] {sid}: {err}", highlight=False)
+    if res.report:
+        console.print(f"report: {res.report}")
+    console.print(f"run folder: {res.run.resolve()}  (wsi-explain status {res.run})")
+    raise typer.Exit(1 if res.failed_slides else 0)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder."),
+    n_slides: int = typer.Option(7, help="Number of demo slides (the 7th is a held-out negative slide with ink)."),
+    workers: int = typer.Option(2, help="Tile-reading threads."),
+    per_cluster: int = typer.Option(12, help="Tiles per cluster for the expensive metrics."),
+    seed: int = typer.Option(0),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Build a demo cohort from real H&E (CMU-1 small region) with pen ink on positive slides,
+    fit a 2-class head on EfficientNet-Lite0 (ImageNet) that learns the ink shortcut, and run the
+    whole audit: tile, extract, cluster, score, report."""
+    setup_logging(verbose)
+    from rich.console import Console
+
+    from wsi_explain.demo.audit import DEMO_TILE_MPP, print_demo_summary, run_demo_audit
+    from wsi_explain.demo.data import build_demo_cohort, find_demo_source
+
+    console = Console()
+    src = find_demo_source()
+    console.print(f"demo source: {src or 'synthetic H&E-like texture (CMU-1-Small-Region.svs not found)'}")
+    slides_dir = Path(out) / "demo_slides"
+    with console.status("building demo slides"):
+        build_demo_cohort(slides_dir, n_slides=n_slides, seed=seed)
+    failed = _run_tiling([str(slides_dir / "cohort.csv")], out, None, _tile_config(mpp_target=DEMO_TILE_MPP))
+    with open_run(out) as run:
+        res = run_demo_audit(
+            run, Path(out), workers=workers, per_cluster=per_cluster, seed=seed, status=lambda msg: console.status(msg)
+        )
+    print_demo_summary(Path(out), res, console)
+    raise typer.Exit(1 if failed or res.failed_slides else 0)
