@@ -85,6 +85,8 @@ def test_text_reaching_html_is_escaped(reported):
     assert "&lt;script&gt;alert(1)&lt;script&gt;.svs" in slide_pages  # the file name, shown as text
     assert "&lt;img src=x onerror=alert(2)&gt;" in slide_pages  # the site column
     assert "benign &lt;b&gt;glands&lt;/b&gt;" in (rep / "clusters/cluster_0.html").read_text()
+    page = (rep / "clusters/cluster_0.html").read_text()
+    assert "Against reference maps" in page and "deletion_auc_constant" in page and "the random map (" in page
 
 
 def test_report_in_chromium_selection_links_views(reported, browser):
@@ -207,6 +209,7 @@ def test_templates_escape_every_user_controlled_field(tmp_path, field):
             comment=cluster["comment"],
             composition_table=table,
             metrics_table=None,
+            gains=[f"{v('method', 'gradcam')}: deletion_auc_blur better than the random map"],
             sections=[{"title": "Representative tiles", "tiles": [{"slide": sid, "tile": 1, "src": ""}]}],
         ),
         render(

@@ -43,7 +43,7 @@ def test_cluster_metrics_table(scored):
     assert list(cm.columns) == ["cluster", "method", "metric", "value", "ci_low", "ci_high", "n_tiles"]
     tiles = pd.read_parquet(run_dir / "cohort/tiles.parquet")
     assert set(cm["cluster"]) == set(tiles["cluster"]) | {COHORT_ROW}
-    assert set(cm["method"]) == {"gradcam", "hirescam", "saliency", "ensemble", "model"}
+    assert set(cm["method"]) == {"gradcam", "hirescam", "saliency", "ensemble", "model", "random", "uniform"}
     for metric in (
         "deletion_auc_constant",
         "insertion_auc_constant",
@@ -65,6 +65,48 @@ def test_cluster_metrics_table(scored):
     assert (del_rows.n_tiles <= cfg.per_cluster).all()
     gini = cm[(cm.metric == "gini") & (cm.method == "gradcam") & (cm.cluster >= 0)].set_index("cluster")["n_tiles"]
     assert gini.to_dict() == tiles.groupby("cluster").size().to_dict()
+
+
+def test_every_method_is_compared_with_reference_maps_on_the_same_tiles(scored):
+    run_dir, cfg, _ = scored
+    assert cfg.references == ("random", "uniform")
+    cm = pd.read_parquet(run_dir / "cohort/cluster_metrics.parquet").set_index(["cluster", "method", "metric"])
+    tm = pd.read_parquet(run_dir / "cohort/tile_metrics.parquet")
+    # the references are scored with the faithfulness metrics only, on the methods' sampled tiles
+    assert tm["random:deletion_auc_constant"].notna().sum() == tm["gradcam:deletion_auc_constant"].notna().sum()
+    assert "random:sensitivity" not in tm.columns and "random:gini" not in tm.columns
+    checked = 0
+    for metric, sign in (("deletion_auc_constant", -1), ("insertion_auc_constant", 1), ("road_combined", 1)):
+        for ref in ("random", "uniform"):
+            d = sign * (tm[f"gradcam:{metric}"] - tm[f"{ref}:{metric}"])
+            for c, vals in d.groupby(tm["cluster"]):
+                vals = vals.dropna()
+                if len(vals):
+                    row = cm.loc[(c, "gradcam", f"{metric}_gain_vs_{ref}")]
+                    assert row["value"] == pytest.approx(vals.mean(), abs=1e-6)  # paired, direction-aware
+                    assert row["n_tiles"] == len(vals)
+                    checked += 1
+    assert checked >= 6
+    # the two references are different maps (seeded): their deletion curves differ
+    assert not np.allclose(tm["random:deletion_auc_constant"].dropna(), tm["uniform:deletion_auc_constant"].dropna())
+
+
+def test_reference_maps_are_seeded_and_directions_known():
+    from wsi_explain import metrics as M
+
+    a = M.reference_maps("random", 3, (32, 48), seed=1)
+    assert a.shape == (3, 32, 48) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, M.reference_maps("random", 3, (32, 48), seed=1))
+    assert not np.allclose(a, M.reference_maps("random", 3, (32, 48), seed=2))
+    # "random" is smooth like a 7 x 7 CAM; "uniform" breaks ties per pixel (rough)
+    u = M.reference_maps("uniform", 3, (32, 48), seed=1)
+    rough = lambda m: np.abs(np.diff(m, axis=-1)).mean() / m.std()  # noqa: E731
+    assert rough(a) < 0.2 < rough(u)
+    np.testing.assert_array_equal(M.reference_maps("random", 2, (32, 48), seed=1, first=1), a[1:])  # split-proof
+    with pytest.raises(ValueError, match="unknown reference"):
+        M.reference_maps("zeros", 1, (8, 8), seed=0)
+    assert M.direction("deletion_auc_blur") is False and M.direction("insertion_auc_constant") is True
+    assert M.direction("road_combined") is True and M.direction("gini") is None
 
 
 def test_localisation_uses_the_annotation(scored):
@@ -202,6 +244,8 @@ def test_cli_score_with_extra_models(audit_run, tmp_path):
         "50",
         "--sanity-tiles",
         "2",
+        "--references",
+        "random",
         "--models",
         str(ck[1]),
         "--models",
@@ -210,11 +254,15 @@ def test_cli_score_with_extra_models(audit_run, tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=repo)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "deletion_auc_constant" in res.stdout and "randomisation sanity check: gradcam" in res.stdout
+    out = " ".join(res.stdout.split())  # rich wraps long lines
+    assert "gradcam: deletion_auc_constant" in out and "the random map (" in out
+    assert "sampled metrics: started" in out and "(100 %)" in out  # progress lines in a non-interactive log
     tm = pd.read_parquet(run_dir / "cohort/tile_metrics.parquet")
+    assert "random:deletion_auc_constant" in tm.columns and "uniform:deletion_auc_constant" not in tm.columns
     sampled = tm[tm.sampled]
     assert sampled["gradcam:attn_std"].notna().all() and (sampled["ensemble:prob_std"] > 0).all()
     cfg = json.loads((run_dir / "manifest.json").read_text())["config"]["score"]
-    assert cfg["per_cluster"] == 4 and len(cfg["models"]) == 2
+    assert cfg["per_cluster"] == 4 and len(cfg["models"]) == 2 and cfg["references"] == ["random"]
     bad = subprocess.run(cmd[:5] + ["--groups", "vibes"], capture_output=True, text=True, cwd=repo)
     assert bad.returncode == 2 and "vibes" in bad.stderr
 

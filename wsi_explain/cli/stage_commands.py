@@ -223,7 +223,10 @@ def score(
     baselines: str = typer.Option("blur,constant", help="Deletion/insertion baselines."),
     road_percentiles: str = typer.Option("20,40,60,80", help="ROAD percentiles."),
     road_tiles: int = typer.Option(
-        0, help="ROAD on the first N tiles of each sample (0 = all; about 0.3 s per tile and percentile at 224 px)."
+        0, help="ROAD on the first N tiles of each sample (0 = all; 1 + 2 x percentiles forwards per tile + solves)."
+    ),
+    references: str = typer.Option(
+        "random,uniform", help="Reference maps scored beside the methods (random, uniform; empty = none)."
     ),
     sanity_tiles: int = typer.Option(8, help="Tiles per cluster for the randomisation test (0 = none)."),
     batch_size: int = typer.Option(32),
@@ -254,6 +257,7 @@ def score(
         baselines=_csv(baselines),
         road_percentiles=pct,
         road_tiles=road_tiles,
+        references=_csv(references),
         sanity_tiles=sanity_tiles,
         batch_size=batch_size,
         device=device,

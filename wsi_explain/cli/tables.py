@@ -97,6 +97,10 @@ def print_score_summary(run_path: Path, out, console) -> None:
             r["method"], r["metric"], f"{r['value']:.3g}", f"[{r['ci_low']:.3g}, {r['ci_high']:.3g}]", str(r["n_tiles"])
         )
     console.print(table)
+    from wsi_explain.report.sentences import gain_sentences
+
+    for line in gain_sentences(cohort):
+        console.print(line)
     for m, v in out.sanity.items():
         verdict = "passes" if v["passed"] else "FAILS"
         console.print(

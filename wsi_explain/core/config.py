@@ -255,8 +255,13 @@ class ScoreConfig(_Frozen):
         and the IoU/coverage.
     road_percentiles : tuple of int
     road_tiles : int
-        ROAD (pytorch-grad-cam's imputer solves a sparse system per tile and percentile: about 0.3 s
-        at 224 px) runs on the first ``road_tiles`` tiles of each cluster's sample (0 = all).
+        ROAD runs on the first ``road_tiles`` tiles of each cluster's sample (0 = all, the default:
+        the batched imputation costs about as much as the 1 + 2 x percentiles forwards).
+    references : tuple of str
+        Reference maps scored with the faithfulness metrics on the same tiles, so that every
+        method's number has a floor: ``"random"`` (seeded Gaussian noise at the CAMs' 7 x 7
+        resolution, upsampled like them) and ``"uniform"`` (a flat map with its ties broken in a
+        seeded random pixel order). ``cluster_metrics`` gets each method's paired gain over them.
     infidelity_samples, infidelity_noise : perturbations per tile and their std (normalised units).
     sensitivity_samples, sensitivity_radius : the same for ``sensitivity_max``.
     sanity_tiles : int
@@ -287,6 +292,7 @@ class ScoreConfig(_Frozen):
     mask_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     road_percentiles: tuple[int, ...] = (20, 40, 60, 80)
     road_tiles: int = Field(0, ge=0)
+    references: tuple[Literal["random", "uniform"], ...] = ("random", "uniform")
     infidelity_samples: int = Field(10, ge=1, le=1000)
     infidelity_noise: float = Field(0.1, gt=0)
     sensitivity_samples: int = Field(8, ge=1, le=1000)

@@ -37,10 +37,12 @@ def run_demo_audit(
     per_cluster: int = 12,
     seed: int = 0,
     status: Callable[[str], contextlib.AbstractContextManager] | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
 ) -> DemoResult:
     """Fit the demo head on the tiled training slides, then extract, cluster, score and report.
 
-    ``status(message)`` gives a context manager shown while a step runs (a rich status in the CLI).
+    ``status(message)`` gives a context manager shown while a step runs (a rich status in the CLI);
+    ``on_progress(what, done, total)`` is called as tiles are extracted and clusters scored.
     Light score settings keep the demo at a few minutes on 2 cores.
     """
     from wsi_explain.core.config import ClusterConfig, ExtractConfig, ScoreConfig
@@ -62,8 +64,16 @@ def run_demo_audit(
         attr_sample=8,
         methods=DEMO_METHODS,
     )
+    progress = on_progress or (lambda what, done, total: None)
+    total = sum(r.get("n_tiles", 0) for r in run.stage("tile")["slides"].values() if r.get("status") == "done")
+    done = [0]
+
+    def on_tiles(k: int) -> None:
+        done[0] += k
+        progress("extracting tiles", done[0], total)
+
     with step("extracting predictions, embeddings and CAMs"):
-        ext = run_extract_stage(run, cfg)
+        ext = run_extract_stage(run, cfg, on_tiles=on_tiles)
     with step("clustering the cohort"):
         res = run_cluster_stage(run, ClusterConfig(concepts=4, seed=seed))
     scfg = ScoreConfig(
@@ -72,14 +82,14 @@ def run_demo_audit(
         steps=8,
         baselines=("blur",),
         road_percentiles=(50,),
-        road_tiles=3,
+        references=("random",),
         infidelity_samples=4,
         sensitivity_samples=3,
         sanity_tiles=4,
         seed=seed,
     )
     with step("scoring the clusters (faithfulness, robustness, sanity, removal)"):
-        sc = run_score_stage(run, scfg)
+        sc = run_score_stage(run, scfg, on_progress=progress)
     with step("writing the reports"):
         rep = run_report_stage(run)
     return DemoResult(ext, res, sc, rep, [r.slide_id for r in ext if r.status == "failed"])

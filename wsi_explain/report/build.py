@@ -331,6 +331,15 @@ def _concepts(ctx: ReportContext) -> dict | None:
     }
 
 
+def _gains(ctx: ReportContext, cluster: int) -> list[str]:
+    """The "better than the random map by X [CI]" sentences of one cluster (or the cohort, -2)."""
+    from wsi_explain.report.sentences import gain_sentences
+
+    if ctx.metrics is None:
+        return []
+    return gain_sentences(ctx.metrics[ctx.metrics.cluster == cluster])
+
+
 def cluster_page(ctx: ReportContext, row: dict) -> Path:
     """``clusters/cluster_<c>.html``: size, flags, comment, composition by slide, metrics, and the
     representative, borderline and outlier tiles with every stored map."""
@@ -361,5 +370,6 @@ def cluster_page(ctx: ReportContext, row: dict) -> Path:
         comment=ctx.comments.get(c),
         composition_table=fragment(viz.table_html(comp)),
         metrics_table=fragment(viz.metric_table_html(ctx.metrics, cluster=c)) if ctx.metrics is not None else None,
+        gains=_gains(ctx, c),
         sections=sections,
     )

@@ -137,6 +137,26 @@ def _aggregate(wide: pd.DataFrame, cfg: ScoreConfig) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["cluster", "method", "metric", "value", "ci_low", "ci_high", "n_tiles"])
 
 
+def _gains(wide: pd.DataFrame, cfg: ScoreConfig, methods: tuple[str, ...]) -> pd.DataFrame:
+    """Each method's paired gain over each reference map on the same tiles, as aggregate rows with
+    metric ``<metric>_gain_vs_<reference>`` (positive = better than the reference, whatever the
+    metric's direction; mean and 95 % CI over the tiles, per cluster and for the cohort)."""
+    cols = {}
+    for ref in cfg.references:
+        for c in [c for c in wide.columns if c.startswith(ref + ":")]:
+            metric = c.split(":", 1)[1]
+            higher = M.direction(metric)
+            if higher is None:
+                continue
+            for m in methods:
+                if f"{m}:{metric}" in wide.columns:
+                    d = wide[f"{m}:{metric}"] - wide[c]
+                    cols[f"{m}:{metric}_gain_vs_{ref}"] = d if higher else -d
+    if not cols:
+        return _aggregate(wide[["cluster"]], cfg)
+    return _aggregate(pd.concat([wide[["cluster"]], pd.DataFrame(cols)], axis=1), cfg)
+
+
 def _removal(tiles: pd.DataFrame, cfg: ScoreConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     labels = None
     if "label" in tiles.columns:
@@ -322,6 +342,7 @@ def run_score_stage(
     parts = _sampled_metrics(run, cfg, ecfg, ccfg, methods, tiles, positive, cdir / ".score_parts" / params, progress)
     n_sampled = _merge_sampled(wide, parts[0])
     agg = _aggregate(wide, cfg)
+    agg = pd.concat([agg, _gains(wide, cfg, methods)], ignore_index=True)
     outputs = ["cohort/cluster_metrics.parquet", "cohort/tile_metrics.parquet"]
     if "removal" in groups and "prob_pos" in tiles.columns:
         per_slide, rem_rows = _removal(tiles, cfg)

@@ -168,6 +168,10 @@ class SampleScorer:
                 cols.update(_localisation(m, maps, regions, self.cfg.mask_threshold))
             if "sanity" in groups and self.cfg.sanity_tiles > 0 and offset == 0:
                 cols.update(self._sanity(cluster, m, x, t, sanity_rows))
+        if "faithfulness" in groups:
+            for r in self.cfg.references:  # the floor every method's number is compared with
+                maps = M.reference_maps(r, len(x), tuple(x.shape[-2:]), seed=self.cfg.seed, first=offset)
+                cols.update(self._faithfulness(r, x, maps, t, offset))
         if "ensemble" in groups and self.cfg.models:
             labels = sample["label_pos"].to_numpy(np.float64) if "label_pos" in sample.columns else None
             cols.update(self._ensemble(x, t, labels))
