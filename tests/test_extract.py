@@ -177,6 +177,19 @@ def test_activations_and_other_methods(run_dir, caplog):
         ids = np.asarray(g[f"attributions/{m}/tile_ids"][:])
         maps = np.asarray(g[f"attributions/{m}/maps"][:])
         assert len(ids) == 6 and maps.shape == (6, 8, 8) and np.isfinite(maps).all() and np.abs(maps).max() > 0
+    # honest timings: the unit's seconds are its wall time (model load, fused pass and both
+    # attributors), the parts are in timings, and `status` shows them
+    rec = json.loads((run_dir / "manifest.json").read_text())["stages"]["extract"]["slides"]["generic"]
+    t = rec["timings"]
+    assert {"read", "normalise", "fused", "write", "load_model", "attr:saliency", "attr:integratedgradients"} <= set(t)
+    assert rec["seconds"] == pytest.approx(t["wall"], abs=2e-3)
+    assert t["wall"] >= t["fused_pass_wall"] + t["attr:saliency"] + t["attr:integratedgradients"] - 1e-3
+    assert t["fused_pass_wall"] >= t["fused"] + t["read"] - 1e-3 and t["attr:integratedgradients"] > 0
+    assert rec["tiles_per_s"] == pytest.approx(rec["n_tiles"] / rec["seconds"], rel=0.02)
+    res = subprocess.run(
+        [sys.executable, "-m", "wsi_explain.cli", "status", str(run_dir)], capture_output=True, text=True, cwd=REPO
+    )
+    assert res.returncode == 0 and "attr:integratedgradients" in " ".join(res.stdout.split())
 
 
 @pytest.mark.slow

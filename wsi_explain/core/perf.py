@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+import time
 
-__all__ = ["tune_malloc", "set_threads"]
+__all__ = ["tune_malloc", "set_threads", "PartClock"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,3 +47,36 @@ def set_threads(n: int | None = None) -> int:
     n = n or os.cpu_count() or 1
     torch.set_num_threads(n)
     return n
+
+
+class PartClock:
+    """Seconds spent per named part, summed over calls (``with clock("part"):``), and the time spent
+    waiting for each item of an iterator (``clock.iterate("read", it)``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, name: str, secs: float) -> None:
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + secs, 4)
+
+    def __call__(self, name: str):
+        @contextlib.contextmanager
+        def part():
+            t = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.add(name, time.perf_counter() - t)
+
+        return part()
+
+    def iterate(self, name: str, items):
+        it = iter(items)
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self.add(name, time.perf_counter() - t)
+            yield item

@@ -17,7 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["open_store", "read_cams", "attribute_tiles", "add_attributions", "create_store", "read_done", "write_chunk"]
+__all__ = [
+    "open_store",
+    "read_cams",
+    "attribute_tiles",
+    "add_attributions",
+    "create_store",
+    "read_done",
+    "write_chunk",
+    "store_attrs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -175,3 +184,21 @@ def write_chunk(g, idx: np.ndarray, buf: dict) -> None:
         g["done"][lo:hi] = True
     else:
         g["done"].oindex[idx] = np.ones(len(idx), bool)
+
+
+def store_attrs(extractors: list, probe, *, target: str) -> dict:
+    """What ``features.zarr`` records of the model: id, weights, layers, normalisation, classes,
+    methods, target and CAM shape (``extractors``: the fused extractors, the run's model first;
+    ``probe``: the main extractor's output on one tile)."""
+    main = extractors[0]
+    return {
+        "model_id": main.model.model_id,
+        "weights_hash": [fx.model.weights_hash for fx in extractors],
+        "target_layer": main.target_layer,
+        "embedding_layer": main.embedding_layer,
+        "normalisation": {"mean": list(main.model.card.mean), "std": list(main.model.card.std)},
+        "class_names": list(main.model.card.class_names),
+        "methods": list(main.methods),
+        "target": target,
+        "cam_shape": list(next(iter(probe.cams.values())).shape[1:]) if probe.cams else [],
+    }
