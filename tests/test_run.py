@@ -104,3 +104,32 @@ def test_fingerprint_sees_changes(tmp_path):
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime: the tail hash still differs
     assert slide_fingerprint(p) != a
     time.sleep(0.01)
+
+
+def test_progress_in_a_log_says_each_tenth_with_rate_and_eta():
+    """Piped to a file (CI, `make demo > log`), long steps print one line at the start and one per
+    10 % with the rate and the ETA; on a terminal the same calls drive a rich bar."""
+    import io
+
+    from rich.console import Console
+
+    from wsi_explain.cli.console import progress_bar
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=False, width=200)
+    with progress_bar(console=console, rate=True) as bar:
+        task = bar.add_task("scoring", total=50)
+        for _ in range(50):
+            bar.advance(task, 1)
+        other = bar.add_task("reading", total=None)  # no total: only its start is said
+        bar.update(other, advance=3)
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "scoring: started (50 to do)"
+    tenths = [ln for ln in lines if ln.startswith("scoring: ") and "%" in ln]
+    assert [ln.split("(")[1].split(")")[0] for ln in tenths] == [f"{10 * k} %" for k in range(1, 11)]
+    assert all("tiles/s" in ln for ln in tenths) and all("ETA" in ln for ln in tenths[:-1])
+    assert "ETA" not in tenths[-1] and lines[-1] == "reading: started"
+    term = Console(file=io.StringIO(), force_terminal=True)
+    with progress_bar(console=term) as bar:  # the terminal path: a rich Progress underneath
+        bar.update(bar.add_task("x", total=2), advance=2)
+    assert bar._bar is not None and bar._tasks == {}

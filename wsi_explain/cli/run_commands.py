@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 from pathlib import Path
 
 import typer
 
 from wsi_explain.cli.app import app
 from wsi_explain.cli.console import csv as _csv
-from wsi_explain.cli.console import exits_on_error, fail, make_config, open_run, progress_bar, setup_logging
+from wsi_explain.cli.console import (
+    exits_on_error,
+    fail,
+    make_config,
+    open_run,
+    progress_bar,
+    setup_logging,
+    step_status,
+)
 from wsi_explain.cli.stage_commands import _run_tiling, _tile_config
 
 
@@ -94,14 +104,16 @@ def status(run: Path = typer.Argument(..., help="Run folder.")) -> None:
         return
     for name, stage in rf.manifest["stages"].items():
         table = Table(title=f"stage: {name}")
-        for col in ("slide", "status", "tiles", "seconds", "error"):
+        for col in ("slide", "status", "tiles", "seconds", "where the time went (s)", "error"):
             table.add_column(col, overflow="fold")
         for sid, rec in stage.get("slides", {}).items():
+            parts = {k: v for k, v in (rec.get("timings") or {}).items() if k != "wall"}
             table.add_row(
                 sid,
                 rec.get("status", "?"),
                 str(rec.get("n_tiles", "")),
                 str(rec.get("seconds", "")),
+                ", ".join(f"{k} {v:.1f}" for k, v in parts.items()),
                 rec.get("error") or "",
             )
         console.print(table)
@@ -168,12 +180,18 @@ def run_cmd(
         fail("give --slides and --out (or a run config with slides: and out:)")
     cfg = make_config(PipelineConfig, "run", **doc)
     console = Console()
-    with console.status("running") as st:
+    with progress_bar(console=console) as bar:
+        tasks: dict[str, int] = {}
 
         def on_event(stage: str, msg: str) -> None:
-            st.update(f"{stage}: {msg}")
             if msg.startswith(("finished", "started")) or ": failed" in msg:
                 console.print(f"[bold]{stage}[/]: {msg}", highlight=False)
+            counted = re.fullmatch(r"(.+) (\d+)/(\d+)", msg)  # "sampled metrics 3/10": a bar per step
+            if counted:
+                what, done, total = f"{stage}: {counted[1]}", int(counted[2]), int(counted[3])
+                if what not in tasks:
+                    tasks[what] = bar.add_task(what, total=total)
+                bar.update(tasks[what], completed=done, total=total)
 
         with exits_on_error():
             res = run_pipeline(cfg, on_event=on_event)
@@ -207,12 +225,25 @@ def demo(
     src = find_demo_source()
     console.print(f"demo source: {src or 'synthetic H&E-like texture (CMU-1-Small-Region.svs not found)'}")
     slides_dir = Path(out) / "demo_slides"
-    with console.status("building demo slides"):
+    with step_status(console, "building demo slides"):
         build_demo_cohort(slides_dir, n_slides=n_slides, seed=seed)
     failed = _run_tiling([str(slides_dir / "cohort.csv")], out, None, _tile_config(mpp_target=DEMO_TILE_MPP))
-    with open_run(out) as run:
+    with open_run(out) as run, progress_bar(console=console, rate=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def on_progress(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done, total=total)
+
+        @contextlib.contextmanager
+        def status(message: str):
+            task = bar.add_task(message, total=1)
+            yield
+            bar.update(task, completed=1)
+
         res = run_demo_audit(
-            run, Path(out), workers=workers, per_cluster=per_cluster, seed=seed, status=lambda msg: console.status(msg)
+            run, Path(out), workers=workers, per_cluster=per_cluster, seed=seed, status=status, on_progress=on_progress
         )
     print_demo_summary(Path(out), res, console)
     raise typer.Exit(1 if failed or res.failed_slides else 0)
