@@ -70,6 +70,22 @@ def test_integrated_gradients_large_n_steps_small_budget(model, x):
     np.testing.assert_allclose(ours, ref.detach().numpy(), atol=1e-5 * float(ref.abs().max()) + 1e-7, rtol=1e-3)
 
 
+def test_integrated_gradients_checks_its_convergence(model, x, caplog):
+    """captum's convergence delta is kept per tile; few steps give a larger completeness error and
+    a warning that names n_steps, the default 50 steps a small one."""
+    import logging
+
+    many = make_attributor("integratedgradients", model, max_batch=16)
+    many.attribute(x, targets=1)
+    few = make_attributor("integratedgradients", model, max_batch=16, attribute_kwargs={"n_steps": 2})
+    with caplog.at_level(logging.WARNING, logger="wsi_explain.explain.attributors"):
+        few.attribute(x, targets=1)
+    assert many.last_delta.shape == (len(x),) and few.last_delta.shape == (len(x),)
+    assert few.last_delta.mean() > 3 * many.last_delta.mean()
+    assert few.last_delta.max() > 0.5 and "n_steps=2" in caplog.text  # 2 steps: far from complete
+    assert many.last_delta.max() < few.last_delta.max()
+
+
 def test_gradientshap_splits_samples_exactly(model, x):
     rec = _MaxBatch(model.module)
     try:
