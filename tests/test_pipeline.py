@@ -152,6 +152,9 @@ def test_cli_run_from_yaml_with_bad_slides(slides, tmp_path):
     assert res.returncode == 1, res.stdout + res.stderr  # failures are reported in the exit code
     run_dir = tmp_path / "run"
     assert "report:" in res.stdout and (run_dir / "report/index.html").exists()
+    out = " ".join(res.stdout.split())
+    assert "score: sampled metrics: started" in out and "(100 %)" in out  # progress lines in a log
+    assert "confounder scan (within label strata, intervals over slides):" in out
     man = json.loads((run_dir / "manifest.json").read_text())
     tile = man["stages"]["tile"]["slides"]
     assert tile["generic"]["status"] == "done"

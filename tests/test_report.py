@@ -87,6 +87,8 @@ def test_text_reaching_html_is_escaped(reported):
     assert "benign &lt;b&gt;glands&lt;/b&gt;" in (rep / "clusters/cluster_0.html").read_text()
     page = (rep / "clusters/cluster_0.html").read_text()
     assert "Against reference maps" in page and "deletion_auc_constant" in page and "the random map (" in page
+    index = (rep / "index.html").read_text()
+    assert "Confounder scan" in index and "too few slides in each label stratum" in index  # 1 slide per label
 
 
 def test_report_in_chromium_selection_links_views(reported, browser):
@@ -151,7 +153,9 @@ def _no_markup_from(text: str, hostile: str = HOSTILE) -> None:
     assert hostile not in text and "<script>alert" not in text
 
 
-@pytest.mark.parametrize("field", ["slide id", "site", "label", "cluster name", "comment", "flag reason", "method"])
+@pytest.mark.parametrize(
+    "field", ["slide id", "site", "label", "cluster name", "comment", "flag reason", "method", "nuisance column"]
+)
 def test_templates_escape_every_user_controlled_field(tmp_path, field):
     """Each page template, rendered with a hostile string in one user-controlled field at a time
     (the rest plain), shows it as text: the template engine escapes it, no caller has to."""
@@ -189,6 +193,8 @@ def test_templates_escape_every_user_controlled_field(tmp_path, field):
             generated="now",
             clusters=[cluster],
             metrics_table=table,
+            gains=[f"{v('method', 'gradcam')}: deletion_auc_blur better than the random map"],
+            confounders=[f"within label 0 slides, the positive probability rises with {v('nuisance column', 'ink')}"],
             sanity=[{"method": v("method", "gradcam"), "passed": False, "spearman": 0.1}],
             spread_keys=None,
             removal_table=None,

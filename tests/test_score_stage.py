@@ -91,6 +91,26 @@ def test_every_method_is_compared_with_reference_maps_on_the_same_tiles(scored):
     assert not np.allclose(tm["random:deletion_auc_constant"].dropna(), tm["uniform:deletion_auc_constant"].dropna())
 
 
+def test_confounder_scan_over_slides(scored):
+    import pyarrow.parquet as pq
+
+    run_dir, _, _ = scored
+    path = run_dir / "cohort/confounders.parquet"
+    scan = pd.read_parquet(path)
+    tiles = pd.read_parquet(run_dir / "cohort/tiles.parquet")
+    cohort = scan[scan.cluster == COHORT_ROW]
+    assert {"ink_frac", "sharpness", "tissue_frac"} <= set(cohort["variable"])
+    assert set(scan["cluster"]) == {COHORT_ROW} | set(tiles["cluster"])
+    assert set(cohort["stratum"]) == set(tiles["label"].astype(str))
+    # each row's slide count is that of its stratum: the bootstrap unit is the slide
+    per_label = tiles.groupby(tiles["label"].astype(str))["slide_id"].nunique()
+    for _, r in cohort[cohort.variable == "ink_frac"].iterrows():
+        assert r["n_slides"] == per_label[r["stratum"]]
+    meta = json.loads(pq.read_schema(path).metadata[b"wsi_explain"])
+    rec = json.loads((run_dir / "manifest.json").read_text())["stages"]["score"]["slides"]["cohort"]
+    assert rec["confounder_notes"] == meta["notes"] and "cohort/confounders.parquet" in rec["outputs"]
+
+
 def test_reference_maps_are_seeded_and_directions_known():
     from wsi_explain import metrics as M
 
@@ -235,7 +255,7 @@ def test_cli_score_with_extra_models(audit_run, tmp_path):
         "--per-cluster",
         "4",
         "--groups",
-        "faithfulness,ensemble,sanity",
+        "faithfulness,ensemble,sanity,confounders",
         "--steps",
         "4",
         "--baselines",
@@ -257,6 +277,7 @@ def test_cli_score_with_extra_models(audit_run, tmp_path):
     out = " ".join(res.stdout.split())  # rich wraps long lines
     assert "gradcam: deletion_auc_constant" in out and "the random map (" in out
     assert "sampled metrics: started" in out and "(100 %)" in out  # progress lines in a non-interactive log
+    assert "confounder scan (within label strata, intervals over slides):" in out
     tm = pd.read_parquet(run_dir / "cohort/tile_metrics.parquet")
     assert "random:deletion_auc_constant" in tm.columns and "uniform:deletion_auc_constant" not in tm.columns
     sampled = tm[tm.sampled]

@@ -197,6 +197,9 @@ def run_cmd(
             res = run_pipeline(cfg, on_event=on_event)
     for sid, err in res.failed_slides.items():
         console.print(f"[red]failed[/] {sid}: {err}", highlight=False)
+    from wsi_explain.cli.tables import print_confounders
+
+    print_confounders(res.run, console)
     if res.report:
         console.print(f"report: {res.report}")
     console.print(f"run folder: {res.run.resolve()}  (wsi-explain status {res.run})")

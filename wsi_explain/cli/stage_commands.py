@@ -217,7 +217,7 @@ def score(
     groups: str | None = typer.Option(
         None,
         help="Comma-separated metric families (default: all): faithfulness, robustness, localisation, "
-        "complexity, ensemble, sanity, removal.",
+        "complexity, ensemble, sanity, removal, confounders.",
     ),
     steps: int = typer.Option(16, help="Deletion/insertion steps."),
     baselines: str = typer.Option("blur,constant", help="Deletion/insertion baselines."),
@@ -227,6 +227,9 @@ def score(
     ),
     references: str = typer.Option(
         "random,uniform", help="Reference maps scored beside the methods (random, uniform; empty = none)."
+    ),
+    nuisance: str | None = typer.Option(
+        None, help="Extra cohort columns for the confounder scan (QC measures and site columns always are)."
     ),
     sanity_tiles: int = typer.Option(8, help="Tiles per cluster for the randomisation test (0 = none)."),
     batch_size: int = typer.Option(32),
@@ -258,6 +261,7 @@ def score(
         road_percentiles=pct,
         road_tiles=road_tiles,
         references=_csv(references),
+        nuisance=_csv(nuisance),
         sanity_tiles=sanity_tiles,
         batch_size=batch_size,
         device=device,

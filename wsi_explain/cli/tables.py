@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-__all__ = ["print_tile_summary", "print_extract_summary", "print_cluster_summary", "print_score_summary"]
+__all__ = [
+    "print_tile_summary",
+    "print_extract_summary",
+    "print_cluster_summary",
+    "print_score_summary",
+    "print_confounders",
+]
 
 
 def _table(title: str, columns: tuple[str, ...]):
@@ -101,9 +108,28 @@ def print_score_summary(run_path: Path, out, console) -> None:
 
     for line in gain_sentences(cohort):
         console.print(line)
+    print_confounders(run_path, console)
     for m, v in out.sanity.items():
         verdict = "passes" if v["passed"] else "FAILS"
         console.print(
             f"randomisation sanity check: {m} {verdict} (Spearman {v['spearman']:.2f}, "
             f"SSIM {v['ssim']:.2f} after full randomisation)"
         )
+
+
+def print_confounders(run_path: Path, console) -> None:
+    """The confounder scan in words (``cohort/confounders.parquet``), with its notes; nothing when
+    the run has no scan."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from wsi_explain.report.sentences import confounder_sentences
+    from wsi_explain.stages.score import COHORT_ROW
+
+    conf = Path(run_path) / "cohort" / "confounders.parquet"
+    if not conf.exists():
+        return
+    meta = json.loads(pq.read_schema(conf).metadata[b"wsi_explain"])
+    lines = confounder_sentences(pd.read_parquet(conf), cohort_row=COHORT_ROW) + meta["notes"]
+    for line in ["confounder scan (within label strata, intervals over slides):"] + lines:
+        console.print(line, highlight=False)

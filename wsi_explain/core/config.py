@@ -228,7 +228,16 @@ class ClusterConfig(_Frozen):
 
 
 #: the metric families of the score stage
-METRIC_GROUPS = ("faithfulness", "robustness", "localisation", "complexity", "ensemble", "sanity", "removal")
+METRIC_GROUPS = (
+    "faithfulness",
+    "robustness",
+    "localisation",
+    "complexity",
+    "ensemble",
+    "sanity",
+    "removal",
+    "confounders",
+)
 
 
 class ScoreConfig(_Frozen):
@@ -293,6 +302,7 @@ class ScoreConfig(_Frozen):
     road_percentiles: tuple[int, ...] = (20, 40, 60, 80)
     road_tiles: int = Field(0, ge=0)
     references: tuple[Literal["random", "uniform"], ...] = ("random", "uniform")
+    nuisance: tuple[str, ...] = ()
     infidelity_samples: int = Field(10, ge=1, le=1000)
     infidelity_noise: float = Field(0.1, gt=0)
     sensitivity_samples: int = Field(8, ge=1, le=1000)

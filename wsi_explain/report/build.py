@@ -272,6 +272,8 @@ def index_page(ctx: ReportContext, failed: list[dict]) -> Path:
         generated=now_iso(),
         clusters=clusters,
         metrics_table=fragment(viz.metric_table_html(ctx.metrics, cluster=-2)) if ctx.metrics is not None else None,
+        gains=_gains(ctx, -2),
+        confounders=_confounder_lines(ctx),
         sanity=sanity,
         spread_keys=_spread(ctx, plots),
         removal_table=_removal(ctx, plots),
@@ -329,6 +331,21 @@ def _concepts(ctx: ReportContext) -> dict | None:
         "mean_table": fragment(viz.table_html(mean)),
         "rows": items,
     }
+
+
+def _confounder_lines(ctx: ReportContext) -> list[str] | None:
+    """The confounder scan in words with its notes, or None when the run has no scan."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from wsi_explain.report.sentences import confounder_sentences
+
+    path = ctx.run.path / "cohort" / "confounders.parquet"
+    if not path.exists():
+        return None
+    meta = json.loads(pq.read_schema(path).metadata[b"wsi_explain"])
+    return confounder_sentences(pd.read_parquet(path), cohort_row=meta["cohort_row"]) + meta["notes"]
 
 
 def _gains(ctx: ReportContext, cluster: int) -> list[str]:

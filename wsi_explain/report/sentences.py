@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["gain_sentences"]
+__all__ = ["gain_sentences", "confounder_sentences"]
 
 
 def gain_sentences(rows) -> list[str]:
@@ -21,4 +21,32 @@ def gain_sentences(rows) -> list[str]:
         else:
             verdict = "not distinguishable from"
         out.append(f"{r['method']}: {metric} {verdict} the {ref} map ({ci})")
+    return out
+
+
+def confounder_sentences(scan, *, cohort_row: int = -2, top: int = 5) -> list[str]:
+    """The confounder scan's cohort rows in words, strongest first: the variables whose interval
+    (bootstrap over slides) excludes 0, at most ``top``; one sentence saying so when none does."""
+    cohort = scan[scan["cluster"] == cohort_row]
+    rows = cohort[cohort["ci_low"].notna()]
+    if len(cohort) and not len(rows):
+        return [
+            "too few slides in each label stratum for an interval over slides (3 or more needed); "
+            "the estimates are in cohort/confounders.parquet"
+        ]
+    strong = rows[(rows["ci_low"] > 0) | (rows["ci_high"] < 0)]
+    strong = strong.reindex(strong["rho"].abs().sort_values(ascending=False).index).head(top)
+    out = []
+    for _, r in strong.iterrows():
+        where = "over all slides" if r["stratum"] == "all" else f"within label {r['stratum']} slides"
+        trend = "rises" if r["rho"] > 0 else "falls"
+        out.append(
+            f"{where}, the positive probability {trend} with {r['variable']}: Spearman {r['rho']:.2f} "
+            f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}] over {int(r['n_slides'])} slides"
+        )
+    if not out and len(rows):
+        out.append(
+            f"no nuisance variable moves the positive probability beyond chance within a label stratum "
+            f"({rows['variable'].nunique()} variables, 95 % intervals over slides)"
+        )
     return out

@@ -157,6 +157,19 @@ def _gains(wide: pd.DataFrame, cfg: ScoreConfig, methods: tuple[str, ...]) -> pd
     return _aggregate(pd.concat([wide[["cluster"]], pd.DataFrame(cols)], axis=1), cfg)
 
 
+def _confounders(tiles: pd.DataFrame, cfg: ScoreConfig, cdir: Path, outputs: list) -> list[str]:
+    """``confounders.parquet``: every nuisance variable against the positive probability within
+    each label stratum, cohort and per cluster, bootstrap over slides; returns the scan's notes."""
+    from wsi_explain.metrics.confounders import scan_confounders
+
+    scan, notes = scan_confounders(
+        tiles, nuisance=cfg.nuisance, n_boot=cfg.n_boot, seed=cfg.seed, cohort_row=COHORT_ROW
+    )
+    atomic_write_parquet(scan, cdir / "confounders.parquet", {"notes": notes, "cohort_row": COHORT_ROW})
+    outputs.append("cohort/confounders.parquet")
+    return notes
+
+
 def _removal(tiles: pd.DataFrame, cfg: ScoreConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     labels = None
     if "label" in tiles.columns:
@@ -336,19 +349,18 @@ def run_score_stage(
     progress = on_progress or (lambda what, done, total: None)
     groups = set(cfg.groups)
     positive = min(ccfg.positive_class, len(cmeta.get("class_names") or [0, 1]) - 1)
-    progress("cheap metrics", 0, 1)
     wide = pd.concat([tiles[["slide_id", "tile_id", "cluster"]], _cheap_metrics(run, tiles, cfg, positive)], axis=1)
     progress("cheap metrics", 1, 1)
     parts = _sampled_metrics(run, cfg, ecfg, ccfg, methods, tiles, positive, cdir / ".score_parts" / params, progress)
     n_sampled = _merge_sampled(wide, parts[0])
-    agg = _aggregate(wide, cfg)
-    agg = pd.concat([agg, _gains(wide, cfg, methods)], ignore_index=True)
+    agg = pd.concat([_aggregate(wide, cfg), _gains(wide, cfg, methods)], ignore_index=True)
     outputs = ["cohort/cluster_metrics.parquet", "cohort/tile_metrics.parquet"]
     if "removal" in groups and "prob_pos" in tiles.columns:
         per_slide, rem_rows = _removal(tiles, cfg)
         atomic_write_parquet(per_slide, cdir / "cluster_removal.parquet")
         agg = pd.concat([agg, rem_rows], ignore_index=True)
         outputs.append("cohort/cluster_removal.parquet")
+    notes = _confounders(tiles, cfg, cdir, outputs) if "confounders" in groups and "prob_pos" in tiles else []
     sanity_df, sanity_verdict = _sanity_summary(parts[1], cfg)
     if len(sanity_df):
         atomic_write_parquet(sanity_df, cdir / "sanity.parquet")
@@ -371,6 +383,7 @@ def run_score_stage(
         n_sampled=n_sampled,
         methods=list(methods),
         sanity=sanity_verdict,
+        confounder_notes=notes,
         start=start,
         end=now_iso(),
         seconds=round(out.seconds, 3),
