@@ -89,3 +89,55 @@ def test_bad_input_is_said_and_the_rest_is_scanned():
     assert "ink_frac" in set(scan["variable"])
     two = scan_confounders(cohort(n_slides=2, tiles=10), n_boot=20)[0]
     assert confounder_sentences(two)[0].startswith("too few slides in each label stratum")
+
+
+def _site_cohort(shift: float, n_slides: int = 12, tiles: int = 15, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    slides = np.repeat([f"s{i}" for i in range(n_slides)], tiles)
+    sites = np.repeat(np.where(np.arange(n_slides) % 2 == 0, "A", "B"), tiles)
+    emb = rng.normal(size=(len(slides), 16)) + np.repeat(rng.normal(0, 0.3, (n_slides, 16)), tiles, 0)
+    emb[:, :3] += shift * (sites == "A")[:, None]
+    return emb, sites, slides
+
+
+def test_site_probe_reads_a_site_signature_and_not_noise():
+    from wsi_explain.metrics.leakage import site_probe
+
+    emb, sites, slides = _site_cohort(shift=2.0)
+    hit = site_probe(emb, sites, slides, n_perm=19, n_splits=4)
+    assert hit["auroc"] > 0.95 and hit["p_value"] == pytest.approx(1 / 20) and hit["n_sites"] == 2
+    assert hit["n_slides"] == 12 and hit["note"] == ""
+    null = site_probe(*_site_cohort(shift=0.0, seed=1), n_perm=19, n_splits=4)
+    assert null["auroc"] < 0.8 and null["p_value"] > 0.05  # grouped CV on pure noise can fall below 0.5
+    one = site_probe(emb, np.full(len(sites), "A"), slides)
+    assert np.isnan(one["auroc"]) and one["note"] == "one site in the cohort: no probe"
+    few = site_probe(emb[:30], sites[:30], slides[:30])  # two slides, one per site
+    assert np.isnan(few["auroc"]) and few["note"].startswith("too few slides per site")
+
+
+def test_site_composition_is_tested_over_slides():
+    from wsi_explain.metrics.leakage import site_composition
+
+    _, sites, slides = _site_cohort(shift=0.0)
+    clusters = np.where(sites == "A", 0, 1)  # cluster 0: every site-A tile; cluster 1: every site-B tile
+    clusters[np.arange(len(sites)) % 3 == 0] = 2  # cluster 2: a third of every slide, mixed sites
+    comp = site_composition(clusters, sites, slides, n_perm=200).set_index("cluster")
+    assert comp.loc[0, "top_site"] == "A" and comp.loc[0, "share"] == 1.0 and comp.loc[0, "p_value"] < 0.02
+    assert comp.loc[2, "tvd"] < 0.05 and comp.loc[2, "p_value"] > 0.2
+    assert comp["n_tiles"].sum() == len(sites)
+    assert site_composition(clusters, np.full(len(sites), "A"), slides).empty
+
+
+def test_site_findings_in_words():
+    from wsi_explain.metrics.leakage import site_composition, site_probe
+    from wsi_explain.report.sentences import leakage_sentences
+
+    emb, sites, slides = _site_cohort(shift=2.0)
+    probe = {"site_column": "site", **site_probe(emb, sites, slides, n_perm=9, n_splits=4)}
+    clusters = np.where(sites == "A", 0, 1)
+    comp = site_composition(clusters, sites, slides, n_perm=100)
+    lines = leakage_sentences(probe, comp)
+    assert lines[0].startswith("site probe: the tile embeddings predict the site with AUROC 0.9")
+    assert "permutation p = 0.100, 12 slides, 2 sites" in lines[0]  # 9 permutations: 1/10 at best
+    assert "cluster 0: 100 % of its tiles from site A (cohort 50 %" in lines[1] and len(lines) == 3
+    assert leakage_sentences({"auroc": float("nan")}, comp.iloc[:0]) == []

@@ -28,7 +28,7 @@ ALLOWED = {
 }
 # inside stages/, a stage imports no other stage (shared pieces live in io/explain/core) but the
 # per-slide driver; only the pipeline runs them all, and the score stage has its sampler beside it
-STAGE_PEERS = {"pipeline": "*", "score": {"score_sample", "driver"}}
+STAGE_PEERS = {"pipeline": "*", "score": {"score_sample", "score_confounders", "driver"}}
 SHARED_STAGE_MODULES = {"driver"}
 # about 400 lines a module and 60 a function, as ruff format lays the code out
 MAX_MODULE_LINES = 420

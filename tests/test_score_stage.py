@@ -109,6 +109,14 @@ def test_confounder_scan_over_slides(scored):
     meta = json.loads(pq.read_schema(path).metadata[b"wsi_explain"])
     rec = json.loads((run_dir / "manifest.json").read_text())["stages"]["score"]["slides"]["cohort"]
     assert rec["confounder_notes"] == meta["notes"] and "cohort/confounders.parquet" in rec["outputs"]
+    # the site tests: this cohort has two slides, one per site, so the probe says why it cannot run
+    # (grouped folds need 2+ slides per site) and the composition test still runs over clusters
+    assert tiles.groupby("slide_id")["site"].first().nunique() == 2
+    leak = json.loads((run_dir / "cohort/site_leakage.json").read_text())
+    assert leak["site_column"] == "site" and leak["note"].startswith("too few slides per site")
+    assert any(n.startswith("site probe: too few slides per site") for n in rec["confounder_notes"])
+    comp = pd.read_parquet(run_dir / "cohort/site_composition.parquet")
+    assert set(comp["cluster"]) == set(tiles["cluster"]) and comp["p_value"].between(0, 1).all()
 
 
 def test_reference_maps_are_seeded_and_directions_known():

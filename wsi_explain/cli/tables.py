@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 __all__ = [
@@ -118,18 +117,12 @@ def print_score_summary(run_path: Path, out, console) -> None:
 
 
 def print_confounders(run_path: Path, console) -> None:
-    """The confounder scan in words (``cohort/confounders.parquet``), with its notes; nothing when
-    the run has no scan."""
-    import pandas as pd
-    import pyarrow.parquet as pq
+    """The confounder scan and the site tests in words, with their notes; nothing when the run has
+    no scan."""
+    from wsi_explain.report.sentences import shortcut_lines
 
-    from wsi_explain.report.sentences import confounder_sentences
-    from wsi_explain.stages.score import COHORT_ROW
-
-    conf = Path(run_path) / "cohort" / "confounders.parquet"
-    if not conf.exists():
+    lines = shortcut_lines(Path(run_path) / "cohort")
+    if lines is None:
         return
-    meta = json.loads(pq.read_schema(conf).metadata[b"wsi_explain"])
-    lines = confounder_sentences(pd.read_parquet(conf), cohort_row=COHORT_ROW) + meta["notes"]
     for line in ["confounder scan (within label strata, intervals over slides):"] + lines:
         console.print(line, highlight=False)

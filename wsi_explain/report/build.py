@@ -334,18 +334,10 @@ def _concepts(ctx: ReportContext) -> dict | None:
 
 
 def _confounder_lines(ctx: ReportContext) -> list[str] | None:
-    """The confounder scan in words with its notes, or None when the run has no scan."""
-    import json
+    """The confounder scan and the site tests in words with their notes, or None without a scan."""
+    from wsi_explain.report.sentences import shortcut_lines
 
-    import pyarrow.parquet as pq
-
-    from wsi_explain.report.sentences import confounder_sentences
-
-    path = ctx.run.path / "cohort" / "confounders.parquet"
-    if not path.exists():
-        return None
-    meta = json.loads(pq.read_schema(path).metadata[b"wsi_explain"])
-    return confounder_sentences(pd.read_parquet(path), cohort_row=meta["cohort_row"]) + meta["notes"]
+    return shortcut_lines(ctx.run.path / "cohort")
 
 
 def _gains(ctx: ReportContext, cluster: int) -> list[str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["gain_sentences", "confounder_sentences"]
+__all__ = ["gain_sentences", "confounder_sentences", "leakage_sentences", "shortcut_lines"]
 
 
 def gain_sentences(rows) -> list[str]:
@@ -50,3 +50,42 @@ def confounder_sentences(scan, *, cohort_row: int = -2, top: int = 5) -> list[st
             f"({rows['variable'].nunique()} variables, 95 % intervals over slides)"
         )
     return out
+
+
+def leakage_sentences(probe: dict | None, composition) -> list[str]:
+    """The site-leakage probe and the clusters whose site mix departs from the cohort's (permutation
+    p < 0.05 over slides), in words."""
+    out = []
+    if probe is not None and probe.get("auroc") == probe.get("auroc") and probe.get("auroc") is not None:
+        out.append(
+            f"site probe: the tile embeddings predict the {probe['site_column']} with AUROC {probe['auroc']:.2f} "
+            f"(folds grouped by slide; permutation p = {probe['p_value']:.3f}, {probe['n_slides']} slides, "
+            f"{probe['n_sites']} sites)"
+        )
+    if composition is not None:
+        for _, r in composition[composition["p_value"] < 0.05].iterrows():
+            out.append(
+                f"cluster {r['cluster']}: {100 * r['share']:.0f} % of its tiles from site {r['top_site']} "
+                f"(cohort {100 * r['cohort_share']:.0f} %; permutation p = {r['p_value']:.3f} over slides)"
+            )
+    return out
+
+
+def shortcut_lines(cohort_dir) -> list[str] | None:
+    """Everything the score stage found about shortcuts, in words: the confounder scan, the site
+    probe and composition, and their notes; None when the run has no scan."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    cdir = Path(cohort_dir)
+    path = cdir / "confounders.parquet"
+    if not path.exists():
+        return None
+    meta = json.loads(pq.read_schema(path).metadata[b"wsi_explain"])
+    lines = confounder_sentences(pd.read_parquet(path), cohort_row=meta["cohort_row"])
+    probe = json.loads((cdir / "site_leakage.json").read_text()) if (cdir / "site_leakage.json").exists() else None
+    comp = pd.read_parquet(cdir / "site_composition.parquet") if (cdir / "site_composition.parquet").exists() else None
+    return lines + leakage_sentences(probe, comp) + meta["notes"]

@@ -157,17 +157,10 @@ def _gains(wide: pd.DataFrame, cfg: ScoreConfig, methods: tuple[str, ...]) -> pd
     return _aggregate(pd.concat([wide[["cluster"]], pd.DataFrame(cols)], axis=1), cfg)
 
 
-def _confounders(tiles: pd.DataFrame, cfg: ScoreConfig, cdir: Path, outputs: list) -> list[str]:
-    """``confounders.parquet``: every nuisance variable against the positive probability within
-    each label stratum, cohort and per cluster, bootstrap over slides; returns the scan's notes."""
-    from wsi_explain.metrics.confounders import scan_confounders
+def _cohort_confounders(run: RunFolder, tiles: pd.DataFrame, cfg: ScoreConfig, outputs: list) -> list[str]:
+    from wsi_explain.stages.score_confounders import cohort_confounders
 
-    scan, notes = scan_confounders(
-        tiles, nuisance=cfg.nuisance, n_boot=cfg.n_boot, seed=cfg.seed, cohort_row=COHORT_ROW
-    )
-    atomic_write_parquet(scan, cdir / "confounders.parquet", {"notes": notes, "cohort_row": COHORT_ROW})
-    outputs.append("cohort/confounders.parquet")
-    return notes
+    return cohort_confounders(run, tiles, cfg, outputs, cohort_row=COHORT_ROW)
 
 
 def _removal(tiles: pd.DataFrame, cfg: ScoreConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -360,7 +353,7 @@ def run_score_stage(
         atomic_write_parquet(per_slide, cdir / "cluster_removal.parquet")
         agg = pd.concat([agg, rem_rows], ignore_index=True)
         outputs.append("cohort/cluster_removal.parquet")
-    notes = _confounders(tiles, cfg, cdir, outputs) if "confounders" in groups and "prob_pos" in tiles else []
+    notes = _cohort_confounders(run, tiles, cfg, outputs) if "confounders" in groups and "prob_pos" in tiles else []
     sanity_df, sanity_verdict = _sanity_summary(parts[1], cfg)
     if len(sanity_df):
         atomic_write_parquet(sanity_df, cdir / "sanity.parquet")

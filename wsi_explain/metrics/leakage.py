@@ -1,0 +1,140 @@
+"""Site leakage: can the site (provider, scanner) be read from the model's embeddings, and are
+clusters made of one site more than the cohort's mix explains?
+
+Both tests respect that tiles of a slide are not independent: the probe's folds are grouped by
+slide and its permutation test shuffles sites across slides; the composition test permutes the
+slides' sites too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["site_probe", "site_composition"]
+
+
+def _slide_sites(sites: np.ndarray, slide_codes: np.ndarray) -> np.ndarray:
+    """The site code of each slide (its first tile's), (n_slides,)."""
+    out = np.full(slide_codes.max() + 1, -1, np.int64)
+    out[slide_codes[::-1]] = sites[::-1]
+    return out
+
+
+def _cv_auroc(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> float:
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import GroupKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    k = min(32, x.shape[1], max(2, len(x) // 4))
+    model = make_pipeline(StandardScaler(), PCA(k, random_state=seed), LogisticRegression(max_iter=300))
+    prob = cross_val_predict(model, x, y, groups=groups, cv=GroupKFold(n_splits), method="predict_proba")
+    if prob.shape[1] == 2:
+        return float(roc_auc_score(y, prob[:, 1]))
+    return float(roc_auc_score(y, prob, multi_class="ovr", average="macro"))
+
+
+def site_probe(
+    embeddings: np.ndarray,
+    sites: np.ndarray,
+    slides: np.ndarray,
+    *,
+    n_splits: int = 5,
+    n_perm: int = 50,
+    per_slide: int = 20,
+    seed: int = 0,
+) -> dict:
+    """Cross-validated AUROC of a logistic regression predicting the site from the embeddings.
+
+    Parameters
+    ----------
+    embeddings : (N, D) float, one row per tile.
+    sites : (N,) site of each tile's slide (any hashable values).
+    slides : (N,) slide ids: the folds (GroupKFold) never split a slide.
+    n_splits : int, keyword-only
+        Folds (at most the number of slides).
+    n_perm : int
+        Permutations for the p-value: the slides' sites are shuffled (each slide keeps one site,
+        the number of slides per site is kept) and the whole cross-validation is rerun.
+    per_slide : int
+        Tiles per slide used (a seeded sample; all when fewer), standardised, reduced by PCA (32).
+
+    Returns
+    -------
+    dict: ``auroc`` (macro one-vs-rest with 3+ sites; 0.5 = no site signal), ``p_value``
+    ((1 + permutations at or above) / (1 + n_perm)), ``n_slides``, ``n_sites``, ``n_tiles``, and
+    ``note`` (why there is no probe: one site, too few slides per site).
+    """
+    import pandas as pd
+
+    site_codes, site_names = pd.factorize(pd.Series(sites).astype(str))
+    slide_codes = pd.factorize(pd.Series(slides))[0]
+    out = {"auroc": np.nan, "p_value": np.nan, "n_slides": int(slide_codes.max() + 1), "n_sites": len(site_names)}
+    out["n_tiles"], out["note"] = 0, ""
+    per_site = np.bincount(_slide_sites(site_codes, slide_codes), minlength=len(site_names))
+    if len(site_names) < 2:
+        out["note"] = "one site in the cohort: no probe"
+        return out
+    if per_site.min() < 2 or out["n_slides"] < 4:
+        out["note"] = f"too few slides per site for grouped folds ({dict(zip(site_names, per_site.tolist()))})"
+        return out
+    rng = np.random.default_rng(seed)
+    keep = np.concatenate(
+        [rng.permutation(np.flatnonzero(slide_codes == s))[:per_slide] for s in range(out["n_slides"])]
+    )
+    x, y, g = np.asarray(embeddings, np.float64)[keep], site_codes[keep], slide_codes[keep]
+    folds = int(min(n_splits, out["n_slides"], per_site.sum()))
+    out["n_tiles"] = len(keep)
+    out["auroc"] = _cv_auroc(x, y, g, folds, seed)
+    slide_site = _slide_sites(y, g)
+    null = [_cv_auroc(x, rng.permutation(slide_site)[g], g, folds, seed) for _ in range(n_perm)]
+    out["p_value"] = float((1 + np.sum(np.asarray(null) >= out["auroc"] - 1e-12)) / (1 + n_perm))
+    return out
+
+
+def site_composition(clusters: np.ndarray, sites: np.ndarray, slides: np.ndarray, *, n_perm: int = 1000, seed: int = 0):
+    """Per cluster: its most common site, that site's share in the cluster and in the cohort, the
+    total-variation distance between the cluster's site mix and the cohort's, and a permutation
+    p-value for that distance (sites shuffled across slides, so a cluster made of one big slide is
+    not called site-specific by its tile count alone).
+
+    Returns a DataFrame (cluster, top_site, share, cohort_share, tvd, p_value, n_tiles); empty with
+    fewer than 2 sites.
+    """
+    import pandas as pd
+
+    site_codes, site_names = pd.factorize(pd.Series(sites).astype(str))
+    slide_codes = pd.factorize(pd.Series(slides))[0]
+    cl_codes, cl_names = pd.factorize(pd.Series(clusters), sort=True)
+    cols = ["cluster", "top_site", "share", "cohort_share", "tvd", "p_value", "n_tiles"]
+    n_s, n_c = len(site_names), len(cl_names)
+    if n_s < 2:
+        return pd.DataFrame(columns=cols)
+
+    def tvd(site_of_tile: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        counts = np.bincount(cl_codes * n_s + site_of_tile, minlength=n_c * n_s).reshape(n_c, n_s)
+        share = counts / counts.sum(1, keepdims=True)
+        return 0.5 * np.abs(share - counts.sum(0) / counts.sum()).sum(1), share
+
+    observed, share = tvd(site_codes)
+    slide_site = _slide_sites(site_codes, slide_codes)
+    rng = np.random.default_rng(seed)
+    above = np.zeros(n_c)
+    for _ in range(n_perm):
+        above += tvd(rng.permutation(slide_site)[slide_codes])[0] >= observed - 1e-12
+    cohort = np.bincount(site_codes, minlength=n_s) / len(site_codes)
+    top = share.argmax(1)
+    return pd.DataFrame(
+        {
+            "cluster": cl_names,
+            "top_site": site_names[top],
+            "share": share[np.arange(n_c), top],
+            "cohort_share": cohort[top],
+            "tvd": observed,
+            "p_value": (1 + above) / (1 + n_perm),
+            "n_tiles": np.bincount(cl_codes, minlength=n_c),
+        },
+        columns=cols,
+    )
