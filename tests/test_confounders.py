@@ -141,3 +141,27 @@ def test_site_findings_in_words():
     assert "permutation p = 0.100, 12 slides, 2 sites" in lines[0]  # 9 permutations: 1/10 at best
     assert "cluster 0: 100 % of its tiles from site A (cohort 50 %" in lines[1] and len(lines) == 3
     assert leakage_sentences({"auroc": float("nan")}, comp.iloc[:0]) == []
+
+
+def test_error_ranking_puts_the_failing_cluster_first():
+    from wsi_explain.metrics.leakage import error_clusters
+    from wsi_explain.report.sentences import error_sentences
+
+    rng = np.random.default_rng(0)
+    n = 600
+    clusters = np.repeat([0, 1, 2], n // 3)
+    labels = rng.integers(0, 2, n).astype(float)
+    prob = np.where(labels == 1, 0.9, 0.1)  # right everywhere...
+    bad = (clusters == 1) & (labels == 0)
+    prob[bad] = 0.8  # ...except negatives of cluster 1: false positives
+    labels[:10] = np.nan  # unlabelled tiles are left out
+    err = error_clusters(clusters, prob, labels)
+    assert err.iloc[0]["cluster"] == 1 and err.iloc[0]["false_pos"] == bad.sum() and err.iloc[0]["false_neg"] == 0
+    assert err.iloc[0]["error_share"] == 1.0 and err["n_labelled"].sum() == n - 10
+    assert err.iloc[0]["cohort_error_rate"] == pytest.approx(bad.sum() / (n - 10))
+    assert err.iloc[0]["excess_errors"] > 0 > err.iloc[-1]["excess_errors"]
+    line = error_sentences(err)[0]
+    assert (
+        line.startswith("where the model fails: cluster 1 holds 100 % of the cohort's errors")
+        and len(error_sentences(err)) == 1
+    )

@@ -115,6 +115,10 @@ def test_confounder_scan_over_slides(scored):
     leak = json.loads((run_dir / "cohort/site_leakage.json").read_text())
     assert leak["site_column"] == "site" and leak["note"].startswith("too few slides per site")
     assert any(n.startswith("site probe: too few slides per site") for n in rec["confounder_notes"])
+    err = pd.read_parquet(run_dir / "cohort/error_clusters.parquet")  # where the model fails
+    assert err["n_labelled"].sum() == tiles["label_pos"].notna().sum() and "removal_effect" in err.columns
+    assert err["excess_errors"].is_monotonic_decreasing  # the clusters holding the failures first
+    assert "cohort/error_clusters.parquet" in rec["outputs"]
     comp = pd.read_parquet(run_dir / "cohort/site_composition.parquet")
     assert set(comp["cluster"]) == set(tiles["cluster"]) and comp["p_value"].between(0, 1).all()
 

@@ -1,5 +1,6 @@
 """Site leakage: can the site (provider, scanner) be read from the model's embeddings, and are
-clusters made of one site more than the cohort's mix explains?
+clusters made of one site more than the cohort's mix explains? And where the model fails: which
+clusters hold its errors (:func:`error_clusters`).
 
 Both tests respect that tiles of a slide are not independent: the probe's folds are grouped by
 slide and its permutation test shuffles sites across slides; the composition test permutes the
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["site_probe", "site_composition"]
+__all__ = ["site_probe", "site_composition", "error_clusters"]
 
 
 def _slide_sites(sites: np.ndarray, slide_codes: np.ndarray) -> np.ndarray:
@@ -138,3 +139,37 @@ def site_composition(clusters: np.ndarray, sites: np.ndarray, slides: np.ndarray
         },
         columns=cols,
     )
+
+
+def error_clusters(clusters: np.ndarray, prob: np.ndarray, labels: np.ndarray, *, threshold: float = 0.5):
+    """Where the model fails: per cluster, its labelled tiles' errors against the cohort's.
+
+    Parameters
+    ----------
+    clusters : (N,) cluster ids.
+    prob : (N,) positive probability; a tile is called positive at ``prob >= threshold``.
+    labels : (N,) 1/0 (positive or not; tile annotation or slide label), NaN = unlabelled (left out).
+
+    Returns
+    -------
+    DataFrame, one row per cluster with labelled tiles, ranked by ``excess_errors`` (errors beyond
+    what the cohort's error rate predicts for the cluster's labelled tiles; the clusters that hold
+    the model's failures first): cluster, n_labelled, n_errors, false_pos, false_neg, error_rate,
+    cohort_error_rate, error_share (of the cohort's errors), excess_errors.
+    """
+    import pandas as pd
+
+    y = np.asarray(labels, np.float64)
+    keep = np.isfinite(y)
+    c, pred, y = np.asarray(clusters)[keep], np.asarray(prob, np.float64)[keep] >= threshold, y[keep] > 0.5
+    df = pd.DataFrame({"cluster": c, "fp": pred & ~y, "fn": ~pred & y})
+    g = df.groupby("cluster").agg(n_labelled=("fp", "size"), false_pos=("fp", "sum"), false_neg=("fn", "sum"))
+    g["n_errors"] = g["false_pos"] + g["false_neg"]
+    total = max(int(g["n_errors"].sum()), 0)
+    rate = total / max(len(df), 1)
+    g["error_rate"] = g["n_errors"] / g["n_labelled"]
+    g["cohort_error_rate"] = rate
+    g["error_share"] = g["n_errors"] / total if total else 0.0
+    g["excess_errors"] = g["n_errors"] - rate * g["n_labelled"]
+    cols = ["n_labelled", "n_errors", "false_pos", "false_neg", "error_rate", "cohort_error_rate", "error_share"]
+    return g.reset_index()[["cluster"] + cols + ["excess_errors"]].sort_values("excess_errors", ascending=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["gain_sentences", "confounder_sentences", "leakage_sentences", "shortcut_lines"]
+__all__ = ["gain_sentences", "confounder_sentences", "leakage_sentences", "error_sentences", "shortcut_lines"]
 
 
 def gain_sentences(rows) -> list[str]:
@@ -65,7 +65,7 @@ def leakage_sentences(probe: dict | None, composition) -> list[str]:
     if composition is not None:
         for _, r in composition[composition["p_value"] < 0.05].iterrows():
             out.append(
-                f"cluster {r['cluster']}: {100 * r['share']:.0f} % of its tiles from site {r['top_site']} "
+                f"cluster {int(r['cluster'])}: {100 * r['share']:.0f} % of its tiles from site {r['top_site']} "
                 f"(cohort {100 * r['cohort_share']:.0f} %; permutation p = {r['p_value']:.3f} over slides)"
             )
     return out
@@ -88,4 +88,23 @@ def shortcut_lines(cohort_dir) -> list[str] | None:
     lines = confounder_sentences(pd.read_parquet(path), cohort_row=meta["cohort_row"])
     probe = json.loads((cdir / "site_leakage.json").read_text()) if (cdir / "site_leakage.json").exists() else None
     comp = pd.read_parquet(cdir / "site_composition.parquet") if (cdir / "site_composition.parquet").exists() else None
-    return lines + leakage_sentences(probe, comp) + meta["notes"]
+    err = pd.read_parquet(cdir / "error_clusters.parquet") if (cdir / "error_clusters.parquet").exists() else None
+    return lines + leakage_sentences(probe, comp) + error_sentences(err) + meta["notes"]
+
+
+def error_sentences(errors, *, top: int = 3) -> list[str]:
+    """ "Where the model fails": the clusters holding more errors than the cohort's rate predicts,
+    most excess first, at most ``top``."""
+    if errors is None or not len(errors):
+        return []
+    out = []
+    for _, r in errors[errors["excess_errors"] > 0].head(top).iterrows():
+        line = (
+            f"where the model fails: cluster {int(r['cluster'])} holds {100 * r['error_share']:.0f} % of the cohort's "
+            f"errors ({int(r['false_pos'])} false positives, {int(r['false_neg'])} false negatives; error rate "
+            f"{r['error_rate']:.2f} against {r['cohort_error_rate']:.2f} in the cohort)"
+        )
+        if "removal_effect" in r and r["removal_effect"] == r["removal_effect"]:
+            line += f"; removing it moves a slide's top-8 score by up to {r['removal_effect']:.2f}"
+        out.append(line)
+    return out

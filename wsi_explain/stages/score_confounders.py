@@ -7,7 +7,9 @@ Writes, in ``RUN/cohort/``:
 - ``site_leakage.json``: with a site-like column of 2+ values, the cross-validated probe that reads
   the site from the tile embeddings (folds grouped by slide, permutation p-value);
 - ``site_composition.parquet``: per cluster, its top site's share against the cohort's and a
-  permutation p-value over slides (:mod:`wsi_explain.metrics.leakage`).
+  permutation p-value over slides (:mod:`wsi_explain.metrics.leakage`);
+- ``error_clusters.parquet``: with labels, the clusters ranked by the errors they hold beyond the
+  cohort's error rate, with their removal effect ("where the model fails").
 """
 
 from __future__ import annotations
@@ -45,9 +47,27 @@ def cohort_confounders(
         notes.append("no site column with 2 or more values: no site-leakage probe")
     else:
         notes += _site_tests(run, tiles, site_col, cfg, outputs)
+    if "label_pos" in tiles.columns and tiles["label_pos"].notna().any():
+        _errors(run, tiles, outputs)
+    else:
+        notes.append("no labels: no error-aware ranking of the clusters")
     atomic_write_parquet(scan, cdir / "confounders.parquet", {"notes": notes, "cohort_row": cohort_row})
     outputs.append("cohort/confounders.parquet")
     return notes
+
+
+def _errors(run: RunFolder, tiles: pd.DataFrame, outputs: list) -> None:
+    """``error_clusters.parquet``: the clusters ranked by the errors they hold beyond the cohort's
+    rate, with the removal effect of clustering (max change of a slide's top-8 score) beside it."""
+    from wsi_explain.metrics.leakage import error_clusters
+
+    err = error_clusters(tiles["cluster"], tiles["prob_pos"], tiles["label_pos"])
+    summary = run.path / "cohort" / "clusters.parquet"
+    if summary.exists():
+        eff = pd.read_parquet(summary, columns=["cluster", "removal_effect"])
+        err = err.merge(eff, on="cluster", how="left").sort_values(["excess_errors", "removal_effect"], ascending=False)
+    atomic_write_parquet(err.reset_index(drop=True), run.path / "cohort" / "error_clusters.parquet")
+    outputs.append("cohort/error_clusters.parquet")
 
 
 def _site_tests(run: RunFolder, tiles: pd.DataFrame, site_col: str, cfg: ScoreConfig, outputs: list) -> list:
