@@ -104,18 +104,16 @@ def status(run: Path = typer.Argument(..., help="Run folder.")) -> None:
         return
     for name, stage in rf.manifest["stages"].items():
         table = Table(title=f"stage: {name}")
-        for col in ("slide", "status", "tiles", "seconds", "where the time went (s)", "error"):
+        slides = stage.get("slides", {})
+        timed = any(rec.get("timings") for rec in slides.values())  # extraction records its parts
+        cols = ("slide", "status", "tiles", "seconds") + (("where the time went (s)",) if timed else ()) + ("error",)
+        for col in cols:
             table.add_column(col, overflow="fold")
-        for sid, rec in stage.get("slides", {}).items():
+        for sid, rec in slides.items():
             parts = {k: v for k, v in (rec.get("timings") or {}).items() if k != "wall"}
-            table.add_row(
-                sid,
-                rec.get("status", "?"),
-                str(rec.get("n_tiles", "")),
-                str(rec.get("seconds", "")),
-                ", ".join(f"{k} {v:.1f}" for k, v in parts.items()),
-                rec.get("error") or "",
-            )
+            row = [sid, rec.get("status", "?"), str(rec.get("n_tiles", "")), str(rec.get("seconds", ""))]
+            row += [", ".join(f"{k} {v:.1f}" for k, v in parts.items())] if timed else []
+            table.add_row(*row, rec.get("error") or "")
         console.print(table)
 
 
