@@ -29,7 +29,7 @@ SITE_COLUMNS = ("site", "provider", "data_provider", "scanner", "center", "centr
 
 FLAG_NAMES = {
     "dominated": "dominated by one slide or site",
-    "artefact_positive": "the model leans on artefact tiles (pen ink, blur or little tissue)",
+    "artefact_positive": "the model leans on artefact tiles (pen ink, blur, off-range stain or little tissue)",
     "off_tissue": "attribution mass mostly off tissue",
     "label_disagreement": "labels disagree with predictions",
 }
@@ -51,7 +51,11 @@ class FlagRules:
     low_tissue, tile_ink, ink_share, sharpness, blur_share : ...and its tiles are artefacts: mean
         tissue fraction below ``low_tissue``, or at least ``ink_share`` of its tiles with an ink
         fraction of ``tile_ink`` or more, or at least ``blur_share`` of its tiles out of focus
-        (sharpness below ``sharpness``, the tiling QC's measure).
+        (sharpness below ``sharpness``, the tiling QC's measure)...
+    stain_iqr, stain_share : ...or at least ``stain_share`` of its tiles stained outside the
+        cohort's range: haematoxylin or eosin optical density beyond the cohort's quartiles by
+        more than ``stain_iqr`` interquartile ranges (a far-out value by Tukey's rule; a different
+        staining protocol or site, not dense nuclei, which stay within the cohort's range).
     off_tissue : attribution flag when the mean share of attribution off tissue is at least this.
     agreement : label flag when fewer than this share of labelled tiles agree with predictions...
     min_labelled : ...among at least this many labelled tiles.
@@ -70,6 +74,8 @@ class FlagRules:
     ink_share: float = 0.3
     sharpness: float = 0.06
     blur_share: float = 0.5
+    stain_iqr: float = 3.0
+    stain_share: float = 0.5
     off_tissue: float = 0.5
     agreement: float = 0.5
     min_labelled: int = 10
@@ -140,10 +146,11 @@ def summarize_clusters(
     -------
     DataFrame with ``cluster, size, n_slides, top_slide, slide_dominance, top_site, site_dominance,
     pred_mix (JSON), positive_rate, mean_confidence, mean_membership, mean_tissue, mean_ink,
-    ink_tile_share, blur_tile_share, mean_sharpness, mean_od_h, mean_od_e, mean_brightness,
+    ink_tile_share, blur_tile_share, stain_tile_share, mean_sharpness, mean_od_h, mean_od_e, mean_brightness,
     removal_effect, mean_cam_off_tissue, n_labelled, label_purity, label_agreement, concept_mix (JSON), top_concept,
     representatives (JSON of "slide:tile" lists), flags (list of keys), flag_reasons (list of
-    sentences)``.
+    sentences), artefact_kinds (list of the artefacts the tiles show: low_tissue, ink, blur,
+    stain)``.
     """
     df = tiles.reset_index(drop=True)
     n_slides_cohort = df["slide_id"].nunique()
@@ -152,9 +159,12 @@ def summarize_clusters(
     has_site = site_col is not None and df[site_col].nunique() > 1
     site_share = df[site_col].value_counts(normalize=True) if has_site else None
     concept_cols = [c for c in df.columns if c.startswith("concept_")]
+    off_stain = _stain_outliers(df, rules)
     rows = []
     for cl, g in df.groupby("cluster", sort=True):
         row = {**_composition(g, int(cl), rules, removal), **_site(g, site_col if has_site else None)}
+        row["stain_tile_share"] = float(off_stain[g.index].mean()) if off_stain is not None else float("nan")
+        row["artefact_kinds"] = [k for k, _ in _artefacts(row, rules)]
         row.update(_labels(g))
         row.update(_concept_mix(g, concept_cols))
         row["representatives"] = json.dumps(_representatives(g, space, n_representatives))
@@ -168,6 +178,23 @@ def summarize_clusters(
     out = pd.DataFrame(rows)
     if len(out):
         out = pd.concat([out[out["cluster"] >= 0], out[out["cluster"] < 0]], ignore_index=True)
+    return out
+
+
+def _stain_outliers(df: pd.DataFrame, rules: FlagRules) -> np.ndarray | None:
+    """(n,) bool: tiles whose H or E optical density lies beyond the cohort's quartiles by more than
+    ``rules.stain_iqr`` interquartile ranges (None without the QC columns). Inked tiles are left
+    out, of the quartiles and of the outliers: their optical density is the marker's."""
+    if not {"od_h", "od_e"} <= set(df.columns):
+        return None
+    clean = (df["ink_frac"] < rules.tile_ink).to_numpy() if "ink_frac" in df else np.ones(len(df), bool)
+    out = np.zeros(len(df), bool)
+    for c in ("od_h", "od_e"):
+        v = np.where(clean, df[c].to_numpy(np.float64), np.nan)
+        q1, q3 = np.nanpercentile(v, [25, 75]) if np.isfinite(v).any() else (np.nan, np.nan)
+        iqr = q3 - q1
+        with np.errstate(invalid="ignore"):
+            out |= (v > q3 + rules.stain_iqr * iqr) | (v < q1 - rules.stain_iqr * iqr)
     return out
 
 
@@ -278,21 +305,41 @@ def _flags(row, rules: FlagRules, n_slides_cohort, cohort_pos, site_share, posit
     return flags, reasons
 
 
-def _artefact_reasons(row: dict, rules: FlagRules) -> list[str]:
-    """What makes a cluster's tiles artefacts, in words (empty when nothing does)."""
+def _artefacts(row: dict, rules: FlagRules) -> list[tuple[str, str]]:
+    """(kind, reason in words) of what makes a cluster's tiles artefacts (empty when nothing does)."""
     why = []
     if row["mean_tissue"] < rules.low_tissue:
-        why.append(f"its mean tissue fraction is only {row['mean_tissue']:.2f}")
+        why.append(("low_tissue", f"its mean tissue fraction is only {row['mean_tissue']:.2f}"))
     if row["ink_tile_share"] >= rules.ink_share:
         why.append(
-            f"{100 * row['ink_tile_share']:.0f}% of its tiles carry pen ink (ink fraction of "
-            f"{100 * rules.tile_ink:.0f}% or more; {100 * row['mean_ink']:.0f}% of its area on average)"
+            (
+                "ink",
+                f"{100 * row['ink_tile_share']:.0f}% of its tiles carry pen ink (ink fraction of "
+                f"{100 * rules.tile_ink:.0f}% or more; {100 * row['mean_ink']:.0f}% of its area on average)",
+            )
         )
     if row["blur_tile_share"] >= rules.blur_share:
         why.append(
-            f"{100 * row['blur_tile_share']:.0f}% of its tiles are out of focus (sharpness below {rules.sharpness:g})"
+            (
+                "blur",
+                f"{100 * row['blur_tile_share']:.0f}% of its tiles are out of focus "
+                f"(sharpness below {rules.sharpness:g})",
+            )
+        )
+    if row.get("stain_tile_share", np.nan) >= rules.stain_share:
+        why.append(
+            (
+                "stain",
+                f"{100 * row['stain_tile_share']:.0f}% of its tiles are stained outside the cohort's range "
+                f"(H or E optical density more than {rules.stain_iqr:g} IQR beyond the quartiles)",
+            )
         )
     return why
+
+
+def _artefact_reasons(row: dict, rules: FlagRules) -> list[str]:
+    """What makes a cluster's tiles artefacts, in words (empty when nothing does)."""
+    return [reason for _, reason in _artefacts(row, rules)]
 
 
 def _leaning_reasons(row: dict, rules: FlagRules, cohort_pos: float, positive_name: str) -> list[str]:

@@ -215,6 +215,18 @@ def audit_run(tmp_path_factory, slides):
 
 
 @pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """``wsi-explain demo`` run once per session: (run folder, its CompletedProcess, the command).
+    Tests that write into the run work on a copy (:func:`copy_run`)."""
+    import subprocess
+    import sys
+
+    run = tmp_path_factory.mktemp("demo") / "run"
+    cmd = [sys.executable, "-m", "wsi_explain.cli", "demo", "--out", str(run)]
+    return run, subprocess.run(cmd, capture_output=True, text=True), cmd
+
+
+@pytest.fixture(scope="session")
 def browser():
     """Headless Chromium (Debian's, driven by playwright). `make test` installs it and sets
     WSI_EXPLAIN_REQUIRE_BROWSER=1, so there a missing browser fails instead of skipping."""

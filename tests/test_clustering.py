@@ -261,6 +261,32 @@ def test_artefact_flag_reads_ink_and_blur_and_needs_the_model_to_lean():
     assert "100% of its tiles carry pen ink" in text and "removing it moves a slide's top-k score by up to 0.25" in text
 
 
+def test_stain_flag_reads_off_range_stain_not_dense_nuclei_and_not_ink():
+    """Tiles stained far outside the cohort's range (a shifted H&E) that the model calls positive
+    are flagged as a stain artefact; a cluster of dense nuclei (high haematoxylin within the
+    cohort's spread) is not; inked tiles, whose optical density is the marker's, do not count."""
+    rng = np.random.default_rng(5)
+    df = _cohort(rng)
+    df["od_h"] = rng.normal(0.30, 0.04, len(df))
+    df["od_e"] = rng.normal(0.22, 0.03, len(df))
+    shifted = df[df["cluster"] == 0].head(40).copy()
+    shifted["cluster"], shifted["tile_id"], shifted["pred"], shifted["prob_pos"] = 3, shifted["tile_id"] + 1000, 1, 0.9
+    shifted["od_h"] = shifted["od_h"] * 2.5  # far beyond the quartiles
+    nuclei = df[df["cluster"] == 1].head(40).copy()
+    nuclei["cluster"], nuclei["tile_id"], nuclei["pred"], nuclei["prob_pos"] = 4, nuclei["tile_id"] + 2000, 1, 0.9
+    nuclei["od_h"] = df["od_h"].quantile(0.9)  # dense nuclei: high, within the cohort's range
+    inked = shifted.assign(cluster=5, tile_id=shifted["tile_id"] + 2000, ink_frac=0.4)
+    df = pd.concat([df, shifted, nuclei, inked], ignore_index=True)
+    out = C.summarize_clusters(df).set_index("cluster")
+    assert "stain" in out.loc[3, "artefact_kinds"] and "artefact_positive" in out.loc[3, "flags"]
+    assert out.loc[3, "stain_tile_share"] >= 0.8
+    assert "stained outside the cohort's range" in " ".join(out.loc[3, "flag_reasons"])
+    assert out.loc[4, "artefact_kinds"] == [] and "artefact_positive" not in out.loc[4, "flags"]
+    assert out.loc[5, "artefact_kinds"] == ["ink"] and out.loc[5, "stain_tile_share"] == 0.0
+    for cl in (0, 1, 2):
+        assert out.loc[cl, "stain_tile_share"] < 0.05
+
+
 def test_site_dominance_flag():
     rng = np.random.default_rng(3)
     df = _cohort(rng)

@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
 
 @pytest.mark.slow
-def test_demo_runs_finds_the_ink_shortcut_and_rerun_is_a_noop(tmp_path):
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "wsi_explain.cli", "demo", "--out", str(run)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+def test_demo_runs_finds_the_ink_shortcut_and_rerun_is_a_noop(demo_run):
+    run, res, cmd = demo_run
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "7 slide(s) tiled, 0 failed" in res.stdout and "run folder:" in res.stdout and "report:" in res.stdout
     manifest = json.loads((run / "manifest.json").read_text())

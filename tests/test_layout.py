@@ -1,7 +1,7 @@
 """The code's layout: imports go one way, and no module or function grows past its size.
 
 Packages, lowest first: ``tiling``, ``clustering``, ``viz`` (never import wsi_explain), then inside
-``wsi_explain``: ``core`` <- ``io``, ``explain`` <- ``metrics`` <- ``report`` <- ``stages`` <- ``demo``
+``wsi_explain``: ``core`` <- ``io``, ``explain`` <- ``metrics`` <- ``selftest``, ``report`` <- ``stages`` <- ``demo``
 <- the CLI. Imports are read from the source with ``ast`` (also the ones inside functions), so a
 lazy import cannot sneak past.
 """
@@ -23,12 +23,18 @@ ALLOWED = {
     "explain": {"core"},
     "metrics": {"core", "explain"},
     "report": {"core", "io"},
-    "stages": {"core", "io", "explain", "metrics", "report"},
+    "selftest": {"core", "io", "explain", "metrics"},
+    "stages": {"core", "io", "explain", "metrics", "report", "selftest"},
     "demo": {"core", "io", "explain", "stages"},
 }
 # inside stages/, a stage imports no other stage (shared pieces live in io/explain/core) but the
 # per-slide driver; only the pipeline runs them all, and the score stage has its sampler beside it
-STAGE_PEERS = {"pipeline": "*", "score": {"score_sample", "score_confounders", "driver"}}
+STAGE_PEERS = {
+    "pipeline": "*",
+    "score": {"score_sample", "score_confounders", "driver"},
+    # the self-test runs the audit's stages on its planted cohorts
+    "selftest": {"tile", "extract", "cluster", "driver"},
+}
 SHARED_STAGE_MODULES = {"driver"}
 # about 400 lines a module and 60 a function, as ruff format lays the code out
 MAX_MODULE_LINES = 420

@@ -117,6 +117,22 @@ def status(run: Path = typer.Argument(..., help="Run folder.")) -> None:
         console.print(table)
 
 
+def _print_run_summary(res, cfg, console) -> None:
+    """Failed slides, the confounder scan, the self-test, where the report and the run are."""
+    for sid, err in res.failed_slides.items():
+        console.print(f"[red]failed[/] {sid}: {err}", highlight=False)
+    from wsi_explain.cli.tables import print_confounders
+
+    print_confounders(res.run, console)
+    if cfg.selftest is not None:
+        from wsi_explain.cli.selftest_command import print_selftest
+
+        print_selftest(res.run, console)
+    if res.report:
+        console.print(f"report: {res.report}")
+    console.print(f"run folder: {res.run.resolve()}  (wsi-explain status {res.run})")
+
+
 @app.command("run")
 def run_cmd(
     config: Path | None = typer.Argument(None, help="YAML run config (see README); options below override it."),
@@ -142,6 +158,9 @@ def run_cmd(
         None, help="Dask LocalCluster worker processes for tiling and extraction (1 = serial)."
     ),
     scheduler: str | None = typer.Option(None, help="Existing Dask scheduler, tcp://host:port."),
+    selftest: bool = typer.Option(
+        False, help="Also run the self-test (planted shortcuts; or a selftest: section in the run config)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """The whole audit: tile, extract, cluster, score and report, skipping what is already done."""
@@ -174,6 +193,8 @@ def run_cmd(
     )
     doc["cluster"] = section(doc.get("cluster") or {}, positive_labels=list(_csv(positive_labels)) or None)
     doc["score"] = section(doc.get("score") or {}, per_cluster=per_cluster)
+    if selftest or ("selftest" in doc and doc["selftest"] is None):  # a bare `selftest:` in the YAML
+        doc["selftest"] = doc.get("selftest") or {}
     if not doc.get("slides") or not doc.get("out"):
         fail("give --slides and --out (or a run config with slides: and out:)")
     cfg = make_config(PipelineConfig, "run", **doc)
@@ -193,14 +214,7 @@ def run_cmd(
 
         with exits_on_error():
             res = run_pipeline(cfg, on_event=on_event)
-    for sid, err in res.failed_slides.items():
-        console.print(f"[red]failed[/] {sid}: {err}", highlight=False)
-    from wsi_explain.cli.tables import print_confounders
-
-    print_confounders(res.run, console)
-    if res.report:
-        console.print(f"report: {res.report}")
-    console.print(f"run folder: {res.run.resolve()}  (wsi-explain status {res.run})")
+    _print_run_summary(res, cfg, console)
     raise typer.Exit(1 if res.failed_slides else 0)
 
 

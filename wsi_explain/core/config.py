@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["TileConfig", "ExtractConfig", "ClusterConfig", "ScoreConfig", "METRIC_GROUPS"]
+__all__ = ["TileConfig", "ExtractConfig", "ClusterConfig", "ScoreConfig", "SelftestConfig", "METRIC_GROUPS"]
 
 
 class _Frozen(BaseModel):
@@ -331,3 +331,36 @@ class ScoreConfig(_Frozen):
         for k in ("batch_size", "device"):
             d.pop(k, None)
         return d
+
+
+class SelftestConfig(_Frozen):
+    """Parameters of the self-test (``wsi-explain selftest``, the ``selftest:`` section of ``run``).
+
+    Attributes
+    ----------
+    n_slides, tiles_per_slide : int
+        Size of the planted cohort built from the run's clean tiles (slides cycle through the
+        plant kinds; labels alternate, so every kind has positive and negative slides).
+    kinds : tuple of {"ink", "blur", "stain"}
+        Shortcuts planted (:mod:`tiling.plants`).
+    control : bool
+        Also audit the same cohort with nothing planted (its flags are false flags).
+    n_boot : int
+        Bootstrap resamples of the confounder scan (over slides).
+    seed : int
+    """
+
+    n_slides: int = Field(18, ge=2, le=1000)
+    tiles_per_slide: int = Field(16, ge=4, le=400)
+    kinds: tuple[Literal["ink", "blur", "stain"], ...] = ("ink", "blur", "stain")
+    control: bool = True
+    n_boot: int = Field(200, ge=0, le=100_000)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> SelftestConfig:
+        if not self.kinds:
+            raise ValueError("give at least one plant kind")
+        if self.n_slides < 2 * len(self.kinds):
+            raise ValueError(f"n_slides ({self.n_slides}) must be at least two per plant kind ({2 * len(self.kinds)})")
+        return self

@@ -274,6 +274,7 @@ def index_page(ctx: ReportContext, failed: list[dict]) -> Path:
         metrics_table=fragment(viz.metric_table_html(ctx.metrics, cluster=-2)) if ctx.metrics is not None else None,
         gains=_gains(ctx, -2),
         confounders=_confounder_lines(ctx),
+        selftest=_selftest(ctx),
         sanity=sanity,
         spread_keys=_spread(ctx, plots),
         removal_table=_removal(ctx, plots),
@@ -338,6 +339,16 @@ def _confounder_lines(ctx: ReportContext) -> list[str] | None:
     from wsi_explain.report.sentences import shortcut_lines
 
     return shortcut_lines(ctx.run.path / "cohort")
+
+
+def _selftest(ctx: ReportContext) -> dict | None:
+    """The self-test's table and sentences (None without ``cohort/selftest.json``)."""
+    from wsi_explain.report.selftest_text import SELFTEST_HEADER, read_selftest, selftest_rows, selftest_sentences
+
+    figures = read_selftest(ctx.run.path / "cohort")
+    if figures is None:
+        return None
+    return {"header": SELFTEST_HEADER, "rows": selftest_rows(figures), "lines": selftest_sentences(figures)}
 
 
 def _gains(ctx: ReportContext, cluster: int) -> list[str]:

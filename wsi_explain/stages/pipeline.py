@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field
 
-from wsi_explain.core.config import ClusterConfig, ExtractConfig, ScoreConfig, TileConfig, _Frozen
+from wsi_explain.core.config import ClusterConfig, ExtractConfig, ScoreConfig, SelftestConfig, TileConfig, _Frozen
 from wsi_explain.core.errors import DiskFullError, WsiExplainError, is_disk_full
 from wsi_explain.core.run import STAGES, RunFolder
 
@@ -35,6 +35,8 @@ class PipelineConfig(_Frozen):
     out : str
         Run folder.
     tile, extract, cluster, score : the stages' configs.
+    selftest : SelftestConfig or None
+        When given, the self-test runs after the score stage (before the report, which shows it).
     stages : stages to run (default all).
     workers : int
         Dask LocalCluster worker processes for tiling and extraction (1 = run here).
@@ -50,6 +52,7 @@ class PipelineConfig(_Frozen):
     extract: ExtractConfig = ExtractConfig()
     cluster: ClusterConfig = ClusterConfig()
     score: ScoreConfig = ScoreConfig()
+    selftest: SelftestConfig | None = None
     stages: tuple[str, ...] = STAGES
     workers: int = Field(1, ge=1, le=256)
     scheduler: str | None = None
@@ -169,14 +172,10 @@ def run_pipeline(
             setup = {"workers": cfg.workers, "scheduler": cfg.scheduler, "stages": list(cfg.stages)}
             run.set_config("pipeline", {**setup, "executor": executor.name})
             for stage, runner in RUNNERS.items():
-                if stage not in cfg.stages:
-                    continue
-                t0 = time.perf_counter()
-                say(stage, "started")
-                out.stages[stage], report = runner(run, cfg, executor, say)
-                out.report = report or out.report
-                out.seconds[stage] = round(time.perf_counter() - t0, 2)
-                say(stage, f"finished in {out.seconds[stage]:.1f} s")
+                if stage == "report" and cfg.selftest is not None:  # after score, so that the report shows it
+                    _timed(out, "selftest", say, _run_selftest, run, cfg, executor, say)
+                if stage in cfg.stages:
+                    _timed(out, stage, say, runner, run, cfg, executor, say)
             out.failed_slides = _failed_slides(run)
     except OSError as exc:
         if is_disk_full(exc):
@@ -188,6 +187,30 @@ def run_pipeline(
         if own:
             executor.close()
     return out
+
+
+def _run_selftest(run: RunFolder, cfg: PipelineConfig, executor, say) -> tuple:
+    import contextlib
+
+    from wsi_explain.stages.selftest import run_selftest
+
+    @contextlib.contextmanager
+    def step(msg: str):
+        say("selftest", msg)
+        yield
+
+    figures = run_selftest(run, cfg.selftest, step=step)
+    return {k: v["recall"] for k, v in figures["planted"]["kinds"].items()}, None
+
+
+def _timed(out: PipelineResult, stage: str, say, runner, *args) -> None:
+    """Run one stage's runner, recording its summary, report index and seconds in ``out``."""
+    t0 = time.perf_counter()
+    say(stage, "started")
+    out.stages[stage], report = runner(*args)
+    out.report = report or out.report
+    out.seconds[stage] = round(time.perf_counter() - t0, 2)
+    say(stage, f"finished in {out.seconds[stage]:.1f} s")
 
 
 def _failed_slides(run: RunFolder) -> dict[str, str]:
