@@ -24,8 +24,9 @@ __all__ = ["FlagRules", "summarize_clusters", "off_tissue_fraction", "FLAG_NAMES
 #: slide-level label columns whose mix is reported per cluster
 GRADE_COLUMNS = ("label", "isup_grade", "gleason_score", "grade")
 
-#: cohort CSV columns that name where a slide comes from (checked in this order)
-SITE_COLUMNS = ("site", "provider", "data_provider", "scanner", "center", "centre")
+#: cohort CSV columns that name where a slide comes from (checked in this order; the confounder
+#: scan and the site-leakage tests read the same list)
+SITE_COLUMNS = ("site", "provider", "data_provider", "scanner", "center", "centre", "lab")
 
 FLAG_NAMES = {
     "dominated": "dominated by one slide or site",
@@ -43,8 +44,12 @@ class FlagRules:
     ----------
     slide_dominance : a cluster is dominated when its largest slide holds at least this share...
     min_slides : ...and the cohort has at least this many slides.
-    site_dominance : or when its largest site holds this share while the cohort has 2+ sites and
-        that site's cohort share is at least ``site_excess`` lower.
+    site_dominance : or, without a permutation test, when its largest site holds this share while
+        the cohort has 2+ sites and that site's cohort share is at least ``site_excess`` lower.
+    site_p : with a permutation p-value per cluster (``site_p`` of :func:`summarize_clusters`: the
+        site mix against the cohort's, sites shuffled across slides), the site part of the flag is
+        p below this and the largest site ``site_excess`` above its cohort share, in place of the
+        fixed ``site_dominance`` share.
     positive_rate, positive_excess, removal : artefact flag when the model leans on the cluster
         (its positive rate is at least ``positive_rate`` and exceeds the cohort's by
         ``positive_excess``, or removing it moves some slide's top-k score by at least ``removal``)...
@@ -66,6 +71,7 @@ class FlagRules:
     min_slides: int = 3
     site_dominance: float = 0.9
     site_excess: float = 0.3
+    site_p: float = 0.01
     positive_rate: float = 0.5
     positive_excess: float = 0.2
     removal: float = 0.1
@@ -127,6 +133,7 @@ def summarize_clusters(
     n_representatives: int = 8,
     positive_name: str = "positive",
     removal: dict | None = None,
+    site_p: dict | None = None,
 ) -> pd.DataFrame:
     """One row per cluster (noise, -1, last) with composition, representatives and flags.
 
@@ -141,13 +148,17 @@ def summarize_clusters(
     removal : dict cluster -> float, optional
         How far removing the cluster moves some slide's top-k score (``max_abs_d_topk`` of the
         cluster-removal experiment); read by the artefact flag.
+    site_p : dict cluster -> float, optional
+        Permutation p-value of the cluster's site mix against the cohort's (over slides); read by
+        the site part of the ``dominated`` flag instead of the fixed share rule.
 
     Returns
     -------
     DataFrame with ``cluster, size, n_slides, top_slide, slide_dominance, top_site, site_dominance,
     pred_mix (JSON), positive_rate, mean_confidence, mean_membership, mean_tissue, mean_ink,
     ink_tile_share, blur_tile_share, stain_tile_share, mean_sharpness, mean_od_h, mean_od_e, mean_brightness,
-    removal_effect, mean_cam_off_tissue, n_labelled, label_purity, label_agreement, concept_mix (JSON), top_concept,
+    removal_effect, site_p, mean_cam_off_tissue, n_labelled, label_purity, label_agreement,
+    concept_mix (JSON), top_concept,
     representatives (JSON of "slide:tile" lists), flags (list of keys), flag_reasons (list of
     sentences), artefact_kinds (list of the artefacts the tiles show: low_tissue, ink, blur,
     stain)``.
@@ -164,6 +175,7 @@ def summarize_clusters(
     for cl, g in df.groupby("cluster", sort=True):
         row = {**_composition(g, int(cl), rules, removal), **_site(g, site_col if has_site else None)}
         row["stain_tile_share"] = float(off_stain[g.index].mean()) if off_stain is not None else float("nan")
+        row["site_p"] = float((site_p or {}).get(int(cl), float("nan")))
         row["artefact_kinds"] = [k for k, _ in _artefacts(row, rules)]
         row.update(_labels(g))
         row.update(_concept_mix(g, concept_cols))
@@ -277,13 +289,16 @@ def _flags(row, rules: FlagRules, n_slides_cohort, cohort_pos, site_share, posit
             f"{100 * row['slide_dominance']:.0f}% of its {row['size']} tiles come from slide {row['top_slide']} "
             f"(the cohort has {n_slides_cohort} slides)"
         )
-    elif site_share is not None and row["site_dominance"] >= rules.site_dominance:
+    elif site_share is not None:
         cohort = float(site_share.get(row["top_site"], 0.0))
-        if row["site_dominance"] - cohort >= rules.site_excess:
+        tested = row["site_p"] == row["site_p"]  # a permutation p-value is known
+        share_ok = row["site_p"] < rules.site_p if tested else row["site_dominance"] >= rules.site_dominance
+        if share_ok and row["site_dominance"] - cohort >= rules.site_excess:
             flags.append("dominated")
             reasons.append(
                 f"{100 * row['site_dominance']:.0f}% of its tiles come from {row['site_column']} {row['top_site']} "
-                f"(which holds {100 * cohort:.0f}% of the cohort's tiles)"
+                f"(which holds {100 * cohort:.0f}% of the cohort's tiles"
+                + (f"; permutation p = {row['site_p']:.3f} over slides)" if tested else ")")
             )
     artefact = _artefact_reasons(row, rules)
     leans = _leaning_reasons(row, rules, cohort_pos, positive_name)

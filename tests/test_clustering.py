@@ -299,6 +299,30 @@ def test_site_dominance_flag():
     assert out.loc[2, "flags"] == ["dominated"] and "scanner scannerB" in out.loc[2, "flag_reasons"][0]
 
 
+def test_site_flag_reads_the_permutation_test_when_given():
+    """With permutation p-values (over slides) the site flag needs p < 0.01 and the largest site 30
+    points above its cohort share, not a fixed 90 % share: 57 % from a site that holds 25 % of the
+    cohort, at p < 0.01 over slides, is flagged; the same at p = 0.2 is not."""
+    from wsi_explain.metrics.leakage import site_composition
+
+    rng = np.random.default_rng(3)
+    df = _cohort(rng, n_slides=12)
+    sites = np.where(df["slide_id"].str[1:].astype(int) < 3, "B", "A")  # a quarter of the slides at site B
+    df["site"] = sites
+    df.loc[(df["cluster"] == 2) & (df["site"] == "A") & (df["tile_id"] % 4 != 0), "cluster"] = 1
+    out = C.summarize_clusters(df).set_index("cluster")  # no test: the fixed 90 % rule
+    share_b = out.loc[2, "site_dominance"]
+    assert 0.5 < share_b < 0.9 and "dominated" not in out.loc[2, "flags"]
+    comp = site_composition(df["cluster"].to_numpy(), df["site"].to_numpy(), df["slide_id"].to_numpy(), n_perm=200)
+    p = dict(zip(comp["cluster"], comp["p_value"]))
+    assert p[2] < 0.01 and p[0] > 0.05
+    out = C.summarize_clusters(df, site_p=p).set_index("cluster")
+    assert out.loc[2, "flags"] == ["dominated"] and "permutation p = 0.0" in out.loc[2, "flag_reasons"][0]
+    assert out.loc[0, "flags"] == [] and out.loc[2, "site_p"] == p[2]
+    weak = C.summarize_clusters(df, site_p={**p, 2: 0.2}).set_index("cluster")
+    assert "dominated" not in weak.loc[2, "flags"]
+
+
 def test_umap_on_a_sample_places_the_rest(mixture):
     X, truth = mixture
     embs, info = C.umap_cohort(X, n_components=(2, 5), min_dist=(0.1, 0.0), n_neighbors=15, fit_max=600, seed=0)

@@ -165,3 +165,79 @@ def test_error_ranking_puts_the_failing_cluster_first():
         line.startswith("where the model fails: cluster 1 holds 100 % of the cohort's errors")
         and len(error_sentences(err)) == 1
     )
+
+
+def test_slide_errors_name_the_clusters_a_wrong_decision_rests_on():
+    """A negative slide whose top tiles are a planted cluster (high probability) is a false
+    positive, and that cluster holds its top-k tiles; right slides add nothing; recomputed by hand."""
+    import pandas as pd
+
+    from wsi_explain.metrics.leakage import slide_errors
+    from wsi_explain.report.sentences import slide_error_sentences
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for s, lab in enumerate([1, 1, 0, 0, 0]):
+        for t in range(30):
+            cl = 2 if (s == 4 and t < 10) else t % 2
+            p = 0.95 if cl == 2 else (0.8 if lab else 0.1) + 0.05 * rng.random()
+            rows.append({"slide_id": f"s{s}", "cluster": cl, "prob_pos": p})
+    tiles = pd.DataFrame(rows)
+    before = tiles.copy()
+    labels = pd.Series({f"s{s}": v for s, v in enumerate([1, 1, 0, 0, 0])} | {"s9": np.nan})
+    per_slide, per_cluster = slide_errors(tiles, labels, topk=8)
+    pd.testing.assert_frame_equal(tiles, before)
+    assert per_slide.set_index("slide_id")["error"].to_dict() == {
+        "s0": "",
+        "s1": "",
+        "s2": "",
+        "s3": "",
+        "s4": "false positive",
+    }
+    top = tiles[tiles.slide_id == "s4"].nlargest(8, "prob_pos")
+    assert per_slide.set_index("slide_id").at["s4", "score"] == pytest.approx(top["prob_pos"].mean())
+    assert per_cluster.to_dict("records") == [{"cluster": 2, "slide_error_topk": 8, "slide_error_share": 1.0}]
+    lines = slide_error_sentences(per_slide)
+    assert lines[0] == "slide level: 1 of 5 labelled slides wrong (top-8 score called at 0.5)"
+    assert lines[1].startswith("slide s4: false positive (score 0.95); its top-8 tiles lie in cluster 2 (8)")
+    assert slide_error_sentences(per_slide.assign(error="")) == [
+        "slide level: all 5 labelled slides right (top-8 score called at 0.5)"
+    ]
+
+
+def test_cam_weighted_embedding_pools_activations_where_the_map_is(tmp_path):
+    """The CAM-weighted embedding is sum(A * cam) / sum(cam) per channel (the plain mean for an all-zero
+    map), read from a real features store; a map on another grid gives none; the probe's sentence."""
+    import zarr
+
+    from wsi_explain.report.sentences import leakage_sentences
+    from wsi_explain.stages.score_confounders import _cam_weighted
+
+    rng = np.random.default_rng(0)
+    acts = rng.random((4, 3, 2, 2)).astype(np.float16)
+    cams = np.zeros((4, 2, 2), np.float16)
+    cams[0, 0, 1] = 1.0  # all weight on one position
+    cams[1] = [[1, 3], [0, 0]]
+    g = zarr.open_group(str(tmp_path / "f.zarr"), mode="w")
+    g.attrs["methods"] = ["gradcam"]
+    for name, arr in (("activations", acts), ("cams/gradcam", cams), ("cams_scale/gradcam", np.ones(4, np.float32))):
+        g.create_array(name, shape=arr.shape, dtype=arr.dtype)[:] = arr
+    out, method = _cam_weighted(g, np.arange(4))
+    a = acts.astype(np.float32)
+    assert method == "gradcam" and out.shape == (4, 3)
+    np.testing.assert_allclose(out[0], a[0, :, 0, 1], rtol=1e-6)
+    np.testing.assert_allclose(out[1], 0.25 * a[1, :, 0, 0] + 0.75 * a[1, :, 0, 1], rtol=1e-6)
+    np.testing.assert_allclose(out[2], a[2].mean((1, 2)), rtol=1e-6)  # all-zero map: the plain mean
+    g2 = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    g2.attrs["methods"] = ["gradcam"]
+    for name, arr in (("activations", acts), ("cams/gradcam", np.ones((4, 4, 4), np.float16))):
+        g2.create_array(name, shape=arr.shape, dtype=arr.dtype)[:] = arr
+    g2.create_array("cams_scale/gradcam", shape=(4,), dtype="float32")[:] = 1
+    assert _cam_weighted(g2, np.arange(4)) == (None, None)
+    probe = {"site_column": "site", "auroc": 0.6, "p_value": 0.3, "n_slides": 8, "n_sites": 2}
+    probe["cam_weighted"] = {"method": "gradcam", "auroc": 0.93, "p_value": 0.02}
+    lines = leakage_sentences(probe, None)
+    assert lines[1] == (
+        "site probe on what the model looks at (activations weighted by its gradcam map): AUROC 0.93 "
+        "(permutation p = 0.020)"
+    )

@@ -118,6 +118,9 @@ def test_report_in_chromium_selection_links_views(reported, browser):
     w.page.evaluate("() => { Bokeh.documents[0].get_model_by_name('colour_by').value = 'probability'; }")
     w.page.wait_for_timeout(300)
     assert w.model("tiles", "m.data.colour.slice(0, 50).join()") != before
+    # labelled tiles can be coloured by the model's errors
+    opts = w.page.evaluate("() => Bokeh.documents[0].get_model_by_name('colour_by').options")
+    assert "error (label vs prediction)" in opts
     # the slide picker switches the slide panel
     other = sorted(tiles["slide_id"].unique())[1]
     w.page.evaluate(f"() => {{ Bokeh.documents[0].get_model_by_name('slide_picker').value = {other!r}; }}")
@@ -254,3 +257,18 @@ def test_a_template_without_escaping_would_fail_the_check(tmp_path):
     text = page.read_text().replace("<h1>t</h1>", "<h1>" + str(fragment(HOSTILE)) + "</h1>")
     with pytest.raises(AssertionError):
         _no_markup_from(text)
+
+
+def test_error_column_marks_false_positives_and_negatives():
+    from wsi_explain.report.explorer_inputs import colour_options, with_errors
+
+    t = pd.DataFrame({"label_pos": [1.0, 0.0, 1.0, 0.0, None], "prob_pos": [0.9, 0.7, 0.2, 0.1, 0.9]})
+    before = t.copy()
+    out = with_errors(t)
+    pd.testing.assert_frame_equal(t, before)
+    assert out["error"].tolist()[:4] == ["right", "false positive", "false negative", "right"]
+    assert (
+        pd.isna(out["error"].iloc[4])
+        and colour_options(out.assign(pred=0, cluster=0, slide_id="s"))["error (label vs prediction)"] == "error"
+    )
+    assert "error" not in with_errors(t.drop(columns="label_pos")).columns

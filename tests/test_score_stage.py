@@ -115,10 +115,18 @@ def test_confounder_scan_over_slides(scored):
     leak = json.loads((run_dir / "cohort/site_leakage.json").read_text())
     assert leak["site_column"] == "site" and leak["note"].startswith("too few slides per site")
     assert any(n.startswith("site probe: too few slides per site") for n in rec["confounder_notes"])
+    assert any("no CAM-weighted probe" in n for n in rec["confounder_notes"])  # no activations stored
     err = pd.read_parquet(run_dir / "cohort/error_clusters.parquet")  # where the model fails
     assert err["n_labelled"].sum() == tiles["label_pos"].notna().sum() and "removal_effect" in err.columns
     assert err["excess_errors"].is_monotonic_decreasing  # the clusters holding the failures first
     assert "cohort/error_clusters.parquet" in rec["outputs"]
+    slides = pd.read_parquet(run_dir / "cohort/slide_errors.parquet")  # the slide-level errors
+    assert set(slides["slide_id"]) == set(tiles["slide_id"]) and set(slides["error"]) <= {
+        "",
+        "false positive",
+        "false negative",
+    }
+    assert {"slide_error_topk", "slide_error_share"} <= set(err.columns)
     comp = pd.read_parquet(run_dir / "cohort/site_composition.parquet")
     assert set(comp["cluster"]) == set(tiles["cluster"]) and comp["p_value"].between(0, 1).all()
 

@@ -96,6 +96,10 @@ def test_selftest_on_the_demo_finds_the_plants_and_the_control_has_no_flag(demo_
     assert kinds["stain"]["scan_rank"] <= 3 and kinds["stain"]["scan_ci"][0] > 0
     # ... and the same tiles with nothing planted raise no artefact flag
     assert fig["control"]["flagged_clusters"] == [] and "no artefact flag" in out.stdout
+    # `status` says what the scan and the self-test found, beside the stages
+    st = subprocess.run([sys.executable, "-m", "wsi_explain.cli", "status", str(run)], capture_output=True, text=True)
+    assert st.returncode == 0 and "stage: selftest" in st.stdout and "self-test: planted shortcuts" in st.stdout
+    assert "confounder scan (within label strata" in st.stdout
     # a rerun reuses the cohorts: their stages skip and the figures are the same
     planted_tiles = run / "selftest/planted/run/cohort/tiles.parquet"
     stamp = planted_tiles.stat().st_mtime_ns

@@ -89,7 +89,8 @@ def export(run: Path = typer.Argument(..., help="Run folder (clustered).")) -> N
 
 @app.command()
 def status(run: Path = typer.Argument(..., help="Run folder.")) -> None:
-    """Print each stage and slide of a run with its state, counts and errors."""
+    """Print each stage and slide of a run with its state, counts and errors, then the confounder
+    scan and the self-test in words when the run has them."""
     from rich.console import Console
     from rich.table import Table
 
@@ -115,6 +116,11 @@ def status(run: Path = typer.Argument(..., help="Run folder.")) -> None:
             row += [", ".join(f"{k} {v:.1f}" for k, v in parts.items())] if timed else []
             table.add_row(*row, rec.get("error") or "")
         console.print(table)
+    from wsi_explain.cli.selftest_command import print_selftest
+    from wsi_explain.cli.tables import print_confounders
+
+    print_confounders(rf.path, console)  # what the score stage and the self-test found, in words
+    print_selftest(rf.path, console)
 
 
 def _print_run_summary(res, cfg, console) -> None:

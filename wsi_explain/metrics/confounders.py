@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from clustering.summary import SITE_COLUMNS
+
 __all__ = ["rank_correlation_by_slide"]
 
 
@@ -105,8 +107,8 @@ def _rank_corr(v, p, codes, p_ranks, n_boot: int, seed: int, min_slides: int) ->
 
 #: per-tile QC measures scanned when present (tiling.QC_COLUMNS)
 QC_VARIABLES = ("tissue_frac", "ink_frac", "sharpness", "od_h", "od_e", "brightness", "stained_frac")
-#: slide-level columns read as a site, provider or scanner when present
-SITE_LIKE = ("site", "provider", "data_provider", "scanner", "centre", "center", "lab")
+#: slide-level columns read as a site, provider or scanner when present (the clustering's list)
+SITE_LIKE = SITE_COLUMNS
 SCAN_COLUMNS = ["cluster", "stratum", "variable", "rho", "ci_low", "ci_high", "n_tiles", "n_slides", "note"]
 
 

@@ -63,9 +63,15 @@ class _Grid:
         return u
 
 
+# the matrix-free stencil below is NEIGHBOUR_WEIGHTS in separable form; checked here, at import
+_SEPARABLE = (np.outer([1, 2, 1], [1, 2, 1]) - 4 * np.eye(3)[1][:, None] * np.eye(3)[1][None, :]) / 12
+assert np.allclose(_SEPARABLE, NEIGHBOUR_WEIGHTS), "the separable stencil must equal NEIGHBOUR_WEIGHTS"
+
+
 def _neighbours(u: torch.Tensor) -> torch.Tensor:
     """Weighted sum of each pixel's in-image neighbours (zero outside): the stencil
-    [[1, 2, 1], [2, 0, 2], [1, 2, 1]] / 12 is ([1, 2, 1] x [1, 2, 1] - 4 delta) / 12, separable."""
+    :data:`NEIGHBOUR_WEIGHTS` = [[1, 2, 1], [2, 0, 2], [1, 2, 1]] / 12 is
+    ([1, 2, 1] x [1, 2, 1] - 4 delta) / 12, separable (``_SEPARABLE``)."""
     p = F.pad(u, (1, 1, 1, 1))
     s = p[:, :, :-2] + 2 * p[:, :, 1:-1] + p[:, :, 2:]
     s = s[:, :-2] + 2 * s[:, 1:-1] + s[:, 2:]

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["site_probe", "site_composition", "error_clusters"]
+__all__ = ["site_probe", "site_composition", "error_clusters", "slide_errors"]
+
+
+def _codes(sites, slides) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integer codes of the sites (as strings) and slides per tile, and the site names."""
+    import pandas as pd
+
+    site_codes, site_names = pd.factorize(pd.Series(sites).astype(str))
+    return site_codes, np.asarray(site_names), pd.factorize(pd.Series(slides))[0]
 
 
 def _slide_sites(sites: np.ndarray, slide_codes: np.ndarray) -> np.ndarray:
@@ -68,10 +76,7 @@ def site_probe(
     ((1 + permutations at or above) / (1 + n_perm)), ``n_slides``, ``n_sites``, ``n_tiles``, and
     ``note`` (why there is no probe: one site, too few slides per site).
     """
-    import pandas as pd
-
-    site_codes, site_names = pd.factorize(pd.Series(sites).astype(str))
-    slide_codes = pd.factorize(pd.Series(slides))[0]
+    site_codes, site_names, slide_codes = _codes(sites, slides)
     out = {"auroc": np.nan, "p_value": np.nan, "n_slides": int(slide_codes.max() + 1), "n_sites": len(site_names)}
     out["n_tiles"], out["note"] = 0, ""
     per_site = np.bincount(_slide_sites(site_codes, slide_codes), minlength=len(site_names))
@@ -106,8 +111,7 @@ def site_composition(clusters: np.ndarray, sites: np.ndarray, slides: np.ndarray
     """
     import pandas as pd
 
-    site_codes, site_names = pd.factorize(pd.Series(sites).astype(str))
-    slide_codes = pd.factorize(pd.Series(slides))[0]
+    site_codes, site_names, slide_codes = _codes(sites, slides)
     cl_codes, cl_names = pd.factorize(pd.Series(clusters), sort=True)
     cols = ["cluster", "top_site", "share", "cohort_share", "tvd", "p_value", "n_tiles"]
     n_s, n_c = len(site_names), len(cl_names)
@@ -173,3 +177,60 @@ def error_clusters(clusters: np.ndarray, prob: np.ndarray, labels: np.ndarray, *
     g["excess_errors"] = g["n_errors"] - rate * g["n_labelled"]
     cols = ["n_labelled", "n_errors", "false_pos", "false_neg", "error_rate", "cohort_error_rate", "error_share"]
     return g.reset_index()[["cluster"] + cols + ["excess_errors"]].sort_values("excess_errors", ascending=False)
+
+
+def slide_errors(tiles, slide_labels, *, topk: int = 8, threshold: float = 0.5):
+    """Slide-level errors and the clusters their decisions rest on.
+
+    The slide score is the mean of its ``topk`` highest positive probabilities (the cluster
+    removal's aggregate); a slide is called positive at ``score >= threshold``. For a misclassified
+    slide, the clusters of the tiles that make its score (its top k) are where the wrong decision
+    comes from.
+
+    Parameters
+    ----------
+    tiles : DataFrame with slide_id, cluster, prob_pos (not modified).
+    slide_labels : Series slide_id -> 1 / 0 (NaN or missing: unlabelled, left out).
+
+    Returns
+    -------
+    (per_slide, per_cluster): per_slide has slide_id, label, score, error ("false positive",
+    "false negative" or ""), top_clusters (JSON {cluster: tiles among the top k}); per_cluster has
+    cluster, slide_error_topk (top-k tiles of misclassified slides in the cluster) and
+    slide_error_share (their share of all such tiles), most first.
+    """
+    import json
+
+    import pandas as pd
+
+    lab = pd.Series(slide_labels, dtype=float)
+    t = tiles[tiles["slide_id"].isin(lab[lab.notna()].index)]
+    rows, counts = [], {}
+    for sid, g in t.groupby("slide_id", sort=True):
+        top = g.nlargest(min(topk, len(g)), "prob_pos")
+        score, y = float(top["prob_pos"].mean()), bool(lab[sid] > 0.5)
+        err = "" if (score >= threshold) == y else ("false negative" if y else "false positive")
+        mix = top["cluster"].value_counts()
+        if err:
+            for c, n in mix.items():
+                counts[int(c)] = counts.get(int(c), 0) + int(n)
+        rows.append(
+            {
+                "slide_id": sid,
+                "label": int(y),
+                "score": score,
+                "error": err,
+                "top_clusters": json.dumps({str(int(c)): int(n) for c, n in mix.items()}),
+            }
+        )
+    per_slide = pd.DataFrame(rows, columns=["slide_id", "label", "score", "error", "top_clusters"])
+    total = sum(counts.values())
+    per_cluster = pd.DataFrame(
+        {
+            "cluster": list(counts),
+            "slide_error_topk": list(counts.values()),
+            "slide_error_share": [v / total for v in counts.values()],
+        },
+        columns=["cluster", "slide_error_topk", "slide_error_share"],
+    ).sort_values("slide_error_topk", ascending=False, kind="stable")
+    return per_slide, per_cluster.reset_index(drop=True)

@@ -16,7 +16,7 @@ import pandas as pd
 
 import viz
 from wsi_explain.core.run import RunFolder, now_iso
-from wsi_explain.report.explorer_inputs import cluster_table, colour_options
+from wsi_explain.report.explorer_inputs import cluster_table, colour_options, with_errors
 from wsi_explain.report.pages import fragment, render
 
 __all__ = ["ReportContext", "index_page", "cluster_page", "slide_overview", "failures"]
@@ -133,7 +133,7 @@ def _explorer(ctx: ReportContext, tiles: pd.DataFrame, prefix: str, *, slides: l
     for s, t in zip(tiles.loc[has, "slide_id"], tiles.loc[has, "tile_id"]):
         ctx.tile_img(s, int(t), ctx.cam)
         ctx.tile_img(s, int(t), "all")
-    tiles = tiles.assign(has_thumb=has)
+    tiles = with_errors(tiles.assign(has_thumb=has))
     info = {s: slide_overview(ctx, s) for s in slides}
     cl, table_cols = cluster_table(
         ctx.clusters,

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pandas as pd
 
-__all__ = ["colour_options", "cluster_table"]
+__all__ = ["colour_options", "cluster_table", "with_errors"]
 
 #: menu label -> tile column, offered when the column exists and has values
 _OPTIONAL = (
     ("label", "label_pos"),
+    ("error (label vs prediction)", "error"),
     ("slide label", "label"),
     ("site", "site"),
     ("outlier score", "outlier_score"),
@@ -20,6 +21,19 @@ _OPTIONAL = (
     ("eosin OD", "od_e"),
     ("brightness", "brightness"),
 )
+
+
+def with_errors(tiles: pd.DataFrame, *, threshold: float = 0.5) -> pd.DataFrame:
+    """The tiles with an ``error`` column where a tile has a label (``label_pos``): "false
+    positive", "false negative" or "right" (positive probability called at ``threshold``); the
+    input is not modified, and returned as it is without labels."""
+    if "label_pos" not in tiles.columns or "prob_pos" not in tiles.columns or not tiles["label_pos"].notna().any():
+        return tiles
+    y, pred = tiles["label_pos"], tiles["prob_pos"] >= threshold
+    err = pd.Series("right", index=tiles.index, dtype=object)
+    err[pred & (y == 0)] = "false positive"
+    err[~pred & (y == 1)] = "false negative"
+    return tiles.assign(error=err.where(y.notna()))
 
 
 def colour_options(tiles: pd.DataFrame, *, metric_columns=()) -> dict[str, str]:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["gain_sentences", "confounder_sentences", "leakage_sentences", "error_sentences", "shortcut_lines"]
+__all__ = [
+    "gain_sentences",
+    "confounder_sentences",
+    "leakage_sentences",
+    "error_sentences",
+    "slide_error_sentences",
+    "shortcut_lines",
+]
 
 
 def gain_sentences(rows) -> list[str]:
@@ -62,6 +69,12 @@ def leakage_sentences(probe: dict | None, composition) -> list[str]:
             f"(folds grouped by slide; permutation p = {probe['p_value']:.3f}, {probe['n_slides']} slides, "
             f"{probe['n_sites']} sites)"
         )
+        cam = probe.get("cam_weighted") or {}
+        if cam.get("auroc") is not None and cam["auroc"] == cam["auroc"]:
+            out.append(
+                f"site probe on what the model looks at (activations weighted by its {cam['method']} map): "
+                f"AUROC {cam['auroc']:.2f} (permutation p = {cam['p_value']:.3f})"
+            )
     if composition is not None:
         for _, r in composition[composition["p_value"] < 0.05].iterrows():
             out.append(
@@ -89,7 +102,28 @@ def shortcut_lines(cohort_dir) -> list[str] | None:
     probe = json.loads((cdir / "site_leakage.json").read_text()) if (cdir / "site_leakage.json").exists() else None
     comp = pd.read_parquet(cdir / "site_composition.parquet") if (cdir / "site_composition.parquet").exists() else None
     err = pd.read_parquet(cdir / "error_clusters.parquet") if (cdir / "error_clusters.parquet").exists() else None
-    return lines + leakage_sentences(probe, comp) + error_sentences(err) + meta["notes"]
+    slides = None
+    if (cdir / "slide_errors.parquet").exists():
+        topk = json.loads(pq.read_schema(cdir / "slide_errors.parquet").metadata[b"wsi_explain"]).get("topk", 8)
+        slides = slide_error_sentences(pd.read_parquet(cdir / "slide_errors.parquet"), topk=topk)
+    return lines + leakage_sentences(probe, comp) + error_sentences(err) + (slides or []) + meta["notes"]
+
+
+def slide_error_sentences(per_slide, *, topk: int = 8, top: int = 3) -> list[str]:
+    """The misclassified slides (top-k score called at 0.5), at most ``top``, each with the
+    clusters its top-k tiles come from; one sentence when every labelled slide is right."""
+    import json
+
+    if per_slide is None or not len(per_slide):
+        return []
+    wrong = per_slide[per_slide["error"] != ""].sort_values("score", key=lambda s: (s - 0.5).abs(), ascending=False)
+    if not len(wrong):
+        return [f"slide level: all {len(per_slide)} labelled slides right (top-{topk} score called at 0.5)"]
+    out = [f"slide level: {len(wrong)} of {len(per_slide)} labelled slides wrong (top-{topk} score called at 0.5)"]
+    for _, r in wrong.head(top).iterrows():
+        mix = ", ".join(f"cluster {c} ({n})" for c, n in json.loads(r["top_clusters"]).items())
+        out.append(f"slide {r['slide_id']}: {r['error']} (score {r['score']:.2f}); its top-{topk} tiles lie in {mix}")
+    return out
 
 
 def error_sentences(errors, *, top: int = 3) -> list[str]:
@@ -106,5 +140,7 @@ def error_sentences(errors, *, top: int = 3) -> list[str]:
         )
         if "removal_effect" in r and r["removal_effect"] == r["removal_effect"]:
             line += f"; removing it moves a slide's top-8 score by up to {r['removal_effect']:.2f}"
+        if r.get("slide_error_share", 0) > 0:
+            line += f"; it holds {100 * r['slide_error_share']:.0f} % of the wrong slides' top-k tiles"
         out.append(line)
     return out

@@ -75,9 +75,9 @@ def _load(run_path: Path) -> dict:
 def _explorer_parts(d: dict, run_path: Path, images):
     """The linked explorer of the run's data ``d`` (tiles served by this server's routes)."""
     import viz
-    from wsi_explain.report.explorer_inputs import cluster_table, colour_options
+    from wsi_explain.report.explorer_inputs import cluster_table, colour_options, with_errors
 
-    tiles, clusters, cam = d["tiles"], d["clusters"], d["cam"]
+    tiles, clusters, cam = with_errors(d["tiles"]), d["clusters"], d["cam"]
     colour_by = colour_options(tiles, metric_columns=[c for c in tiles.columns if ":" in c])
     methods = [cam] + [m for m in images.methods(tiles["slide_id"].iloc[0]) if m != cam]
     metrics_path = run_path / "cohort" / "cluster_metrics.parquet"

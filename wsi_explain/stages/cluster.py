@@ -287,13 +287,27 @@ def _with_concepts(run: RunFolder, tiles: pd.DataFrame, acts, cams, cfg: Cluster
 
 def _summary(tiles: pd.DataFrame, space: np.ndarray, class_names: list[str], cfg: ClusterConfig) -> pd.DataFrame:
     """One row per cluster with its flags; the artefact flag reads how far removing the cluster
-    moves some slide's top-8 score (cluster removal on the stored probabilities)."""
+    moves some slide's top-8 score (cluster removal on the stored probabilities), the site flag a
+    permutation test of the cluster's site mix over slides (200 permutations)."""
+    from clustering.summary import SITE_COLUMNS
     from wsi_explain.metrics import cluster_removal
+    from wsi_explain.metrics.leakage import site_composition
 
     name = class_names[cfg.positive_class] if len(class_names) > cfg.positive_class else "positive"
     _, removal = cluster_removal(tiles, topk=8)
     effect = dict(zip(removal["cluster"], removal["max_abs_d_topk"]))
-    return clustering.summarize_clusters(tiles, space=space, positive_name=name, removal=effect)
+    site_col = next((c for c in SITE_COLUMNS if c in tiles.columns), None)
+    site_p = None
+    if site_col is not None and tiles[site_col].nunique() > 1:
+        comp = site_composition(
+            tiles["cluster"].to_numpy(),
+            tiles[site_col].to_numpy(),
+            tiles["slide_id"].to_numpy(),
+            n_perm=200,
+            seed=cfg.seed,
+        )
+        site_p = dict(zip(comp["cluster"].astype(int), comp["p_value"]))
+    return clustering.summarize_clusters(tiles, space=space, positive_name=name, removal=effect, site_p=site_p)
 
 
 def run_cluster_stage(
