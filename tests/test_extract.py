@@ -83,6 +83,27 @@ def test_outputs_match_a_direct_forward(run_dir):
         np.testing.assert_allclose(raw, out.cams[m], rtol=2e-3, atol=1e-3 * out.cams[m].max())
 
 
+def test_exported_program_extracts_like_the_eager_model(run_dir, tiled, tmp_path):
+    """``--model export --weights m.pt2``: the extraction stage on a torch.export program of the
+    tiny CNN stores the same logits, embeddings and CAMs as on the eager model (<= 1e-4)."""
+    m = tiny_cnn(2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ep = torch.export.export(m, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    torch.export.save(ep, str(tmp_path / "tiny.pt2"))
+    eager = copy_run(tiled, tmp_path / "eager")
+    with RunFolder(run_dir) as run:
+        res = run_extract_stage(run, _cfg(arch="export", weights=str(tmp_path / "tiny.pt2")))
+    with RunFolder(eager) as run:
+        run_extract_stage(run, _cfg())
+    assert all(r.status == "done" for r in res)
+    for sid in ("generic", "corrupt_middle"):
+        a, b = _arrays(run_dir / "slides" / sid / "features.zarr"), _arrays(eager / "slides" / sid / "features.zarr")
+        ok = b["status"] == STATUS_OK
+        assert np.array_equal(a["status"], b["status"])
+        for k in ("logits", "embeddings", "cams/gradcam", "cams/hirescam", "cams_scale/gradcam"):
+            np.testing.assert_allclose(a[k][ok].astype(np.float32), b[k][ok].astype(np.float32), atol=1e-3, rtol=1e-3)
+
+
 def test_decode_failures_are_per_tile(run_dir):
     with RunFolder(run_dir) as run:
         res = {r.slide_id: r for r in run_extract_stage(run, _cfg())}

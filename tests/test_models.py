@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+import torchvision
 
 from tests.tiny_models import Unsafe, tiny_cnn
-from wsi_explain.explain.card import CheckpointTrustError, ModelError
+from wsi_explain.explain.card import CheckpointTrustError, LoadedModel, ModelError
 from wsi_explain.explain.fused import FusedExtractor
 from wsi_explain.explain.layers import default_classifier, default_target_layer
 from wsi_explain.explain.load import load_model, load_state_dict
@@ -57,6 +59,51 @@ def test_torchscript_model_runs_fused(tmp_path):
         out = fx(x)
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out.logits), m(x), atol=1e-5, rtol=1e-5)
+
+
+def _export(model, path, *, px: int, dynamic: bool = True):
+    x = torch.randn(2, 3, px, px)
+    shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic else None
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=shapes), str(path))
+    return path
+
+
+@pytest.mark.parametrize("arch", ["tiny", "resnet18"])
+def test_exported_program_gives_the_eager_models_cams(tmp_path, arch):
+    """A torch.export program (.pt2) loads with its layer names (the same default CAM layer and
+    embedding as the eager model) and the fused pass gives the eager model's logits, embeddings and
+    CAMs (<= 1e-4), with no TorchScript deprecation warning."""
+    import warnings
+
+    torch.manual_seed(0)
+    m = tiny_cnn().eval() if arch == "tiny" else torchvision.models.resnet18(weights=None, num_classes=2).eval()
+    path = _export(m, tmp_path / "m.pt2", px=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        lm = load_model("export", weights=path, num_classes=2, tile_px=64)
+    eager = FusedExtractor(LoadedModel.wrap(m, tile_px=64), methods=("gradcam", "layercam", "eigencam"), tile_px=64)
+    fx = FusedExtractor(lm, methods=("gradcam", "layercam", "eigencam"), tile_px=64)
+    assert (fx.target_layer, fx.embedding_layer) == (eager.target_layer, eager.embedding_layer)
+    x = torch.randn(3, 3, 64, 64)
+    with fx, eager:
+        out, ref = fx(x), eager(x)
+    np.testing.assert_allclose(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out.embeddings, ref.embeddings, atol=1e-4, rtol=1e-4)
+    for k in ref.cams:
+        np.testing.assert_allclose(out.cams[k], ref.cams[k], atol=1e-4, rtol=1e-3)
+
+
+def test_exported_program_errors_are_clear(tmp_path):
+    fixed = _export(tiny_cnn().eval(), tmp_path / "fixed.pt2", px=64, dynamic=False)
+    with pytest.raises(ModelError, match="dynamic batch dimension"):
+        load_model("export", weights=fixed, num_classes=2, tile_px=64)
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip")
+    with pytest.raises(ModelError, match="junk.pt2: not a torch.export program"):
+        load_model("export", weights=tmp_path / "junk.pt2", num_classes=2, tile_px=64)
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model("export", weights=tmp_path / "none.pt2", num_classes=2, tile_px=64)
+    with pytest.raises(ModelError, match="needs --weights"):
+        load_model("export", num_classes=2, tile_px=64)
 
 
 def test_model_card_beside_weights(tmp_path):

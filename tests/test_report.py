@@ -6,6 +6,7 @@ from __future__ import annotations
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -120,7 +121,7 @@ def test_report_in_chromium_selection_links_views(reported, browser):
     assert w.model("tiles", "m.data.colour.slice(0, 50).join()") != before
     # labelled tiles can be coloured by the model's errors
     opts = w.page.evaluate("() => Bokeh.documents[0].get_model_by_name('colour_by').options")
-    assert "error (label vs prediction)" in opts
+    assert "error (label vs prediction)" in opts and "uncertainty (ensemble spread)" in opts
     # the slide picker switches the slide panel
     other = sorted(tiles["slide_id"].unique())[1]
     w.page.evaluate(f"() => {{ Bokeh.documents[0].get_model_by_name('slide_picker').value = {other!r}; }}")
@@ -272,3 +273,20 @@ def test_error_column_marks_false_positives_and_negatives():
         and colour_options(out.assign(pred=0, cluster=0, slide_id="s"))["error (label vs prediction)"] == "error"
     )
     assert "error" not in with_errors(t.drop(columns="label_pos")).columns
+
+
+def test_uncertainty_columns_follow_the_stored_ensemble(audit_run):
+    """The cohort table carries each tile's predictive entropy (over log K) and, with an ensemble,
+    the spread of its positive probability across the models, as the features store has it."""
+    import zarr
+
+    tiles = pd.read_parquet(audit_run / "cohort/tiles.parquet")
+    assert tiles["entropy"].between(0, 1).all()
+    p = tiles[["prob_0", "prob_1"]].to_numpy()
+    np.testing.assert_allclose(tiles["entropy"], -(p * np.log(p)).sum(1) / np.log(2), rtol=1e-4)
+    sid = tiles["slide_id"].iloc[0]
+    g = zarr.open_group(str(audit_run / "slides" / sid / "features.zarr"), mode="r")
+    mine = tiles[tiles["slide_id"] == sid]
+    np.testing.assert_allclose(
+        mine["ensemble_std"], np.asarray(g["ensemble/probs_std"][:])[mine["tile_id"], 1], rtol=1e-6
+    )

@@ -147,9 +147,9 @@ def run_cmd(
     model: str | None = typer.Option(
         None,
         "--model",
-        help="Architecture: torchvision name, efficientnet_lite0, torchscript or package.module:factory.",
+        help="Architecture: torchvision name, efficientnet_lite0, export (.pt2), torchscript, pkg.module:factory.",
     ),
-    weights: str | None = typer.Option(None, help="Checkpoint (weights_only) or TorchScript file."),
+    weights: str | None = typer.Option(None, help="Checkpoint (weights_only), torch.export .pt2 or TorchScript file."),
     num_classes: int | None = typer.Option(None, help="Classes of the model (or from its model card)."),
     methods: str | None = typer.Option(None, help="Comma-separated attribution methods."),
     tile_px: int | None = typer.Option(None, help="Tile size in pixels."),

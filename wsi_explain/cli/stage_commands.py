@@ -90,9 +90,12 @@ def tile(
 def extract(
     run: Path = typer.Argument(..., help="Run folder (tiled)."),
     model: str = typer.Option(
-        "resnet18", "--model", "-m", help="torchvision name, efficientnet_lite0, torchscript, or pkg.module:factory."
+        "resnet18",
+        "--model",
+        "-m",
+        help="torchvision name, efficientnet_lite0, export (.pt2), torchscript, or pkg.module:factory.",
     ),
-    weights: Path | None = typer.Option(None, help="Checkpoint (state dict) or TorchScript file."),
+    weights: Path | None = typer.Option(None, help="Checkpoint (state dict), torch.export .pt2 or TorchScript file."),
     ensemble: list[Path] = typer.Option([], help="More checkpoints of the same architecture (repeat the option)."),
     num_classes: int | None = typer.Option(None, help="Number of classes (else from the model card)."),
     class_names: str | None = typer.Option(None, help="Comma-separated class names."),

@@ -106,9 +106,10 @@ class ExtractConfig(_Frozen):
     Attributes
     ----------
     arch : str
-        torchvision name, ``efficientnet_lite0``, ``torchscript`` or ``package.module:factory``.
+        torchvision name, ``efficientnet_lite0``, ``export`` (a ``torch.export`` program), ``torchscript``
+        or ``package.module:factory``.
     weights : str or None
-        Checkpoint (state dict, ``weights_only=True``) or TorchScript file.
+        Checkpoint (state dict, ``weights_only=True``), ``.pt2`` program or TorchScript file.
     ensemble : tuple of str
         More checkpoints of the same architecture (different seeds); run in the same pass.
     num_classes, class_names, card : model card overrides.

@@ -40,6 +40,7 @@ def build_extractors(cfg: ExtractConfig, tile_px: int):
             class_names=list(cfg.class_names) if cfg.class_names else None,
             card=cfg.card,
             trust_checkpoint=cfg.trust_checkpoint,
+            input_px=tile_px,
         )
         out.append(
             FusedExtractor(

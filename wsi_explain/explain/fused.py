@@ -97,7 +97,7 @@ class FusedExtractor:
         self.module = model.module.to(self.device).eval().to(memory_format=torch.channels_last)
         self.tile_px = tile_px
         self.target_layer = target_layer or default_target_layer(self.module, tile_px)
-        self.embedding_layer = embedding_layer or default_classifier(self.module)
+        self.embedding_layer = embedding_layer or default_classifier(self.module, tile_px)
         self._layer = find_module(self.module, self.target_layer)
         self._emb = find_module(self.module, self.embedding_layer)
         if isinstance(target, str) and target != "pred":

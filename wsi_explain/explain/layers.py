@@ -63,8 +63,15 @@ def default_target_layer(model: nn.Module, tile_px: int = 224) -> str:
     return min(same, key=lambda n: (n.count("."), len(n)))
 
 
-def default_classifier(model: nn.Module) -> str:
-    """Name of the final classifier layer: the last ``nn.Linear`` (or 1x1 conv) in module order."""
+def default_classifier(model: nn.Module, tile_px: int = 224) -> str:
+    """Name of the final classifier layer: the last ``nn.Linear`` (or 1x1 conv) in module order;
+    for a model without such modules (an unflattened ``torch.export`` program, whose layers are
+    graph interpreters), the last leaf module called with a 2-D (N, D) output."""
+    if not any(isinstance(m, (nn.Linear, nn.Conv2d, _Call)) for m in model.modules()):
+        leaves = {n for n, m in model.named_modules() if n and not any(True for _ in m.children())}
+        flat = [n for n, _, o in trace(model, tile_px) if o.ndim == 2 and n in leaves]
+        if flat:
+            return flat[-1]
     last = None
     for name, mod in model.named_modules():
         if isinstance(mod, _Call) and mod.flatten:

@@ -1,4 +1,5 @@
-"""Loading the classifier: torchvision architecture + state dict, TorchScript, or an entry point.
+"""Loading the classifier: torchvision architecture + state dict, a ``torch.export`` program
+(``.pt2``), TorchScript, or an entry point.
 
 Checkpoints load with ``torch.load(weights_only=True)``; a file that needs full unpickling is
 refused unless the user passes ``--trust-checkpoint``. A model card (YAML or JSON beside the
@@ -129,6 +130,7 @@ def load_model(
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
     tile_px: int | None = None,
+    input_px: int | None = None,
 ) -> LoadedModel:
     """Load a model for extraction.
 
@@ -136,7 +138,9 @@ def load_model(
     ----------
     arch : str
         A torchvision architecture name (``resnet18``...), ``efficientnet_lite0`` (ImageNet
-        weights shipped offline), ``torchscript`` (``weights`` is a TorchScript file), or an entry
+        weights shipped offline), ``export`` (``weights`` is a ``torch.export`` program, ``.pt2``;
+        see :mod:`wsi_explain.explain.exported`), ``torchscript`` (``weights`` is a TorchScript
+        file; deprecated by torch), or an entry
         point ``package.module:factory`` returning an ``nn.Module`` (called with ``num_classes``).
     weights : path, optional
         State-dict checkpoint (loaded with ``weights_only=True``) or TorchScript file.
@@ -146,6 +150,9 @@ def load_model(
         Model card; default: ``<weights>.yaml``/``.json`` or ``model_card.yaml``/``.json`` beside it.
     trust_checkpoint : bool
         Allow full unpickling of a checkpoint that needs it.
+    input_px : int, optional
+        Edge of the tiles the model will see, for the load-time checks of exported and TorchScript
+        programs (default: the card's ``tile_px``, else 224).
 
     Raises
     ------
@@ -157,14 +164,20 @@ def load_model(
         card_path, num_classes=num_classes, class_names=class_names, mean=mean, std=std, tile_px=tile_px
     )
     whash = _file_hash(wpath) if wpath is not None and wpath.is_file() else ""
-    if arch == "torchscript":
+    if arch == "export":
+        from wsi_explain.explain.exported import load_exported
+
+        if wpath is None:
+            raise ModelError("--model export needs --weights: the .pt2 file of the exported program")
+        module = load_exported(wpath, tile_px=input_px or mc.tile_px or 224, trust=trust_checkpoint)
+    elif arch == "torchscript":
         if wpath is None or not wpath.is_file():
             raise ModelError(f"{wpath}: TorchScript file does not exist")
         try:
             scripted = torch.jit.load(str(wpath), map_location="cpu")
         except RuntimeError as exc:
             raise ModelError(f"{wpath}: not a TorchScript file ({exc})") from exc
-        module = ScriptedSequential.from_script(scripted, tile_px=mc.tile_px or 224, path=wpath)
+        module = ScriptedSequential.from_script(scripted, tile_px=input_px or mc.tile_px or 224, path=wpath)
     else:
         # random initialisation is seeded, so a model without weights is the same in every process
         with torch.random.fork_rng(devices=[]):

@@ -13,6 +13,8 @@ _OPTIONAL = (
     ("error (label vs prediction)", "error"),
     ("slide label", "label"),
     ("site", "site"),
+    ("uncertainty (ensemble spread)", "ensemble_std"),
+    ("uncertainty (predictive entropy)", "entropy"),
     ("outlier score", "outlier_score"),
     ("attribution off tissue", "cam_off_tissue"),
     ("pen ink", "ink_frac"),

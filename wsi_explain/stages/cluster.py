@@ -104,6 +104,7 @@ def _slide_frame(run: RunFolder, sid: str, cfg: ClusterConfig, cam_method: str |
     pc = min(cfg.positive_class, probs.shape[1] - 1)
     df["prob_pos"] = probs[:, pc]
     df["pred"] = (df["pred"] == pc).astype(int) if probs.shape[1] == 2 else df["pred"]
+    _uncertainty(df, probs, g, ok, pc)
     for k, v in (meta.get("meta") or {}).items():
         df[f"slide_{k}" if k in df.columns else k] = v
     df["label_pos"] = _label_pos(df, meta, cfg)
@@ -112,6 +113,15 @@ def _slide_frame(run: RunFolder, sid: str, cfg: ClusterConfig, cam_method: str |
         cam = read_cams(g, cam_method, ok)
         _cam_shares(df, cam, sdir / "tissue.png", float(meta["tissue_mask_scale"]))
     return df, emb[ok], cam, g, ok, meta
+
+
+def _uncertainty(df: pd.DataFrame, probs: np.ndarray, g, ok: np.ndarray, pc: int) -> None:
+    """Adds ``entropy`` (predictive entropy of the class probabilities over log K, in [0, 1]) and,
+    with an ensemble, ``ensemble_std`` (spread of the positive probability across its models)."""
+    p = np.clip(probs, 1e-12, 1.0)
+    df["entropy"] = (-(p * np.log(p)).sum(1) / np.log(max(probs.shape[1], 2))).astype(np.float32)
+    if "ensemble/probs_std" in g:
+        df["ensemble_std"] = np.asarray(g["ensemble/probs_std"].oindex[ok], np.float32)[:, pc]
 
 
 def load_cohort(run: RunFolder, slide_ids: list[str], cfg: ClusterConfig, *, chunk: int = 65_536):
