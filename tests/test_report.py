@@ -199,6 +199,11 @@ def test_templates_escape_every_user_controlled_field(tmp_path, field):
             metrics_table=table,
             gains=[f"{v('method', 'gradcam')}: deletion_auc_blur better than the random map"],
             confounders=[f"within label 0 slides, the positive probability rises with {v('nuisance column', 'ink')}"],
+            selftest={
+                "header": ("plant", "recall"),
+                "rows": [("ink", "0.50")],
+                "lines": [f"control cohort: 1 FALSE flag(s): cluster 0: {v('flag reason', 'ink')}"],
+            },
             sanity=[{"method": v("method", "gradcam"), "passed": False, "spearman": 0.1}],
             spread_keys=None,
             removal_table=None,
@@ -269,7 +274,7 @@ def test_error_column_marks_false_positives_and_negatives():
     pd.testing.assert_frame_equal(t, before)
     assert out["error"].tolist()[:4] == ["right", "false positive", "false negative", "right"]
     assert (
-        pd.isna(out["error"].iloc[4])
+        out["error"].iloc[4] == "unlabelled"
         and colour_options(out.assign(pred=0, cluster=0, slide_id="s"))["error (label vs prediction)"] == "error"
     )
     assert "error" not in with_errors(t.drop(columns="label_pos")).columns

@@ -38,14 +38,16 @@ def server(audit_run, tmp_path_factory):
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
+    deadline = time.monotonic() + 240  # a broken explorer fails the fixture, never hangs the suite
+    while True:
         try:
             # the first page builds the explorer document: seconds on a loaded 2-core machine
-            urllib.request.urlopen(url + "/explorer", timeout=30)
+            urllib.request.urlopen(url + "/explorer", timeout=60)
             break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            if proc.poll() is not None:
-                pytest.fail(proc.stdout.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the explorer server did not answer ({exc}): {proc.stdout.read()[-3000:]}")
             time.sleep(0.5)
     yield url, run_dir, port
     proc.terminate()

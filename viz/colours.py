@@ -32,9 +32,9 @@ def categorical_colours(values) -> tuple[np.ndarray, dict]:
     if pd.api.types.is_integer_dtype(s):
         cmap = {k: hex_colour(v) for k, v in cluster_colours(s.unique()).items()}
     else:
-        cats = sorted(s.astype(str).unique())
+        s = s.astype(object).where(s.notna(), "n/a").astype(str)  # missing values are one category
+        cats = sorted(s.unique())
         cmap = {c: hex_colour(v) for c, v in zip(cats, cluster_colours(range(len(cats))).values())}
-        s = s.astype(str)
     return s.map(cmap).fillna("#a0a0a0").to_numpy(object), cmap
 
 

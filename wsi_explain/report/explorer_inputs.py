@@ -26,16 +26,16 @@ _OPTIONAL = (
 
 
 def with_errors(tiles: pd.DataFrame, *, threshold: float = 0.5) -> pd.DataFrame:
-    """The tiles with an ``error`` column where a tile has a label (``label_pos``): "false
-    positive", "false negative" or "right" (positive probability called at ``threshold``); the
-    input is not modified, and returned as it is without labels."""
+    """The tiles with an ``error`` column: "false positive", "false negative" or "right" where a
+    tile has a label (``label_pos``; positive probability called at ``threshold``), "unlabelled"
+    elsewhere; the input is not modified, and returned as it is without labels."""
     if "label_pos" not in tiles.columns or "prob_pos" not in tiles.columns or not tiles["label_pos"].notna().any():
         return tiles
     y, pred = tiles["label_pos"], tiles["prob_pos"] >= threshold
     err = pd.Series("right", index=tiles.index, dtype=object)
     err[pred & (y == 0)] = "false positive"
     err[~pred & (y == 1)] = "false negative"
-    return tiles.assign(error=err.where(y.notna()))
+    return tiles.assign(error=err.where(y.notna(), "unlabelled"))
 
 
 def colour_options(tiles: pd.DataFrame, *, metric_columns=()) -> dict[str, str]:
