@@ -142,3 +142,19 @@ def test_explorer_in_chromium(server, browser):
     assert w.model("clusters", "m.data.name[0]") == "pen <i>ink</i>"  # a table cell, rendered as text
     assert w.errors == [] and w.dialogs == []
     w.close()
+
+
+def test_a_broken_run_gives_an_error_page_not_a_hang(audit_run, tmp_path):
+    """When the explorer cannot be built (here: an unreadable cluster table), the document says so
+    in words (escaped) instead of leaving the page waiting."""
+    from bokeh.document import Document
+    from bokeh.models import Div
+
+    from wsi_explain.report.serve import explorer_document
+
+    run_dir = copy_run(audit_run, tmp_path / "run")
+    (run_dir / "cohort/clusters.parquet").write_bytes(b"<not parquet>")
+    doc = Document()
+    explorer_document(doc, run_dir, images=None)
+    texts = [m.text for m in doc.roots[0].select({"type": Div})]
+    assert any("The explorer could not be built" in t for t in texts), texts

@@ -171,12 +171,18 @@ def explorer_document(doc, run_path: Path, images) -> None:
 
     import viz
 
-    d = _load(run_path)
-    parts = _explorer_parts(d, run_path, images)
-    naming, status = _naming_panel(d, run_path, parts)
     title = Div(text=f"<h2>wsi-explain explorer: {viz.escape(run_path.name)}</h2>")
-    doc.add_root(column(title, parts.layout, naming, status))
     doc.title = "wsi-explain explorer"
+    try:
+        d = _load(run_path)
+        parts = _explorer_parts(d, run_path, images)
+        naming, status = _naming_panel(d, run_path, parts)
+    except Exception as exc:  # the page says what went wrong instead of leaving the browser waiting
+        logger.exception("%s: the explorer could not be built", run_path)
+        msg = f"{type(exc).__name__}: {exc}"
+        doc.add_root(column(title, Div(text=f"<p>The explorer could not be built: {viz.escape(msg)}</p>")))
+        return
+    doc.add_root(column(title, parts.layout, naming, status))
 
 
 def make_server(
