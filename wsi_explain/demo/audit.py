@@ -57,7 +57,7 @@ def run_demo_audit(
         weights = train_demo_model(run, out / "model", seed=seed, workers=workers, mpp=DEMO_TILE_MPP)
     cfg = ExtractConfig(
         arch="efficientnet_lite0",
-        weights=str(weights),
+        weights=str(Path(weights).resolve()),  # absolute: the run can be read from any folder
         activations=True,
         workers=workers,
         seed=seed,
