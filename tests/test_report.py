@@ -107,7 +107,7 @@ def test_report_in_chromium_selection_links_views(reported, browser):
     # the slide panel draws the same source: the same tiles light up there
     assert w.model("slide_tiles", "m.data_source.selected.indices.length") == n
     gallery = w.model("gallery", "m.text")
-    assert f"{n} tile" in gallery and "<img" in gallery
+    assert f"{n} tile" in gallery and "<img" in gallery and 'style="border: 3px solid #' in gallery
     # a click on a cluster row selects that cluster's tiles
     w.page.locator(".slick-row").nth(1).click()
     w.page.wait_for_timeout(500)
@@ -119,6 +119,8 @@ def test_report_in_chromium_selection_links_views(reported, browser):
     w.page.evaluate("() => { Bokeh.documents[0].get_model_by_name('colour_by').value = 'probability'; }")
     w.page.wait_for_timeout(300)
     assert w.model("tiles", "m.data.colour.slice(0, 50).join()") != before
+    # ... and the gallery's frames follow it (the cluster's tiles are still selected)
+    assert w.model("tiles", "m.selected.indices.length") > 0 and "frame: probability" in w.model("gallery", "m.text")
     # labelled tiles can be coloured by the model's errors
     opts = w.page.evaluate("() => Bokeh.documents[0].get_model_by_name('colour_by').options")
     assert "error (label vs prediction)" in opts and "uncertainty (ensemble spread)" in opts

@@ -39,13 +39,16 @@ const m = method_sel.value;
 const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;'}[c]));
 const fill = (tpl, i) => tpl.split('{slide}').join(encodeURIComponent(d.slide_id[i])).split('{tile}').join(String(d.tile_id[i])).split('{method}').join(encodeURIComponent(m));
 let out = `<div class="wx-head">${n} tile${n == 1 ? '' : 's'} selected` + (n > maxn ? `, the first ${maxn} by ${esc(sort_sel.value)} shown` : '') + '</div><div class="wx-gallery">';
+// each tile framed in its colour of the "Colour by" menu (uncertainty, error, cluster...)
+const ckey = colour_sel ? colour_sel.value : '';
 for (const i of idx) {
   const p = d.prob_pos ? Number(d.prob_pos[i]).toFixed(2) : '';
-  const title = esc(`${d.slide_id[i]} tile ${d.tile_id[i]} | ${d.cname[i]} | p=${p}`);
+  const title = esc(`${d.slide_id[i]} tile ${d.tile_id[i]} | ${d.cname[i]} | p=${p}` + (ckey ? ` | frame: ${ckey}` : ''));
+  const frame = d.colour ? ` style="border: 3px solid ${esc(d.colour[i])}"` : '';
   if (has_col && !d[has_col][i]) {
-    out += `<div class="wx-missing" title="${title}">${esc(d.cname[i])}<br>(no image in this report)</div>`;
+    out += `<div class="wx-missing" title="${title}"${frame}>${esc(d.cname[i])}<br>(no image in this report)</div>`;
   } else {
-    out += `<a href="${fill(full_tpl, i)}" target="_blank" rel="noopener"><img loading="lazy" src="${fill(thumb_tpl, i)}" title="${title}" alt="${title}"></a>`;
+    out += `<a href="${fill(full_tpl, i)}" target="_blank" rel="noopener"><img loading="lazy" src="${fill(thumb_tpl, i)}" title="${title}" alt="${title}"${frame}></a>`;
   }
 }
 gallery.text = out + '</div>';
@@ -178,6 +181,7 @@ def explorer_layout(
         full_template=full_template,
         has_thumb=has_thumb,
         max_gallery=max_gallery,
+        colour_select=colour_select,
     )
     csource, table = _cluster_table(clusters, source, names, table_columns or {"size": "size"})
     controls = row(colour_select, slide_select, method_select, sort_select)
@@ -282,8 +286,9 @@ def _colour_menu(source, colour_cols: dict[str, str]):
     return sel
 
 
-def _gallery(source, *, methods, sort_by, thumb_template, full_template, has_thumb, max_gallery):
-    """The gallery of selected tiles with its overlay and sort menus -> (Div, Select, Select)."""
+def _gallery(source, *, methods, sort_by, thumb_template, full_template, has_thumb, max_gallery, colour_select=None):
+    """The gallery of selected tiles with its overlay and sort menus -> (Div, Select, Select); each
+    tile is framed in its colour of ``colour_select`` (redrawn when that menu changes)."""
     from bokeh.models import CustomJS, Div, InlineStyleSheet, Select
 
     gallery = Div(
@@ -306,11 +311,14 @@ def _gallery(source, *, methods, sort_by, thumb_template, full_template, has_thu
         full_tpl=full_template,
         has_col=has_thumb or "",
         maxn=max_gallery,
+        colour_sel=colour_select,
     )
     gal_cb = CustomJS(args=args, code=_GALLERY_JS)
     source.selected.js_on_change("indices", gal_cb)
     method_select.js_on_change("value", gal_cb)
     sort_select.js_on_change("value", gal_cb)
+    if colour_select is not None:  # after the colour menu's own callback, which swaps the colours
+        colour_select.js_on_change("value", gal_cb)
     return gallery, method_select, sort_select
 
 
