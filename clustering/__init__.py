@@ -15,11 +15,14 @@ from .concepts import (
 )
 from .neighbors import KnnGraph, faiss_gpus, knn_graph, knn_query
 from .reduce import l2_normalise, pca_reduce, umap_cohort, umap_embed
+from .slices import artefact_masks, artefact_slices
 from .summary import FLAG_NAMES, FlagRules, off_tissue_fraction, summarize_clusters
 
 __all__ = [
     "ClusterResult",
     "ConceptModel",
+    "artefact_masks",
+    "artefact_slices",
     "FLAG_NAMES",
     "FlagRules",
     "KnnGraph",

@@ -58,9 +58,10 @@ class FlagRules:
         fraction of ``tile_ink`` or more, or at least ``blur_share`` of its tiles out of focus
         (sharpness below ``sharpness``, the tiling QC's measure)...
     stain_iqr, stain_share : ...or at least ``stain_share`` of its tiles stained outside the
-        cohort's range: haematoxylin or eosin optical density beyond the cohort's quartiles by
-        more than ``stain_iqr`` interquartile ranges (a far-out value by Tukey's rule; a different
-        staining protocol or site, not dense nuclei, which stay within the cohort's range).
+        cohort's range: haematoxylin or eosin staining strength (the tiling QC's ``h_p90`` and
+        ``e_p90``, per-pixel 90th percentiles; the mean densities without them) beyond the cohort's
+        quartiles by more than ``stain_iqr`` interquartile ranges (a far-out value by Tukey's rule:
+        a different staining protocol or site; dense nuclei stay within the cohort's range).
     off_tissue : attribution flag when the mean share of attribution off tissue is at least this.
     agreement : label flag when fewer than this share of labelled tiles agree with predictions...
     min_labelled : ...among at least this many labelled tiles.
@@ -194,14 +195,17 @@ def summarize_clusters(
 
 
 def _stain_outliers(df: pd.DataFrame, rules: FlagRules) -> np.ndarray | None:
-    """(n,) bool: tiles whose H or E optical density lies beyond the cohort's quartiles by more than
+    """(n,) bool: tiles whose H or E staining (``h_p90``/``e_p90``, else the mean densities
+    ``od_h``/``od_e``) lies beyond the cohort's quartiles by more than
     ``rules.stain_iqr`` interquartile ranges (None without the QC columns). Inked tiles are left
     out, of the quartiles and of the outliers: their optical density is the marker's."""
-    if not {"od_h", "od_e"} <= set(df.columns):
+    # staining strength (per-pixel 90th percentiles) where measured, else the mean densities
+    cols = ("h_p90", "e_p90") if {"h_p90", "e_p90"} <= set(df.columns) else ("od_h", "od_e")
+    if not set(cols) <= set(df.columns):
         return None
     clean = (df["ink_frac"] < rules.tile_ink).to_numpy() if "ink_frac" in df else np.ones(len(df), bool)
     out = np.zeros(len(df), bool)
-    for c in ("od_h", "od_e"):
+    for c in cols:
         v = np.where(clean, df[c].to_numpy(np.float64), np.nan)
         q1, q3 = np.nanpercentile(v, [25, 75]) if np.isfinite(v).any() else (np.nan, np.nan)
         iqr = q3 - q1
@@ -346,7 +350,7 @@ def _artefacts(row: dict, rules: FlagRules) -> list[tuple[str, str]]:
             (
                 "stain",
                 f"{100 * row['stain_tile_share']:.0f}% of its tiles are stained outside the cohort's range "
-                f"(H or E optical density more than {rules.stain_iqr:g} IQR beyond the quartiles)",
+                f"(H or E staining strength more than {rules.stain_iqr:g} IQR beyond the quartiles)",
             )
         )
     return why

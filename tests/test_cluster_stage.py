@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
+import clustering as C
 from tests.conftest import copy_run
 from wsi_explain import RunFolder
 from wsi_explain.core.config import ClusterConfig
@@ -62,6 +63,13 @@ def test_outputs(clustered):
     assert tiles["cam_off_tissue"].between(0, 1).all()
     clusters = pd.read_parquet(run_dir / "cohort/clusters.parquet")
     assert clusters["size"].sum() == len(tiles)
+    slices = pd.read_parquet(run_dir / "cohort/artefact_slices.parquet")  # artefacts across clusters
+    masks = C.artefact_masks(tiles)
+    assert (
+        set(slices["kind"]) == set(masks)
+        and (slices.set_index("kind")["n_tiles"] == pd.Series(masks).map(np.sum)).all()
+    )
+    assert {"entropy", "ensemble_std"} & set(tiles.columns) == {"entropy"}  # no ensemble in this run
     assert set(clusters["cluster"]) == set(tiles["cluster"])
     reps = json.loads(clusters.iloc[0]["representatives"])
     assert reps["medoid"] and ":" in reps["medoid"][0]

@@ -339,3 +339,26 @@ def test_knn_query(mixture):
     d2 = ((X[1000:1100, None] - X[None, :1000]) ** 2).sum(-1)
     np.testing.assert_array_equal(I[:, 0], d2.argmin(1))
     np.testing.assert_allclose(D[:, 0], np.sqrt(d2.min(1)), rtol=1e-3)
+
+
+def test_artefact_slices_find_artefacts_the_clustering_spread_out():
+    """Blurred tiles scattered over the three clean clusters (no cluster of their own, so no
+    cluster flag) form a slice the model leans on: flagged, in words; inked tiles the model ignores
+    form a slice that is not flagged; inputs are not modified."""
+    rng = np.random.default_rng(6)
+    df = _cohort(rng)
+    df["sharpness"] = 0.3
+    blur = df.sample(40, random_state=1).index  # spread over clusters 0-2
+    df.loc[blur, "sharpness"], df.loc[blur, "pred"] = 0.02, 1
+    inked = df.drop(blur).sample(30, random_state=2).index
+    df.loc[inked, "ink_frac"], df.loc[inked, "pred"] = 0.3, 0
+    before = df.copy()
+    out = C.summarize_clusters(df).set_index("cluster")
+    assert all("artefact_positive" not in out.loc[c, "flags"] for c in (0, 1, 2))  # no cluster flag ...
+    sl = C.artefact_slices(df).set_index("kind")
+    pd.testing.assert_frame_equal(df, before)
+    assert sl.loc["blur", "flagged"] and sl.loc["blur", "n_tiles"] == 40 and sl.loc["blur", "positive_rate"] == 1.0
+    assert sl.loc["blur", "reason"].startswith("the model leans on the out-of-focus tiles wherever they are: 40 tiles")
+    assert not sl.loc["ink", "flagged"] and sl.loc["ink", "n_tiles"] == 30 and sl.loc["ink", "reason"] == ""
+    masks = C.artefact_masks(df)
+    assert masks["blur"].sum() == 40 and masks["ink"].sum() == 30 and "stain" not in masks  # no OD columns

@@ -82,6 +82,10 @@ def print_cluster_summary(run_path: Path, out, console) -> None:
             "; ".join(r["flag_reasons"]),
         )
     console.print(table)
+    from wsi_explain.report.sentences import slice_sentences
+
+    for line in slice_sentences(Path(run_path) / "cohort"):  # artefacts the model leans on, across clusters
+        console.print(line, highlight=False)
     if out.timings:
         console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in out.timings.items()))
 

@@ -21,6 +21,8 @@ _OPTIONAL = (
     ("sharpness", "sharpness"),
     ("haematoxylin OD", "od_h"),
     ("eosin OD", "od_e"),
+    ("H staining strength (p90)", "h_p90"),
+    ("E staining strength (p90)", "e_p90"),
     ("brightness", "brightness"),
 )
 

@@ -53,13 +53,16 @@ def selftest_sentences(figures: dict) -> list[str]:
         f"holding {p['flagged_tiles']} tiles: recall {_f(p['recall'])}, precision {_f(p['precision'])} "
         "over all plant kinds"
     ]
+    if p.get("flagged_slices"):
+        out[0] += f"; artefact slices flagged: {', '.join(p['flagged_slices'])}"
     c = figures.get("control")
     if c is not None:
-        if c["flagged_clusters"]:
+        if c["flagged_clusters"] or c.get("flagged_slices"):
             out.append(
-                f"control cohort (nothing planted): {len(c['flagged_clusters'])} FALSE flag(s) on "
+                f"control cohort (nothing planted): {len(c['flagged_clusters']) + len(c.get('flagged_slices', []))} "
+                "FALSE flag(s) on "
                 f"{c['flagged_tiles']} tiles: "
-                + "; ".join(f"cluster {k}: {' / '.join(v)}" for k, v in c["flag_reasons"].items())
+                + "; ".join(f"{k}: {' / '.join(v)}" for k, v in c["flag_reasons"].items())
             )
         else:
             out.append(f"control cohort (nothing planted): no artefact flag in {c['n_clusters']} clusters")

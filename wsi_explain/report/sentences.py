@@ -8,6 +8,7 @@ __all__ = [
     "leakage_sentences",
     "error_sentences",
     "slide_error_sentences",
+    "slice_sentences",
     "shortcut_lines",
 ]
 
@@ -106,7 +107,21 @@ def shortcut_lines(cohort_dir) -> list[str] | None:
     if (cdir / "slide_errors.parquet").exists():
         topk = json.loads(pq.read_schema(cdir / "slide_errors.parquet").metadata[b"wsi_explain"]).get("topk", 8)
         slides = slide_error_sentences(pd.read_parquet(cdir / "slide_errors.parquet"), topk=topk)
-    return lines + leakage_sentences(probe, comp) + error_sentences(err) + (slides or []) + meta["notes"]
+    slices = slice_sentences(cdir)
+    return slices + lines + leakage_sentences(probe, comp) + error_sentences(err) + (slides or []) + meta["notes"]
+
+
+def slice_sentences(cohort_dir) -> list[str]:
+    """The artefact slices the model leans on (``cohort/artefact_slices.parquet`` of clustering), in words."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    path = Path(cohort_dir) / "artefact_slices.parquet"
+    if not path.exists():
+        return []
+    slices = pd.read_parquet(path)
+    return [str(r) for r in slices.loc[slices["flagged"], "reason"]]
 
 
 def slide_error_sentences(per_slide, *, topk: int = 8, top: int = 3) -> list[str]:

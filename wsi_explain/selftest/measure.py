@@ -5,9 +5,13 @@ Per plant kind:
 - ``shortcut_auroc``: how far the shortcut model leans on the plant (AUROC of its positive
   probability, planted tiles against the clean tiles of the same slides' kind). Near 0.5 the
   model did not learn the shortcut and the other figures say little.
-- ``recall``: share of the planted tiles that lie in clusters flagged ``artefact_positive``.
-- ``precision``: share of the tiles in clusters flagged for this kind of artefact (flag
-  ``artefact_positive`` with the kind among the cluster's ``artefact_kinds``) that carry the plant.
+- ``recall``: share of the planted tiles that lie in clusters flagged ``artefact_positive`` or in
+  a flagged artefact slice (:mod:`clustering.slices`: all tiles showing one artefact, wherever
+  they were clustered, flagged when the model leans on them); ``recall_clusters``: by the
+  cluster flags alone.
+- ``precision``: share of the tiles flagged for this kind of artefact (clusters flagged
+  ``artefact_positive`` with the kind among their ``artefact_kinds``, and the kind's slice when
+  flagged) that carry the plant.
 - ``removal_rank``: rank, by the cluster-removal effect (how far removing a cluster moves some
   slide's top-k score), of the first cluster whose tiles are mostly planted with this kind
   (1 = removal names it first; NaN when no cluster is mostly planted).
@@ -27,7 +31,10 @@ import pandas as pd
 from tiling.plants import PLANT_VARIABLES
 from wsi_explain.metrics.confounders import QC_VARIABLES, scan_confounders
 
-__all__ = ["planted_tiles", "kind_figures", "cohort_figures"]
+__all__ = ["planted_tiles", "kind_figures", "cohort_figures", "SLICE_KINDS"]
+
+#: the artefact slices of clustering (:func:`clustering.artefact_slices`)
+SLICE_KINDS = ("ink", "blur", "stain", "low_tissue")
 
 
 def planted_tiles(tiles: pd.DataFrame, design: pd.DataFrame, *, tile_px: int) -> pd.DataFrame:
@@ -83,12 +90,24 @@ def _scan(tiles: pd.DataFrame, kind: str, *, n_boot: int, seed: int) -> dict:
     }
 
 
+def _in_slice(tiles: pd.DataFrame, kind: str) -> np.ndarray:
+    """(n,) bool: the tiles in the flagged artefact slice of ``kind`` (column ``slice_<kind>``,
+    added from clustering's slices; none when the slice is not flagged or not known)."""
+    col = f"slice_{kind}"
+    return tiles[col].to_numpy(bool) if col in tiles else np.zeros(len(tiles), bool)
+
+
 def kind_figures(tiles: pd.DataFrame, clusters: pd.DataFrame, kind: str, *, n_boot: int = 200, seed: int = 0) -> dict:
-    """The figures of one plant kind (see the module docstring) on a cohort from :func:`planted_tiles`."""
+    """The figures of one plant kind (see the module docstring) on a cohort from :func:`planted_tiles`;
+    the flagged artefact slices (``slice_<kind>`` columns) count as flags too."""
     mine = tiles["kind"] == kind
     planted = (mine & tiles["planted"]).to_numpy()
-    flagged = tiles["cluster"].isin(_flagged(clusters)).to_numpy()
-    for_kind = tiles["cluster"].isin(_flagged(clusters, kind)).to_numpy()
+    by_cluster = tiles["cluster"].isin(_flagged(clusters)).to_numpy()
+    any_slice = np.zeros(len(tiles), bool)
+    for k in SLICE_KINDS:
+        any_slice |= _in_slice(tiles, k)
+    flagged = by_cluster | any_slice
+    for_kind = tiles["cluster"].isin(_flagged(clusters, kind)).to_numpy() | _in_slice(tiles, kind)
     effect = clusters[clusters["cluster"] >= 0].sort_values("removal_effect", ascending=False, kind="stable")
     share = tiles.assign(p=planted).groupby("cluster")["p"].mean()
     order = [int(c) for c in effect["cluster"]]
@@ -101,6 +120,7 @@ def kind_figures(tiles: pd.DataFrame, clusters: pd.DataFrame, kind: str, *, n_bo
             tiles.loc[planted, "prob_pos"].to_numpy(), tiles.loc[mine & ~tiles["planted"], "prob_pos"].to_numpy()
         ),
         "recall": float(flagged[planted].mean()) if planted.any() else float("nan"),
+        "recall_clusters": float(by_cluster[planted].mean()) if planted.any() else float("nan"),
         "precision": float(planted[for_kind].mean()) if for_kind.any() else float("nan"),
         "n_flagged_for_kind": int(for_kind.sum()),
         "removal_rank": mostly[0] if mostly else None,
@@ -110,20 +130,28 @@ def kind_figures(tiles: pd.DataFrame, clusters: pd.DataFrame, kind: str, *, n_bo
     return out
 
 
-def cohort_figures(tiles: pd.DataFrame, clusters: pd.DataFrame) -> dict:
-    """Flagged clusters and tiles of a self-test cohort, and the share of flagged tiles that are planted."""
+def cohort_figures(tiles: pd.DataFrame, clusters: pd.DataFrame, slices=None) -> dict:
+    """Flagged clusters, flagged artefact slices and their tiles in a self-test cohort, and the share
+    of flagged tiles that are planted."""
     flagged = _flagged(clusters)
-    in_flagged = tiles["cluster"].isin(flagged).to_numpy()
+    in_flagged = tiles["cluster"].isin(flagged).to_numpy().copy()
+    for k in SLICE_KINDS:
+        in_flagged |= _in_slice(tiles, k)
+    flagged_slices = [] if slices is None else [str(k) for k in slices.loc[slices["flagged"], "kind"]]
     reasons = {
-        int(r.cluster): list(r.flag_reasons)
+        f"cluster {int(r.cluster)}": list(r.flag_reasons)
         for r in clusters.itertuples()
         if int(r.cluster) in flagged and len(r.flag_reasons)
     }
+    if slices is not None:
+        for r in slices[slices["flagged"]].itertuples():
+            reasons[f"{r.kind} tiles"] = [str(r.reason)]
     return {
         "n_tiles": int(len(tiles)),
         "n_clusters": int((clusters["cluster"] >= 0).sum()),
         "n_planted": int(tiles["planted"].sum()),
         "flagged_clusters": sorted(flagged),
+        "flagged_slices": flagged_slices,
         "flagged_tiles": int(in_flagged.sum()),
         "precision": float(tiles["planted"].to_numpy()[in_flagged].mean()) if in_flagged.any() else float("nan"),
         "recall": float(in_flagged[tiles["planted"].to_numpy()].mean()) if tiles["planted"].any() else float("nan"),

@@ -331,7 +331,8 @@ def run_cluster_stage(
     params = params_hash(cfg.model_dump(mode="json"))
     fp = _fingerprint(run, ids)
     run.set_config(STAGE, cfg.model_dump(mode="json"))
-    outputs = ["cohort/tiles.parquet", "cohort/clusters.parquet"] + (["cohort/concepts.zarr"] if cfg.concepts else [])
+    outputs = ["cohort/tiles.parquet", "cohort/clusters.parquet", "cohort/artefact_slices.parquet"]
+    outputs += ["cohort/concepts.zarr"] if cfg.concepts else []
     if run.is_done(STAGE, COHORT, params=params, fingerprint=fp):
         rec = run.slide_record(STAGE, COHORT)
         return ClusterOutcome(
@@ -353,6 +354,8 @@ def run_cluster_stage(
     meta = {"cam_method": cam_method, "class_names": class_names, "config": cfg.model_dump(mode="json")}
     atomic_write_parquet(tiles, cohort_dir / "tiles.parquet", meta)
     atomic_write_parquet(summary, cohort_dir / "clusters.parquet", {"flag_names": clustering.FLAG_NAMES})
+    name = class_names[cfg.positive_class] if len(class_names) > cfg.positive_class else "positive"
+    atomic_write_parquet(clustering.artefact_slices(tiles, positive_name=name), cohort_dir / "artefact_slices.parquet")
     n_clusters = int((summary["cluster"] >= 0).sum())
     flagged = int(sum(bool(f) for f in summary["flags"]))
     n_noise = int((res.labels < 0).sum())

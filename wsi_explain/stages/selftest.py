@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import clustering
 from wsi_explain.core.atomic import atomic_write_json
 from wsi_explain.core.config import SelftestConfig
 from wsi_explain.core.errors import WsiExplainError
@@ -79,8 +80,10 @@ def _read_images(sources: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def _audit(arm_dir: Path, csv: Path, base: dict, *, seed: int, workers: int) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Tile, fit the shortcut head, extract, cluster one self-test cohort; its tiles and clusters."""
+def _audit(arm_dir: Path, csv: Path, base: dict, *, seed: int, workers: int) -> tuple:
+    """Tile, fit the shortcut head, extract, cluster one self-test cohort; its tiles (with a
+    ``slice_<kind>`` column per artefact slice, true in the flagged ones), clusters, slices and
+    the head's fit."""
     from wsi_explain.core.config import ClusterConfig, ExtractConfig, TileConfig
     from wsi_explain.io.slides import discover_slides
     from wsi_explain.selftest.head import fit_shortcut_model
@@ -116,7 +119,11 @@ def _audit(arm_dir: Path, csv: Path, base: dict, *, seed: int, workers: int) -> 
         run_cluster_stage(sub, ClusterConfig(seed=seed))
     tiles = pd.read_parquet(arm_dir / "run" / "cohort" / "tiles.parquet")
     clusters = pd.read_parquet(arm_dir / "run" / "cohort" / "clusters.parquet")
-    return tiles, clusters, head
+    slices = pd.read_parquet(arm_dir / "run" / "cohort" / "artefact_slices.parquet")
+    flagged = set(slices.loc[slices["flagged"], "kind"])
+    for kind, mask in clustering.artefact_masks(tiles).items():  # the tiles of each flagged slice
+        tiles[f"slice_{kind}"] = mask & (kind in flagged)
+    return tiles, clusters, slices, head
 
 
 def run_selftest(
@@ -157,12 +164,12 @@ def run_selftest(
         arm_dir = run.path / "selftest" / arm
         csv = write_cohort(images, design, arm_dir / "slides", mpp=mpp, planted=planted, seed=seed)
         with step(f"auditing the {arm} cohort (tile, shortcut head, extract, cluster)"):
-            tiles, clusters, head = _audit(arm_dir, csv, base, seed=seed, workers=workers)
+            tiles, clusters, slices, head = _audit(arm_dir, csv, base, seed=seed, workers=workers)
         d = design if planted else design.assign(planted=False)
         t = planted_tiles(tiles, d, tile_px=int(cfg["tile"]["tile_px"]))
         with step(f"measuring what the audit found in the {arm} cohort"):
             figures[arm] = {
-                **cohort_figures(t, clusters),
+                **cohort_figures(t, clusters, slices),
                 "head_train_accuracy": head["train_accuracy"],
                 "kinds": {k: kind_figures(t, clusters, k, n_boot=scfg.n_boot, seed=seed) for k in kinds},
                 "folder": str((arm_dir / "run").relative_to(run.path)),
