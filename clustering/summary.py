@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .staining import tile_stain_outliers
+
 __all__ = ["FlagRules", "summarize_clusters", "off_tissue_fraction", "FLAG_NAMES", "SITE_COLUMNS", "GRADE_COLUMNS"]
 
 #: slide-level label columns whose mix is reported per cluster
@@ -61,7 +63,13 @@ class FlagRules:
         cohort's range: haematoxylin or eosin staining strength (the tiling QC's ``h_p90`` and
         ``e_p90``, per-pixel 90th percentiles; the mean densities without them) beyond the cohort's
         quartiles by more than ``stain_iqr`` interquartile ranges (a far-out value by Tukey's rule:
-        a different staining protocol or site; dense nuclei stay within the cohort's range).
+        dense nuclei stay within the cohort's range).
+    stain_slide_z, stain_slide_ratio, stain_min_slides : the artefact slices (not the cluster
+        flags) also count every tile of a slide stained apart: its median H:E balance has a
+        modified z-score of at least ``stain_slide_z`` among the slides and differs from their
+        median by a factor ``stain_slide_ratio`` or more (with at least ``stain_min_slides``
+        slides; :mod:`clustering.staining`). Tumour slides can differ so from benign ones (more
+        nuclei), so this rule is read only with the slices' within-label comparison.
     off_tissue : attribution flag when the mean share of attribution off tissue is at least this.
     agreement : label flag when fewer than this share of labelled tiles agree with predictions...
     min_labelled : ...among at least this many labelled tiles.
@@ -83,6 +91,9 @@ class FlagRules:
     blur_share: float = 0.5
     stain_iqr: float = 3.0
     stain_share: float = 0.5
+    stain_slide_z: float = 3.5
+    stain_slide_ratio: float = 1.25
+    stain_min_slides: int = 6
     off_tissue: float = 0.5
     agreement: float = 0.5
     min_labelled: int = 10
@@ -171,7 +182,7 @@ def summarize_clusters(
     has_site = site_col is not None and df[site_col].nunique() > 1
     site_share = df[site_col].value_counts(normalize=True) if has_site else None
     concept_cols = [c for c in df.columns if c.startswith("concept_")]
-    off_stain = _stain_outliers(df, rules)
+    off_stain = tile_stain_outliers(df, rules)
     rows = []
     for cl, g in df.groupby("cluster", sort=True):
         row = {**_composition(g, int(cl), rules, removal), **_site(g, site_col if has_site else None)}
@@ -191,26 +202,6 @@ def summarize_clusters(
     out = pd.DataFrame(rows)
     if len(out):
         out = pd.concat([out[out["cluster"] >= 0], out[out["cluster"] < 0]], ignore_index=True)
-    return out
-
-
-def _stain_outliers(df: pd.DataFrame, rules: FlagRules) -> np.ndarray | None:
-    """(n,) bool: tiles whose H or E staining (``h_p90``/``e_p90``, else the mean densities
-    ``od_h``/``od_e``) lies beyond the cohort's quartiles by more than
-    ``rules.stain_iqr`` interquartile ranges (None without the QC columns). Inked tiles are left
-    out, of the quartiles and of the outliers: their optical density is the marker's."""
-    # staining strength (per-pixel 90th percentiles) where measured, else the mean densities
-    cols = ("h_p90", "e_p90") if {"h_p90", "e_p90"} <= set(df.columns) else ("od_h", "od_e")
-    if not set(cols) <= set(df.columns):
-        return None
-    clean = (df["ink_frac"] < rules.tile_ink).to_numpy() if "ink_frac" in df else np.ones(len(df), bool)
-    out = np.zeros(len(df), bool)
-    for c in cols:
-        v = np.where(clean, df[c].to_numpy(np.float64), np.nan)
-        q1, q3 = np.nanpercentile(v, [25, 75]) if np.isfinite(v).any() else (np.nan, np.nan)
-        iqr = q3 - q1
-        with np.errstate(invalid="ignore"):
-            out |= (v > q3 + rules.stain_iqr * iqr) | (v < q1 - rules.stain_iqr * iqr)
     return out
 
 

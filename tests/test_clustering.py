@@ -362,3 +362,59 @@ def test_artefact_slices_find_artefacts_the_clustering_spread_out():
     assert not sl.loc["ink", "flagged"] and sl.loc["ink", "n_tiles"] == 30 and sl.loc["ink", "reason"] == ""
     masks = C.artefact_masks(df)
     assert masks["blur"].sum() == 40 and masks["ink"].sum() == 30 and "stain" not in masks  # no OD columns
+
+
+def test_slides_stained_apart_are_found_by_their_median_balance():
+    """The slide rule of clustering.staining: one slide of twelve with a shifted H:E balance (a
+    different protocol) is found with its ratio and z-score, all its clean tiles count as stained
+    outside the range (not its inked ones), a tile-level spread as wide as the shift is not enough
+    alone, and fewer than ``stain_min_slides`` slides turn the rule off; inputs are not modified."""
+    from clustering.staining import slide_stain_outliers, stain_outliers
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for s in range(12):
+        shift = 0.8 if s == 5 else 0.0  # 1.8x H, 0.8x E moves the balance by ~0.8
+        for _ in range(40):  # per tile the balance varies with the tissue (SD 0.45, as on CMU-1)
+            rows.append({"slide_id": f"s{s}", "he_p10": rng.normal(shift, 0.45), "ink_frac": 0.0})
+    df = pd.DataFrame(rows)
+    df["h_p90"], df["e_p90"] = rng.uniform(0.4, 0.8, len(df)), rng.uniform(0.3, 0.5, len(df))
+    df.loc[df.index[(df["slide_id"] == "s5")][:5], "ink_frac"] = 0.4
+    before = df.copy()
+    rules = C.FlagRules()
+    apart = slide_stain_outliers(df, rules)
+    assert apart["slide_id"].tolist() == ["s5"] and apart["z"].iloc[0] > rules.stain_slide_z
+    assert 1.8 < apart["ratio"].iloc[0] < 2.8
+    mask = stain_outliers(df, rules)
+    on5 = (df["slide_id"] == "s5").to_numpy()
+    assert mask[on5].sum() == 35 and not mask[~on5].any()  # 40 tiles, 5 inked
+    lean = df.assign(pred=on5.astype(int), label_pos=np.nan, cluster=0)  # the model leans on that slide
+    sl = C.artefact_slices(lean).set_index("kind")
+    assert sl.loc["stain", "flagged"] and "slides stained apart: s5 (H/E x" in sl.loc["stain", "reason"]
+    pd.testing.assert_frame_equal(df, before)
+    # the same tiles without the slide structure: no tile is a far-out value
+    assert not stain_outliers(df.assign(slide_id="one"), rules).any()
+    few = df[df["slide_id"].isin(["s0", "s1", "s2", "s3", "s5"])]
+    assert slide_stain_outliers(few, rules).empty
+    assert slide_stain_outliers(df.drop(columns="he_p10"), rules).empty
+
+
+def test_artefact_slices_compare_within_labels():
+    """A slice that sits on positive slides is predicted positive because its slides are: with
+    labels (``label_pos``) that is no shortcut and the slice is not flagged; the same slice
+    predicted positive within negative slides too is flagged, and says so."""
+    rng = np.random.default_rng(4)
+    df = _cohort(rng)
+    df["label_pos"] = (df["slide_id"].astype("category").cat.codes % 2).astype(float)
+    df["pred"] = df["label_pos"].astype(int)  # a model that follows the labels
+    df["sharpness"] = 0.3
+    on_pos = df[df["label_pos"] == 1].sample(40, random_state=0).index
+    df.loc[on_pos, "sharpness"] = 0.02  # blurred tiles, all on positive slides
+    plain = C.artefact_slices(df.drop(columns="label_pos")).set_index("kind")
+    assert plain.loc["blur", "flagged"]  # without labels: 100% positive against ~50%
+    sl = C.artefact_slices(df).set_index("kind")
+    assert not sl.loc["blur", "flagged"] and sl.loc["blur", "excess"] == 0.0
+    on_neg = df[df["label_pos"] == 0].sample(20, random_state=1).index
+    df.loc[on_neg, "sharpness"], df.loc[on_neg, "pred"] = 0.02, 1  # now leaned on within the negatives
+    sl = C.artefact_slices(df).set_index("kind")
+    assert sl.loc["blur", "flagged"] and "within the same labels" in sl.loc["blur", "reason"]

@@ -95,4 +95,24 @@ def test_staining_strength_follows_the_planted_stain(real_fields):
         assert b["h_p90"] >= b["od_h"] and s["h_p90"] >= 1.3 * b["h_p90"], (b, s)
         assert b["e_p90"] >= b["od_e"]
     glass = tiling.tile_measures(np.full((64, 64, 3), 245, np.uint8), st)
-    assert np.isnan(glass["h_p90"]) and np.isnan(glass["e_p90"])
+    assert np.isnan(glass["h_p90"]) and np.isnan(glass["e_p90"]) and np.isnan(glass["he_p10"])
+
+
+def test_he_balance_follows_the_protocol_and_ignores_the_slide_vectors(real_fields):
+    """he_p10 (p10 of the per-pixel ln(H/E) along the reference vectors) rises by 0.5 or more under
+    1.8x H and 0.8x E on every real tile with both stains (0.62-0.85 measured) and does not depend
+    on the slide's own vectors (h_p90 does)."""
+    from tiling.plants import plant_stain
+
+    st = tiling.standard_stains()
+    h, e = np.array([0.55, 0.75, 0.37]), np.array([0.2, 0.9, 0.38])
+    other = tiling.StainVectors(h / np.linalg.norm(h), e / np.linalg.norm(e), st.glass, "estimated")
+    n = 0
+    for t in _real_tiles(real_fields):
+        b = tiling.tile_measures(t, st)
+        if np.isnan(b["he_p10"]):  # too little eosin
+            continue
+        n += 1
+        assert tiling.tile_measures(plant_stain(t), st)["he_p10"] >= b["he_p10"] + 0.5
+        assert tiling.tile_measures(t, other)["he_p10"] == b["he_p10"]
+    assert n >= 6

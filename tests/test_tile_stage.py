@@ -210,6 +210,9 @@ def test_qc_columns_ink_and_artefact_option(inked_slides, tmp_path):
     clean, _ = read_tile_table(tmp_path / "run/slides/clean/tiles.parquet")
     for col, (_unit, rng, _) in tiling.QC_COLUMNS.items():
         v = marked[col].dropna()
+        if rng == "real":  # the H:E balance needs 64+ pixels holding both stains (not under a marker)
+            assert len(v) >= len(marked) // 3, col
+            continue
         assert len(v) == len(marked), col
         assert (v >= 0).all() and (v <= 1).all() if rng == "[0, 1]" else (v >= 0).all(), col
     assert meta["stains"]["source"] == "estimated"

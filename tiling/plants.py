@@ -27,7 +27,7 @@ PLANT_KINDS = ("ink", "blur", "stain")
 PLANT_VARIABLES: dict[str, tuple[str, ...]] = {
     "ink": ("ink_frac",),
     "blur": ("sharpness",),
-    "stain": ("h_p90", "e_p90", "od_h", "od_e"),
+    "stain": ("he_p10", "h_p90", "e_p90", "od_h", "od_e"),
 }
 
 

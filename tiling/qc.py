@@ -17,7 +17,7 @@ import pandas as pd
 
 from .errors import TileReadError
 from .readers import SlideReader
-from .stain import FOREGROUND_OD, StainVectors, od_lut
+from .stain import FOREGROUND_OD, StainVectors, od_lut, standard_stains
 
 __all__ = ["QC_COLUMNS", "sharpness", "tile_measures", "compute_tile_qc"]
 
@@ -51,6 +51,16 @@ QC_COLUMNS: dict[str, tuple[str, str, str]] = {
         "strongly the most stained pixels (nuclei) are stained; NaN with no stained pixel",
     ),
     "e_p90": ("OD", ">= 0", "the same for eosin: 90th percentile of the per-pixel eosin OD over the stained pixels"),
+    "he_p10": (
+        "ln ratio",
+        "real",
+        "H:E balance: 10th percentile of the per-pixel ln(H / E) along the fixed reference (Ruifrok) "
+        "vectors, over the pixels holding both stains (where the eosin-richest pixels sit). Comparable "
+        "across slides (the slide's own vectors absorb part of a protocol's shift); it also moves with "
+        "the tissue (tile SD 0.45 over CMU-1, 0.8 correlation with od_h), so read it per slide: "
+        "a protocol with 1.8x haematoxylin and 0.8x eosin raises it by 0.6-0.85 on every real tile. "
+        "NaN with fewer than 64 such pixels",
+    ),
     "brightness": ("fraction", "[0, 1]", "mean luminance (Rec. 601) of the tile, 1 = white"),
     "stained_frac": ("fraction", "[0, 1]", "share of the tile's pixels with summed OD above 0.3 (not glass)"),
 }
@@ -111,14 +121,16 @@ def tile_measures(tile: np.ndarray, stains: StainVectors, *, lut: np.ndarray | N
         h, e = stains.concentrations(mean_od)
         od_h, od_e = max(float(h), 0.0), max(float(e), 0.0)
         h_p90, e_p90 = _p90_amounts(od, w > 0, stains)
+        he_p10 = _he_balance(od, w > 0)
     else:
-        od_h = od_e = h_p90 = e_p90 = float("nan")
+        od_h = od_e = h_p90 = e_p90 = he_p10 = float("nan")
     return {
         "sharpness": sharpness(gray),
         "od_h": od_h,
         "od_e": od_e,
         "h_p90": h_p90,
         "e_p90": e_p90,
+        "he_p10": he_p10,
         "brightness": float(gray.mean() / 255.0),
         "stained_frac": n / stained.size,
     }
@@ -131,6 +143,22 @@ def _p90_amounts(od: list[np.ndarray], keep: np.ndarray, stains: StainVectors) -
     proj = np.linalg.pinv(stains.matrix).astype(np.float32)  # (2, 3)
     k = int(0.9 * (len(v) - 1))
     return tuple(max(float(np.partition(v @ row, k)[k]), 0.0) for row in proj)
+
+
+_REFERENCE_PINV = np.linalg.pinv(standard_stains().matrix).astype(np.float32)  # (2, 3)
+
+
+def _he_balance(od: list[np.ndarray], keep: np.ndarray, *, floor: float = 0.05, min_pixels: int = 64) -> float:
+    """10th percentile (nearest rank) of ln(H / E) along the reference vectors over the ``keep``
+    pixels with both amounts above ``floor`` OD; NaN with fewer than ``min_pixels`` of them."""
+    v = np.stack([o.ravel()[keep] for o in od], 1).astype(np.float32, copy=False)
+    h, e = v @ _REFERENCE_PINV[0], v @ _REFERENCE_PINV[1]
+    both = (h > floor) & (e > floor)
+    if int(both.sum()) < min_pixels:
+        return float("nan")
+    r = np.log(h[both] / e[both])
+    k = int(0.1 * (len(r) - 1))
+    return float(np.partition(r, k)[k])
 
 
 def compute_tile_qc(

@@ -32,7 +32,7 @@ def print_selftest(run_path: Path, console) -> None:
 def selftest(
     run: Path = typer.Argument(..., help="Run folder (tiled and extracted)."),
     n_slides: int = typer.Option(18, help="Slides of the planted cohort (cycling through the plant kinds)."),
-    tiles_per_slide: int = typer.Option(16, help="Tiles per planted slide."),
+    tiles_per_slide: int = typer.Option(25, help="Tiles per planted slide (a 5 x 5 mosaic)."),
     kinds: str = typer.Option("ink,blur,stain", help="Comma-separated plant kinds: ink, blur, stain."),
     control: bool = typer.Option(True, help="Also audit the same cohort with nothing planted (false flags)."),
     workers: int = typer.Option(2, help="Tile-reading threads."),

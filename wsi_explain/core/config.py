@@ -352,7 +352,7 @@ class SelftestConfig(_Frozen):
     """
 
     n_slides: int = Field(18, ge=2, le=1000)
-    tiles_per_slide: int = Field(16, ge=4, le=400)
+    tiles_per_slide: int = Field(25, ge=4, le=400)
     kinds: tuple[Literal["ink", "blur", "stain"], ...] = ("ink", "blur", "stain")
     control: bool = True
     n_boot: int = Field(200, ge=0, le=100_000)

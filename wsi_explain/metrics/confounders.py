@@ -106,7 +106,18 @@ def _rank_corr(v, p, codes, p_ranks, n_boot: int, seed: int, min_slides: int) ->
 
 
 #: per-tile QC measures scanned when present (tiling.QC_COLUMNS)
-QC_VARIABLES = ("tissue_frac", "ink_frac", "sharpness", "od_h", "od_e", "h_p90", "e_p90", "brightness", "stained_frac")
+QC_VARIABLES = (
+    "tissue_frac",
+    "ink_frac",
+    "sharpness",
+    "od_h",
+    "od_e",
+    "h_p90",
+    "e_p90",
+    "he_p10",
+    "brightness",
+    "stained_frac",
+)
 #: slide-level columns read as a site, provider or scanner when present (the clustering's list)
 SITE_LIKE = SITE_COLUMNS
 SCAN_COLUMNS = ["cluster", "stratum", "variable", "rho", "ci_low", "ci_high", "n_tiles", "n_slides", "note"]

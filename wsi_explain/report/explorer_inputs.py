@@ -23,6 +23,7 @@ _OPTIONAL = (
     ("eosin OD", "od_e"),
     ("H staining strength (p90)", "h_p90"),
     ("E staining strength (p90)", "e_p90"),
+    ("H:E balance (p10 of ln H/E)", "he_p10"),
     ("brightness", "brightness"),
 )
 

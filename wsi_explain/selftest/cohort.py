@@ -5,7 +5,10 @@ Design (:func:`design_cohort`): ``n_slides`` slides of ``tiles_per_slide`` tiles
 gets the plant kind ``kinds[i % len(kinds)]`` and the synthetic label ``(i // len(kinds)) % 2``,
 so every kind has as many positive as negative slides. In a positive slide ``share_pos`` of the
 tiles carry the slide's plant, in a negative one ``share_neg``: the plant is correlated with the
-label, as a shortcut is, but not identical to it. Source tiles are drawn without replacement
+label, as a shortcut is, but not identical to it. A stain shift is a property of a whole slide
+(its staining protocol or lab), so the kinds of :data:`WHOLE_SLIDE_KINDS` are planted into every
+tile of every positive slide and of one negative slide of the kind (of two or more).
+Source tiles are drawn without replacement
 (with replacement only when the run has too few clean tiles). The control cohort is the same
 design with nothing planted.
 
@@ -26,7 +29,10 @@ import pandas as pd
 from tiling import write_pyramidal_tiff
 from tiling.plants import plant
 
-__all__ = ["DESIGN_COLUMNS", "design_cohort", "write_cohort", "cell_of"]
+__all__ = ["DESIGN_COLUMNS", "WHOLE_SLIDE_KINDS", "design_cohort", "write_cohort", "training_tiles", "cell_of"]
+
+#: plant kinds that cover whole slides (the others cover a share of a slide's tiles)
+WHOLE_SLIDE_KINDS = ("stain",)
 
 #: one row per tile of the self-test cohort
 DESIGN_COLUMNS = ["slide_id", "label", "kind", "cell", "source", "planted"]
@@ -72,9 +78,14 @@ def design_cohort(
     n = n_slides * tiles_per_slide
     source = rng.permutation(n_sources)[:n] if n_sources >= n else rng.integers(0, n_sources, n)
     rows = []
+    negatives: dict[str, int] = {}  # negative slides of each kind so far
     for i in range(n_slides):
         kind, label = kinds[i % len(kinds)], (i // len(kinds)) % 2
         k = int(round((share_pos if label else share_neg) * tiles_per_slide))
+        if kind in WHOLE_SLIDE_KINDS:
+            negatives[kind] = negatives.get(kind, 0) + (1 - label)
+            whole = label or (negatives[kind] == 1 and (n_slides // len(kinds)) // 2 >= 2)
+            k = tiles_per_slide if whole else 0
         planted = np.zeros(tiles_per_slide, bool)
         planted[rng.permutation(tiles_per_slide)[:k]] = True
         for c in range(tiles_per_slide):
@@ -163,3 +174,20 @@ def write_cohort(
         w.writerows(records)
     (out_dir / "design.json").write_text(stamp)
     return csv_path
+
+
+def training_tiles(
+    images: np.ndarray, design: pd.DataFrame, *, mpp: float, planted: bool = True, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The tiles of a design as the shortcut model is trained on them, in memory (no slide written).
+
+    Returns
+    -------
+    (n, px, px, 3) uint8 tiles (planted where the design says, when ``planted``) and (n,) int
+    slide labels, in the design's row order.
+    """
+    rng = np.random.default_rng(seed)
+    out = np.empty((len(design), *images.shape[1:]), np.uint8)
+    for i, r in enumerate(design.itertuples()):
+        out[i] = plant(r.kind, images[r.source], rng, mpp=mpp) if planted and r.planted else images[r.source]
+    return out, design["label"].to_numpy(int)

@@ -2,8 +2,12 @@
 cohort's synthetic labels, so that it leans on whatever separates the labels: the plants.
 
 The trunk stays frozen; a logistic regression on the classifier's input (the embedding) of every
-tile, each labelled with its slide's label (weak supervision, as slide labels are in practice),
-becomes a new 2-class ``nn.Linear`` in the classifier's place. The model is saved as a state dict
+training tile, each labelled with its slide's label (weak supervision, as slide labels are in
+practice), becomes a new 2-class ``nn.Linear`` in the classifier's place. The training tiles are a
+cohort of their own (other source tiles, other plants, :func:`wsi_explain.selftest.cohort.training_tiles`),
+not the audited one: a head fitted on the audited tiles memorises them, and its predictions there
+follow the slide labels rather than the plants. Trained apart, the model carries the shortcut to
+unseen slides as a deployed model does. The model is saved as a state dict
 with a model card, so the extraction stage loads it like any checkpoint (``weights_only=True``).
 """
 
@@ -21,39 +25,26 @@ __all__ = ["fit_shortcut_model"]
 logger = logging.getLogger(__name__)
 
 
-def _embeddings(run, fx, *, workers: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, D) float32 classifier inputs and (n,) int slide labels of every tiled slide of ``run``."""
-    from wsi_explain.io.loader import TileDataset, tile_batches
-    from wsi_explain.io.tile_table import read_tile_table
-
-    X, y = [], []
-    for sid, rec in sorted(run.stage("tile")["slides"].items()):
-        if rec.get("status") != "done":
-            continue
-        label = int(float((rec.get("meta") or {})["label"]))
-        tiles, meta = read_tile_table(run.slide_dir(sid) / "tiles.parquet")
-        ds = TileDataset(meta["slide_path"], tiles, mpp=meta.get("level0_mpp"))
-        batches = [list(range(i, min(i + batch_size, len(tiles)))) for i in range(0, len(tiles), batch_size)]
-        with fx:
-            for _, imgs, ok, _ in tile_batches(ds, batches, reader="threads", workers=workers, pin=False):
-                out = fx(fx.normalise(imgs))
-                keep = ok.numpy().astype(bool)
-                X.append(out.embeddings[keep])
-                y.append(np.full(int(keep.sum()), label))
-    if not X:
-        raise WsiExplainError(f"{run.path}: no tiled slide to fit the self-test's head on")
-    return np.concatenate(X), np.concatenate(y)
+def _embeddings(fx, images: np.ndarray, *, batch_size: int) -> np.ndarray:
+    """(n, D) float32 classifier inputs of (n, px, px, 3) uint8 tiles."""
+    out = []
+    with fx:
+        for i in range(0, len(images), batch_size):
+            out.append(np.asarray(fx(fx.normalise(images[i : i + batch_size])).embeddings, np.float32))
+    return np.concatenate(out)
 
 
 def fit_shortcut_model(
-    run, base: dict, out_dir: Path, *, seed: int = 0, workers: int = 2, batch_size: int = 32
+    images: np.ndarray, labels: np.ndarray, base: dict, out_dir: Path, *, seed: int = 0, batch_size: int = 32
 ) -> dict:
-    """Refit the classifier of the run's model on the self-test cohort ``run`` and save it.
+    """Refit the classifier of the run's model on training tiles and save it.
 
     Parameters
     ----------
-    run : RunFolder
-        The self-test cohort, tiled, with a ``label`` (0/1) per slide.
+    images : (n, px, px, 3) uint8
+        Training tiles at the model's input size (not modified).
+    labels : (n,) int
+        Their slide labels (0/1).
     base : dict
         The original run's extraction config (``arch``, ``weights``, ``card``, ``trust_checkpoint``...).
     out_dir : Path
@@ -89,7 +80,9 @@ def fit_shortcut_model(
         raise WsiExplainError("the self-test refits the model's classifier; a TorchScript model cannot be rebuilt")
     tile_px = lm.card.tile_px or 224
     fx = FusedExtractor(lm, methods=(), tile_px=tile_px)
-    X, y = _embeddings(run, fx, workers=workers, batch_size=batch_size)
+    if len(np.unique(labels)) < 2:
+        raise WsiExplainError("the self-test's training tiles need both labels")
+    X, y = _embeddings(fx, images, batch_size=batch_size), np.asarray(labels, int)
     clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed).fit(X, y)
     acc = float(clf.score(X, y))
     logger.info("self-test head: %d tiles, training accuracy %.3f", len(y), acc)

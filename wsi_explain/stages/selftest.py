@@ -4,11 +4,13 @@ audit finds.
 1. A seeded sample of the run's clean tiles (no ink, in focus, mostly tissue by the tiling QC) is
    rearranged into small slides (:mod:`wsi_explain.selftest.cohort`); pen ink, blur and a stain
    shift are planted into copies of some of them, correlated with a synthetic slide label.
-2. The audit runs on that cohort as on any other: tiling with QC and ink detection, a shortcut
-   model (the run's model, classifier refitted on the synthetic labels:
-   :mod:`wsi_explain.selftest.head`), extraction, clustering with its flags and cluster removal,
-   and the confounder scan.
-3. Recall, precision, removal ranks and scan ranks per plant kind
+2. A shortcut model: the run's model with its classifier refitted on the synthetic labels of a
+   training cohort of the same design built from other clean tiles with other plants
+   (:mod:`wsi_explain.selftest.head`), so that it carries the shortcut to unseen slides.
+3. The audit runs on the planted cohort as on any other: tiling with QC and ink detection,
+   extraction with the shortcut model, clustering with its flags, artefact slices and cluster
+   removal, and the confounder scan.
+4. Recall, precision, removal ranks and scan ranks per plant kind
    (:mod:`wsi_explain.selftest.measure`); the same on a control cohort (the same tiles, nothing
    planted), whose flags are all false flags. The figures go to ``cohort/selftest.json``; the
    cohorts' own run folders stay under ``selftest/`` of the run.
@@ -80,13 +82,11 @@ def _read_images(sources: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def _audit(arm_dir: Path, csv: Path, base: dict, *, seed: int, workers: int) -> tuple:
-    """Tile, fit the shortcut head, extract, cluster one self-test cohort; its tiles (with a
-    ``slice_<kind>`` column per artefact slice, true in the flagged ones), clusters, slices and
-    the head's fit."""
+def _audit(arm_dir: Path, csv: Path, base: dict, head: dict, *, seed: int, workers: int) -> tuple:
+    """Tile, extract with the shortcut model ``head``, cluster one self-test cohort; its tiles (with a
+    ``slice_<kind>`` column per artefact slice, true in the flagged ones), clusters and slices."""
     from wsi_explain.core.config import ClusterConfig, ExtractConfig, TileConfig
     from wsi_explain.io.slides import discover_slides
-    from wsi_explain.selftest.head import fit_shortcut_model
     from wsi_explain.stages.cluster import run_cluster_stage
     from wsi_explain.stages.extract import run_extract_stage
     from wsi_explain.stages.tile import run_tile_stage
@@ -106,7 +106,6 @@ def _audit(arm_dir: Path, csv: Path, base: dict, *, seed: int, workers: int) -> 
         bad = [f"{r.slide_id}: {r.error}" for r in tiled if r.status == "failed"]
         if bad:
             raise WsiExplainError(f"{arm_dir}: the self-test cohort failed to tile: {'; '.join(bad)}")
-        head = fit_shortcut_model(sub, base["extract"], arm_dir / "model", seed=seed, workers=workers)
         ecfg = ExtractConfig(
             arch=base["extract"]["arch"],
             weights=head["weights"],
@@ -123,7 +122,20 @@ def _audit(arm_dir: Path, csv: Path, base: dict, *, seed: int, workers: int) -> 
     flagged = set(slices.loc[slices["flagged"], "kind"])
     for kind, mask in clustering.artefact_masks(tiles).items():  # the tiles of each flagged slice
         tiles[f"slice_{kind}"] = mask & (kind in flagged)
-    return tiles, clusters, slices, head
+    return tiles, clusters, slices
+
+
+def _designs(n_sources: int, scfg: SelftestConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The audited cohort's design and the shortcut model's training design, on separate source
+    tiles where the run has enough (else the training design draws from all of them)."""
+    from wsi_explain.selftest.cohort import design_cohort
+
+    kw = {"n_slides": scfg.n_slides, "tiles_per_slide": scfg.tiles_per_slide, "kinds": scfg.kinds}
+    design = design_cohort(n_sources, **kw, seed=scfg.seed)
+    rest = np.setdiff1d(np.arange(n_sources), design["source"].unique())
+    pool = rest if len(rest) >= scfg.tiles_per_slide else np.arange(n_sources)
+    train = design_cohort(len(pool), **kw, seed=scfg.seed + 1)
+    return design, train.assign(source=pool[train["source"].to_numpy()])
 
 
 def run_selftest(
@@ -138,7 +150,8 @@ def run_selftest(
 
     ``step(message)`` gives a context manager shown while a step runs (a status line in the CLI).
     """
-    from wsi_explain.selftest.cohort import design_cohort, write_cohort
+    from wsi_explain.selftest.cohort import WHOLE_SLIDE_KINDS, training_tiles, write_cohort
+    from wsi_explain.selftest.head import fit_shortcut_model
     from wsi_explain.selftest.measure import cohort_figures, kind_figures, planted_tiles
 
     t0 = time.perf_counter()
@@ -151,20 +164,26 @@ def run_selftest(
     started = now_iso()
     with step("choosing clean tiles and planting shortcuts"):
         sources = clean_sources(run)
-        design = design_cohort(len(sources), n_slides=n_slides, tiles_per_slide=tiles_per_slide, kinds=kinds, seed=seed)
-        used, local = np.unique(design["source"].to_numpy(), return_inverse=True)
-        images = _read_images(sources, used)  # only the tiles the design uses
-        design = design.assign(source=local)
+        design, train = _designs(len(sources), scfg)
+        used, local = np.unique(np.r_[design["source"], train["source"]], return_inverse=True)
+        images = _read_images(sources, used)  # only the tiles the designs use
+        design, train = design.assign(source=local[: len(design)]), train.assign(source=local[len(design) :])
         mpp = float(cfg["tile"].get("mpp_target") or 10.0 / cfg["tile"]["magnification"])
         base = {"tile": {**cfg["tile"], "mpp_target": mpp, "magnification": None}, "extract": cfg["extract"]}
     figures: dict = {"started": started, "n_source_tiles": int(len(sources)), "kinds": list(kinds), "seed": seed}
     figures["design"] = {"n_slides": n_slides, "tiles_per_slide": tiles_per_slide, "share_pos": 0.5, "share_neg": 0.125}
+    figures["design"]["whole_slide_kinds"] = [k for k in kinds if k in WHOLE_SLIDE_KINDS]
+    figures["design"]["training_tiles_shared"] = bool(np.isin(train["source"], design["source"]).any())
     arms = [("planted", True)] + ([("control", False)] if scfg.control else [])
     for arm, planted in arms:
         arm_dir = run.path / "selftest" / arm
         csv = write_cohort(images, design, arm_dir / "slides", mpp=mpp, planted=planted, seed=seed)
-        with step(f"auditing the {arm} cohort (tile, shortcut head, extract, cluster)"):
-            tiles, clusters, slices, head = _audit(arm_dir, csv, base, seed=seed, workers=workers)
+        with step(f"fitting the {arm} cohort's shortcut model on its training tiles"):
+            timgs, tlabels = training_tiles(images, train, mpp=mpp, planted=planted, seed=seed + 1)
+            head = fit_shortcut_model(timgs, tlabels, base["extract"], arm_dir / "model", seed=seed)
+            del timgs
+        with step(f"auditing the {arm} cohort (tile, extract, cluster)"):
+            tiles, clusters, slices = _audit(arm_dir, csv, base, head, seed=seed, workers=workers)
         d = design if planted else design.assign(planted=False)
         t = planted_tiles(tiles, d, tile_px=int(cfg["tile"]["tile_px"]))
         with step(f"measuring what the audit found in the {arm} cohort"):
