@@ -71,7 +71,10 @@ def tiles_to_geojson(
         }
         for p in present:
             v = tiles[p].iloc[i]
-            props[p] = None if pd.isna(v) else (int(v) if isinstance(v, (np.integer, int)) else float(v))
+            if isinstance(v, str):  # a text property (the cluster's verdict, say)
+                props[p] = v
+            else:
+                props[p] = None if pd.isna(v) else (int(v) if isinstance(v, (np.integer, int)) else float(v))
         feats.append(
             {
                 "type": "Feature",

@@ -14,7 +14,7 @@ from .faithfulness import confidence_change, curve_auc, infidelity_score, make_b
 from .imputation import linear_impute
 from .localisation import graded_hit, iou_coverage, pointing_game, relevance_mass, relevance_rank
 from .reference import HIGHER_IS_BETTER, REFERENCE_METHODS, direction, reference_maps
-from .removal import cluster_removal, slide_scores
+from .removal import cluster_removal, group_removal, slide_labels, slide_scores
 from .robustness import sensitivity
 from .sanity import cascading_randomisation, randomisation_blocks, spearman_rows, ssim_rows
 from .stats import bootstrap_ci
@@ -47,6 +47,8 @@ __all__ = [
     "spearman_rows",
     "ssim_rows",
     "cluster_removal",
+    "group_removal",
+    "slide_labels",
     "slide_scores",
     "bootstrap_ci",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["slide_scores", "cluster_removal"]
+__all__ = ["slide_scores", "slide_labels", "cluster_removal", "group_removal"]
 
 
 def slide_scores(tiles: pd.DataFrame, *, prob: str = "prob_pos", topk: int = 8) -> pd.DataFrame:
@@ -31,6 +31,15 @@ def slide_scores(tiles: pd.DataFrame, *, prob: str = "prob_pos", topk: int = 8) 
             "n_tiles": g.size(),
         }
     )
+
+
+def slide_labels(tiles: pd.DataFrame) -> pd.Series | None:
+    """slide_id -> 1.0 / 0.0 from a numeric slide ``label`` column (> 0 is positive; NaN where a
+    slide's label is not a number); None without any numeric label."""
+    if "label" not in tiles.columns:
+        return None
+    lab = pd.to_numeric(tiles.groupby("slide_id")["label"].first(), errors="coerce")
+    return (lab > 0).astype(float).where(lab.notna()) if lab.notna().any() else None
 
 
 def _auc(labels: pd.Series, scores: pd.Series) -> float:
@@ -104,3 +113,63 @@ def cluster_removal(
     per_slide = pd.DataFrame(rows)
     per_cluster = pd.DataFrame(summary).sort_values("mean_abs_d_mean", ascending=False, ignore_index=True)
     return per_slide, per_cluster
+
+
+def group_removal(
+    tiles: pd.DataFrame,
+    clusters,
+    *,
+    slide_labels: pd.Series | None = None,
+    prob: str = "prob_pos",
+    topk: int = 8,
+) -> tuple[pd.DataFrame, dict]:
+    """Drop the tiles of several clusters at once (those a pathologist marked as artefacts, say)
+    and recompute the slide scores.
+
+    Parameters
+    ----------
+    tiles : DataFrame with slide_id, cluster and ``prob`` (not modified).
+    clusters : iterable of int
+        The clusters removed together.
+    slide_labels : Series slide_id -> 1 / 0, optional; gives the cohort AUCs before and after.
+
+    Returns
+    -------
+    per_slide : one row per slide that loses tiles: ``n_removed``, ``n_left``, ``mean``/``topk``
+        before and after and their change (NaN after when nothing is left), sorted by ``|d_topk|``.
+    summary : dict with ``clusters``, ``n_tiles`` removed, ``n_slides`` touched, ``n_emptied``
+        (slides left with no tile) and, with labels, ``auc_mean``/``auc_topk`` ``_before`` and
+        ``_after`` (AUC over the slides that keep a score).
+    """
+    drop = sorted({int(c) for c in clusters})
+    gone = tiles["cluster"].isin(drop).to_numpy()
+    base = slide_scores(tiles, prob=prob, topk=topk)
+    keep = tiles[~gone]
+    after = slide_scores(keep, prob=prob, topk=topk).reindex(base.index) if len(keep) else base * np.nan
+    removed = tiles.loc[gone].groupby("slide_id").size()
+    per_slide = pd.DataFrame(
+        {
+            "n_removed": removed,
+            "n_left": base["n_tiles"].reindex(removed.index) - removed,
+            "mean_before": base["mean"].reindex(removed.index),
+            "mean_after": after["mean"].reindex(removed.index),
+            "topk_before": base["topk"].reindex(removed.index),
+            "topk_after": after["topk"].reindex(removed.index),
+        }
+    )
+    per_slide["d_mean"] = per_slide["mean_after"] - per_slide["mean_before"]
+    per_slide["d_topk"] = per_slide["topk_after"] - per_slide["topk_before"]
+    per_slide = per_slide.assign(a=per_slide["d_topk"].abs()).sort_values("a", ascending=False, kind="stable")
+    per_slide = per_slide.drop(columns="a").rename_axis("slide_id").reset_index()
+    summary = {
+        "clusters": drop,
+        "n_tiles": int(gone.sum()),
+        "n_slides": int(len(per_slide)),
+        "n_emptied": int((per_slide["n_left"] == 0).sum()),
+    }
+    if slide_labels is not None:
+        lab = slide_labels.reindex(base.index)
+        for agg in ("mean", "topk"):
+            summary[f"auc_{agg}_before"] = _auc(lab, base[agg])
+            summary[f"auc_{agg}_after"] = _auc(lab, after[agg])
+    return per_slide, summary

@@ -1,4 +1,5 @@
-"""Exports of a clustered run: one QuPath GeoJSON per slide and the cohort tile table as CSV."""
+"""Exports of a clustered run: one QuPath GeoJSON per slide and the cohort tile table as CSV, both
+with the clusters' names and the pathologists' verdicts (``cluster_verdict``, "" when none)."""
 
 from __future__ import annotations
 
@@ -34,12 +35,17 @@ def export_run(run: RunFolder) -> list[Path]:
     src = run.path / "cohort" / "tiles.parquet"
     if not src.exists():
         raise WsiExplainError(f"{run.path}: no cohort/tiles.parquet; run `wsi-explain cluster` first")
+    from wsi_explain.report.names import read_cluster_names
+
     tiles = pd.read_parquet(src)
     names = cluster_names(run)
+    verdicts = {int(k): v for k, v in read_cluster_names(run.path)["verdicts"].items()}
+    tiles["cluster_verdict"] = [verdicts.get(int(c), "") for c in tiles["cluster"]]
+    props = ("prob_pos", "outlier_score", "membership", "pred", "cluster_verdict")
     out_dir = run.path / "exports"
     written = []
     for sid, g in tiles.groupby("slide_id", sort=True):
-        written.append(write_geojson(tiles_to_geojson(g, names=names), out_dir / f"{sid}.geojson"))
+        written.append(write_geojson(tiles_to_geojson(g, names=names, properties=props), out_dir / f"{sid}.geojson"))
     table = tiles.copy()
     table["cluster_name"] = [names.get(int(c)) or ("noise" if c < 0 else f"cluster {c}") for c in table["cluster"]]
     with atomic_path(out_dir / "cohort_tiles.csv", suffix=".csv") as tmp:

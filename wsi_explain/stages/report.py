@@ -1,7 +1,8 @@
 """Cohort and per-slide HTML reports of a run (``wsi-explain report``).
 
 ``report/index.html`` (the linked explorer, cluster table, metrics with intervals, ensemble and
-sanity plots, cluster removal, concepts, flags and failures in words), ``report/clusters/<c>.html``
+sanity plots, cluster removal, what the pathologists' artefact verdicts do to the slide scores,
+concepts, flags and failures in words), ``report/clusters/<c>.html``
 (representative and borderline tiles with their maps, composition, metrics) and
 ``report/slides/<id>.html`` (thumbnail, prediction heatmap, cluster map, the slide's tiles per
 cluster with CAM overlays, slide scores). BokehJS is copied to ``report/static``. What each page
@@ -23,8 +24,9 @@ import viz
 from wsi_explain.core.run import STAGES, RunFolder, now_iso
 from wsi_explain.report.build import ReportContext, cluster_page, failures, index_page
 from wsi_explain.report.slide_page import slide_page
+from wsi_explain.report.verdicts import effect_sentence
 
-__all__ = ["run_report_stage", "ReportOutcome", "STAGE"]
+__all__ = ["run_report_stage", "verdict_effect", "ReportOutcome", "STAGE"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,30 @@ class ReportOutcome:
     n_pages: int
     n_images: int
     seconds: float
+
+
+def verdict_effect(run_path: str | Path, *, topk: int = 8) -> dict | None:
+    """What removing the clusters marked as artefacts (pathologists' verdicts) does to the slide
+    scores (top-``topk`` mean and mean positive probability) and the cohort AUC, from the stored
+    probabilities. None when no cluster has an artefact verdict or the run is not clustered.
+
+    Returns
+    -------
+    dict: the summary of :func:`wsi_explain.metrics.group_removal`, ``clusters`` ({id: verdict}),
+    ``topk`` and ``slides`` (its per-slide table as records, largest change first).
+    """
+    import pandas as pd
+
+    from wsi_explain.metrics.removal import group_removal, slide_labels
+    from wsi_explain.report.verdicts import artefact_clusters
+
+    marked = artefact_clusters(run_path)
+    src = Path(run_path) / "cohort" / "tiles.parquet"
+    if not marked or not src.exists():
+        return None
+    tiles = pd.read_parquet(src)
+    per_slide, summary = group_removal(tiles, marked, slide_labels=slide_labels(tiles), topk=topk)
+    return {**summary, "clusters": marked, "topk": topk, "slides": per_slide.to_dict("records")}
 
 
 def run_report_stage(
@@ -61,6 +87,7 @@ def run_report_stage(
     shutil.rmtree(out, ignore_errors=True)
     viz.copy_bokeh_js(out / "static")
     ctx = ReportContext(run, out, max_points, thumb_px)
+    ctx.verdict_effect = effect_sentence(verdict_effect(run.path), ctx.names) or None
     start = now_iso()
     clusters = list(ctx.clusters.itertuples(index=False))
     slides = sorted(ctx.tiles["slide_id"].unique())

@@ -164,12 +164,7 @@ def _cohort_confounders(run: RunFolder, tiles: pd.DataFrame, cfg: ScoreConfig, o
 
 
 def _removal(tiles: pd.DataFrame, cfg: ScoreConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    labels = None
-    if "label" in tiles.columns:
-        lab = pd.to_numeric(tiles.groupby("slide_id")["label"].first(), errors="coerce")
-        if lab.notna().any():
-            labels = (lab > 0).astype(float).where(lab.notna())
-    per_slide, per_cluster = M.cluster_removal(tiles, slide_labels=labels, topk=cfg.topk)
+    per_slide, per_cluster = M.cluster_removal(tiles, slide_labels=M.slide_labels(tiles), topk=cfg.topk)
     rows = []
     for _, r in per_cluster.iterrows():
         for k, v in r.items():

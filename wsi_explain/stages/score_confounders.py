@@ -64,7 +64,9 @@ def _errors(run: RunFolder, tiles: pd.DataFrame, cfg: ScoreConfig, outputs: list
     from wsi_explain.metrics.leakage import error_clusters, slide_errors
 
     err = error_clusters(tiles["cluster"], tiles["prob_pos"], tiles["label_pos"])
-    labels = _slide_labels(tiles)
+    from wsi_explain.metrics.removal import slide_labels
+
+    labels = slide_labels(tiles)
     if labels is not None:
         per_slide, per_cluster = slide_errors(tiles, labels, topk=cfg.topk)
         atomic_write_parquet(per_slide, run.path / "cohort" / "slide_errors.parquet", {"topk": cfg.topk})
@@ -76,14 +78,6 @@ def _errors(run: RunFolder, tiles: pd.DataFrame, cfg: ScoreConfig, outputs: list
         err = err.merge(eff, on="cluster", how="left").sort_values(["excess_errors", "removal_effect"], ascending=False)
     atomic_write_parquet(err.reset_index(drop=True), run.path / "cohort" / "error_clusters.parquet")
     outputs.append("cohort/error_clusters.parquet")
-
-
-def _slide_labels(tiles: pd.DataFrame) -> pd.Series | None:
-    """slide_id -> 1 / 0 from a numeric slide ``label`` (> 0 is positive); None without one."""
-    if "label" not in tiles.columns:
-        return None
-    lab = pd.to_numeric(tiles.groupby("slide_id")["label"].first(), errors="coerce")
-    return (lab > 0).astype(float).where(lab.notna()) if lab.notna().any() else None
 
 
 def _site_tests(run: RunFolder, tiles: pd.DataFrame, site_col: str, cfg: ScoreConfig, outputs: list) -> list:
