@@ -13,7 +13,7 @@ from .concepts import (
     fit_concepts,
     sample_positions,
 )
-from .neighbors import KnnGraph, faiss_gpus, knn_graph, knn_query
+from .neighbors import KnnGraph, NeighbourIndex, faiss_gpus, knn_graph, knn_query, save_index
 from .reduce import l2_normalise, pca_reduce, umap_cohort, umap_embed
 from .slices import artefact_masks, artefact_slices
 from .summary import FLAG_NAMES, FlagRules, off_tissue_fraction, summarize_clusters
@@ -26,6 +26,7 @@ __all__ = [
     "FLAG_NAMES",
     "FlagRules",
     "KnnGraph",
+    "NeighbourIndex",
     "concept_cam_correlation",
     "concept_maps",
     "concept_prediction_association",
@@ -36,6 +37,7 @@ __all__ = [
     "knn_graph",
     "knn_query",
     "l2_normalise",
+    "save_index",
     "off_tissue_fraction",
     "pca_reduce",
     "sample_positions",

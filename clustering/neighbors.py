@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["KnnGraph", "knn_graph", "knn_query", "faiss_gpus"]
+__all__ = ["KnnGraph", "knn_graph", "knn_query", "faiss_gpus", "save_index", "NeighbourIndex"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,3 +158,65 @@ def knn_graph(
     D = np.sqrt(np.maximum(D, 0.0), dtype=np.float32)
     logger.debug("k-NN graph: %d points, k=%d, %s", n, k, method)
     return KnnGraph(indices=I, distances=D, method=method)
+
+
+def save_index(X: np.ndarray, path, *, method: str = "auto", exact_max: int = 50_000, seed: int = 0) -> str:
+    """Build a CPU FAISS index over the rows of ``X`` (n, d) and write it to ``path``
+    (``faiss.write_index``; written beside and renamed, so a killed run leaves no half file).
+    Returns the method ("exact", "hnsw" or "ivf"). :class:`NeighbourIndex` reads it back."""
+    import os
+
+    import faiss
+
+    X = np.ascontiguousarray(X, np.float32)
+    index, used = _build_index(
+        X, method=method, exact_max=exact_max, use_gpu=False, seed=seed, nprobe=16, hnsw_m=32, k=32
+    )
+    tmp = f"{path}.tmp"
+    faiss.write_index(index, tmp)
+    os.replace(tmp, path)
+    return used
+
+
+class NeighbourIndex:
+    """A saved index (:func:`save_index`) that answers "which rows are like row ``i``?".
+
+    Parameters
+    ----------
+    path : str or Path
+        The index file; a missing or unreadable file raises ``OSError`` / ``RuntimeError`` from FAISS.
+    """
+
+    def __init__(self, path) -> None:
+        import faiss
+
+        self.index = faiss.read_index(str(path))
+        try:  # IVF indexes need a direct map to give back a stored vector
+            faiss.extract_index_ivf(self.index).make_direct_map()
+        except RuntimeError:
+            pass
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def similar(self, rows, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest other rows of each of ``rows`` (by their stored vectors).
+
+        Returns
+        -------
+        indices (m, k) int64 (-1 where fewer exist), distances (m, k) float32 (Euclidean), nearest
+        first, the row itself left out.
+        """
+        rows = np.asarray(rows, np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row out of range: the index holds {len(self)} rows")
+        Q = np.stack([self.index.reconstruct(int(r)) for r in rows]) if len(rows) else np.zeros((0, self.index.d))
+        k1 = int(min(k + 1, len(self)))
+        D, I = _search(self.index, np.ascontiguousarray(Q, np.float32), k1, 65_536)
+        out_i = np.full((len(rows), k), -1, np.int64)
+        out_d = np.full((len(rows), k), np.nan, np.float32)
+        for j, r in enumerate(rows):
+            keep = [(i, d) for i, d in zip(I[j], D[j]) if i >= 0 and i != r][:k]
+            out_i[j, : len(keep)] = [i for i, _ in keep]
+            out_d[j, : len(keep)] = np.sqrt(np.maximum([d for _, d in keep], 0.0))
+        return out_i, out_d

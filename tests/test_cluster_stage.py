@@ -70,6 +70,8 @@ def test_outputs(clustered):
         and (slices.set_index("kind")["n_tiles"] == pd.Series(masks).map(np.sum)).all()
     )
     assert {"entropy", "ensemble_std"} & set(tiles.columns) == {"entropy"}  # no ensemble in this run
+    nn = C.NeighbourIndex(run_dir / "cohort/neighbours.faiss")  # "find similar": one row per tile
+    assert len(nn) == len(tiles) and nn.similar([0], 3)[0].shape == (1, 3)
     assert set(clusters["cluster"]) == set(tiles["cluster"])
     reps = json.loads(clusters.iloc[0]["representatives"])
     assert reps["medoid"] and ":" in reps["medoid"][0]

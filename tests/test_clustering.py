@@ -418,3 +418,29 @@ def test_artefact_slices_compare_within_labels():
     df.loc[on_neg, "sharpness"], df.loc[on_neg, "pred"] = 0.02, 1  # now leaned on within the negatives
     sl = C.artefact_slices(df).set_index("kind")
     assert sl.loc["blur", "flagged"] and "within the same labels" in sl.loc["blur", "reason"]
+
+
+@pytest.mark.parametrize("method", ["exact", "hnsw", "ivf"])
+def test_saved_index_finds_the_same_neighbours_as_brute_force(mixture, tmp_path, method):
+    """``save_index`` / ``NeighbourIndex``: every kind of index, written and read back, gives each
+    row's nearest other rows (itself left out); exact equals brute force, the approximate ones
+    nearly (recall >= 0.9 on the mixture)."""
+    X, _ = mixture
+    used = C.save_index(X, tmp_path / "nn.faiss", method=method, seed=0)
+    assert used == method and not (tmp_path / "nn.faiss.tmp").exists()
+    index = C.NeighbourIndex(tmp_path / "nn.faiss")
+    assert len(index) == len(X)
+    rows = np.array([0, 17, len(X) - 1])
+    I, D = index.similar(rows, 10)
+    d2 = ((X[rows, None] - X[None]) ** 2).sum(-1)
+    d2[np.arange(3), rows] = np.inf  # itself left out
+    truth = np.argsort(d2, axis=1)[:, :10]
+    assert not (I == rows[:, None]).any()
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, truth)])
+    if method == "exact":
+        np.testing.assert_array_equal(I, truth)
+        np.testing.assert_allclose(D, np.sqrt(np.take_along_axis(d2, truth, 1)), rtol=1e-3)
+    else:
+        assert recall >= 0.9, recall
+    with pytest.raises(IndexError, match=f"the index holds {len(X)} rows"):
+        index.similar([len(X)], 5)

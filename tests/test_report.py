@@ -21,7 +21,7 @@ from wsi_explain.stages.score import run_score_stage
 @pytest.fixture(scope="module")
 def reported(audit_run, tmp_path_factory):
     run_dir = copy_run(audit_run, tmp_path_factory.mktemp("reported") / "run")
-    save_cluster_name(run_dir, 0, "benign <b>glands</b>", "checked by <script>alert(3)</script>")
+    save_cluster_name(run_dir, 0, "benign <b>glands</b>", "checked by <script>alert(3)</script>", verdict="pen ink")
     with RunFolder(run_dir) as run:
         run_score_stage(
             run,
@@ -160,7 +160,8 @@ def _no_markup_from(text: str, hostile: str = HOSTILE) -> None:
 
 
 @pytest.mark.parametrize(
-    "field", ["slide id", "site", "label", "cluster name", "comment", "flag reason", "method", "nuisance column"]
+    "field",
+    ["slide id", "site", "label", "cluster name", "comment", "flag reason", "method", "nuisance column", "card"],
 )
 def test_templates_escape_every_user_controlled_field(tmp_path, field):
     """Each page template, rendered with a hostile string in one user-controlled field at a time
@@ -181,6 +182,7 @@ def test_templates_escape_every_user_controlled_field(tmp_path, field):
         "cam_ink": float("nan"),
         "flags": [v("flag reason", "ink")],
         "comment": v("comment", "ok"),
+        "verdict": "pen ink",
     }
     table = fragment(viz_table({"slide_id": sid, "site": v("site", "A"), "label": v("label", "tumour")}))
     from bokeh.models import Div
@@ -209,6 +211,7 @@ def test_templates_escape_every_user_controlled_field(tmp_path, field):
             sanity=[{"method": v("method", "gradcam"), "passed": False, "spearman": 0.1}],
             spread_keys=None,
             removal_table=None,
+            verdict_effect=f"Removing the clusters marked as artefacts ({cluster['name']} (pen ink); ...",
             concepts={
                 "n_positions": 10,
                 "error": 0.1,
@@ -224,6 +227,8 @@ def test_templates_escape_every_user_controlled_field(tmp_path, field):
             **common,
             c={**cluster, "mean_confidence": 0.9},
             comment=cluster["comment"],
+            verdict="pen ink",
+            card=[f"The model predicts 50% of its 3 tiles on 1 slides {v('card', 'positive')}", f"on {sid}"],
             composition_table=table,
             metrics_table=None,
             gains=[f"{v('method', 'gradcam')}: deletion_auc_blur better than the random map"],
@@ -297,3 +302,65 @@ def test_uncertainty_columns_follow_the_stored_ensemble(audit_run):
     np.testing.assert_allclose(
         mine["ensemble_std"], np.asarray(g["ensemble/probs_std"][:])[mine["tile_id"], 1], rtol=1e-6
     )
+
+
+def test_verdicts_reach_the_report_with_their_effect(reported):
+    """A cluster's verdict shows in the cluster table and on its page, and the index says what
+    removing the clusters marked as artefacts does to the cohort AUC and the slide scores."""
+    run_dir, _ = reported
+    out = run_dir / "report"
+    index = (out / "index.html").read_text()
+    assert "Pathologists&#39; verdicts" in index or "Pathologists' verdicts" in index
+    assert "<td>pen ink</td>" in index and "Removing the clusters marked as artefacts (benign" in index
+    assert "moves the cohort AUC (top-8 score) from" in index
+    assert "<b>Verdict:</b> pen ink" in (out / "clusters/cluster_0.html").read_text()
+
+
+def test_cluster_page_opens_with_a_card_in_words(reported):
+    """The cluster page opens with the card (prediction, what the maps look at, faithfulness
+    against a random map, the randomisation check, flags and removal, the verdict), and the metric
+    table says which way each metric improves and what it means."""
+    run_dir, _ = reported
+    page = (run_dir / "report/clusters/cluster_0.html").read_text()
+    card = page[page.index('id="card"') : page.index("</div>", page.index('id="card"'))]
+    assert "The model predicts" in card and "tiles on" in card and "mean confidence" in card
+    assert "maps put" in card and "of their mass off tissue" in card
+    assert "faithfulness" in card.lower() and "model-randomisation check" in card
+    assert "Removing this cluster&#39;s tiles moves" in card or "Removing this cluster's tiles moves" in card
+    assert "Verdict: pen ink." in card
+    assert page.index('id="card"') < page.index("<h2>Metrics</h2>")
+    assert "<th>better</th>" in page and "<th>meaning</th>" in page
+    assert "lower</td>" in page and "area under the target probability" in page
+
+
+def test_cluster_card_says_what_is_missing():
+    from wsi_explain.report.card import cluster_card
+
+    row = {"size": 40, "n_slides": 3, "positive_rate": 0.9, "mean_confidence": 0.8, "mean_tissue": 0.95}
+    lines = cluster_card(row, cohort_positive=0.4, cam="gradcam")
+    assert lines[0].startswith("The model predicts 90% of its 40 tiles on 3 slides positive (the cohort: 40%)")
+    assert "was not measured" in lines[1] and "not scored" in lines[2] and "not run" in lines[3]
+    assert lines[4] == "No flag. The cluster-removal effect was not computed."
+    assert lines[5].startswith("No verdict yet")
+    metrics = pd.DataFrame(
+        {
+            "method": ["gradcam"] * 3,
+            "metric": ["deletion_auc_blur_gain_vs_random", "insertion_auc_blur_gain_vs_random", "sanity_spearman"],
+            "value": [0.1, -0.05, 0.12],
+            "ci_low": [0.05, -0.08, np.nan],
+            "ci_high": [0.15, -0.01, np.nan],
+        }
+    )
+    sanity = [{"method": "gradcam", "passed": True, "spearman": 0.1}]
+    lines = cluster_card(
+        {**row, "flags": ["artefact_positive"], "removal_effect": 0.31},
+        cohort_positive=0.4,
+        cam="gradcam",
+        metrics=metrics,
+        sanity=sanity,
+        verdict="blur",
+    )
+    assert "beats a random map on 1 of 2 metrics (deletion_auc_blur) and is worse on 1 (insertion_auc_blur)" in lines[2]
+    assert "gradcam passes over the cohort" in lines[3] and "rank correlation of 0.12" in lines[3]
+    assert lines[4].startswith("Flags: artefact_positive") and "up to 0.31" in lines[4]
+    assert lines[5] == "Verdict: blur."

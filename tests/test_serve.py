@@ -131,15 +131,48 @@ def test_explorer_in_chromium(server, browser):
     w.model("tiles", "(m.selected.indices = [], 0)")
     w.drag_select("slide", frac=(0.3, 0.3, 0.7, 0.7))
     assert w.model("tiles", "m.selected.indices.length") > 0
+    # find similar: a tile and its nearest neighbours across the cohort fill the selection (and the
+    # gallery), the same rows the saved index gives; picking a neighbour shows its slide
+    from clustering import NeighbourIndex
+
+    w.model("tiles", "(m.selected.indices = [3], 0)")
+    w.page.locator("button", has_text="Find similar").click()
+    w.page.wait_for_function(
+        "() => Bokeh.documents[0].get_model_by_name('tiles').selected.indices.length > 1", timeout=20000
+    )
+    got = w.model("tiles", "Array.from(m.selected.indices)")
+    want, _ = NeighbourIndex(run_dir / "cohort/neighbours.faiss").similar([3], 24)
+    assert got == [3, *[int(i) for i in want[0] if i >= 0]]
+    assert "nearest tiles from" in w.model("similar_status", "m.text")
+    tiles_df = pd.read_parquet(run_dir / "cohort/tiles.parquet")
+    other = next((r for r in got[1:] if tiles_df.slide_id[r] != w.model("slide_picker", "m.value")), None)
+    assert other is not None  # the two slides' tiles mix among the neighbours (seeded)
+    if other is not None:  # picking a neighbour on another slide switches the slide panel
+        w.model("neighbours", f"(m.value = '{other}', 0)")
+        want_slide = tiles_df.slide_id[other]
+        w.page.wait_for_function(
+            f"() => Bokeh.documents[0].get_model_by_name('slide_picker').value === {json.dumps(want_slide)}",
+            timeout=10000,
+        )
     # name a cluster from the page: saved, versioned, shown escaped
     w.page.locator("input[placeholder='cluster name']").fill("pen <i>ink</i>")
     w.page.locator("textarea[placeholder='comment']").fill("blue marker")
+    w.page.locator("select:has(option[value='fold or bubble'])").select_option("pen ink")  # the verdict
     w.page.locator("button", has_text="Save name").click()
     w.page.wait_for_timeout(1500)
     doc = json.loads((run_dir / "cohort/cluster_names.json").read_text())
     assert doc["names"]["0"] == "pen <i>ink</i>" and doc["comments"]["0"] == "blue marker" and doc["version"] == 1
-    assert "pen &lt;i&gt;ink&lt;/i&gt;" in w.model("name_status", "m.text")
+    assert doc["verdicts"] == {"0": "pen ink"} and doc["history"][0]["verdict"] == "pen ink"
+    assert "pen &lt;i&gt;ink&lt;/i&gt;" in w.model("name_status", "m.text") and "pen ink" in w.model(
+        "name_status", "m.text"
+    )
     assert w.model("clusters", "m.data.name[0]") == "pen <i>ink</i>"  # a table cell, rendered as text
+    # the verdict comes back with the page
+    w.page.reload()
+    w.page.wait_for_function(
+        "() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].get_model_by_name('verdict')"
+    )
+    assert w.model("verdict", "m.value") == "pen ink"
     assert w.errors == [] and w.dialogs == []
     w.close()
 

@@ -27,8 +27,10 @@ def table_html(df: pd.DataFrame, *, float_fmt: str = "{:.3g}", classes: str = "w
     return f"<table class='{classes}'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def metric_table_html(metrics: pd.DataFrame, *, cluster: int, names: dict | None = None) -> str:
-    """Metrics of one cluster: one row per metric, one column per method, ``value [low, high] (n)``."""
+def metric_table_html(metrics: pd.DataFrame, *, cluster: int, names: dict | None = None, info=None) -> str:
+    """Metrics of one cluster: one row per metric, one column per method, ``value [low, high] (n)``;
+    with ``info`` (metric -> (better, meaning): "higher"/"lower"/"" and one line) a "better" column
+    after the metric's name and a "meaning" column last."""
     sub = metrics[metrics["cluster"] == cluster]
     if sub.empty:
         return "<p>No metric for this cluster.</p>"
@@ -42,6 +44,10 @@ def metric_table_html(metrics: pd.DataFrame, *, cluster: int, names: dict | None
         index="metric", columns="method", values="text", aggfunc="first"
     )
     piv = piv.reset_index().fillna("")
+    if info is not None:
+        about = [info(m) for m in piv["metric"]]
+        piv.insert(1, "better", [a[0] for a in about])
+        piv["meaning"] = [a[1] for a in about]
     return table_html(piv)
 
 

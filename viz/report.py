@@ -20,6 +20,7 @@ body { font: 14px/1.4 -apple-system, "Segoe UI", Roboto, sans-serif; margin: 16p
 nav { font-size: 13px; margin-bottom: 8px; } nav a { margin-right: 12px; }
 h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 28px; border-bottom: 1px solid #ddd; }
 .wx-table { border-collapse: collapse; font-size: 12px; margin: 8px 0; }
+.card { border: 1px solid #ccd; background: #f7f8fb; padding: 2px 12px; margin: 8px 0; max-width: 60em; }
 .wx-table th, .wx-table td { border: 1px solid #ddd; padding: 3px 6px; text-align: left; vertical-align: top; }
 .wx-table td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .flag { color: #b00020; font-weight: 600; } .muted { color: #777; }

@@ -40,9 +40,10 @@ def selftest(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Plant pen ink, blur and a stain shift into copies of the run's clean tiles, correlated with a
-    synthetic label; fit a shortcut head on the run's model; run tiling, extraction, clustering
-    with its flags, cluster removal and the confounder scan on that cohort; report per plant kind
-    how much of it the audit finds (cohort/selftest.json)."""
+    synthetic label; fit a shortcut head on the run's model (on a training cohort of its own); run
+    tiling, extraction, clustering with its flags, artefact slices, cluster removal and the
+    confounder scan on that cohort; report per plant kind how much of it the audit finds
+    (cohort/selftest.json)."""
     setup_logging(verbose)
     from rich.console import Console
 

@@ -10,42 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from wsi_explain.core.metric_info import HIGHER_IS_BETTER, direction
+
 __all__ = ["REFERENCE_METHODS", "HIGHER_IS_BETTER", "reference_maps", "direction"]
 
 #: the reference "methods" the score stage can add
 REFERENCE_METHODS = ("random", "uniform")
-
-#: metric name (without the baseline suffix) -> True when higher is better, False when lower is
-HIGHER_IS_BETTER = {
-    "deletion_auc": False,  # the target probability falls fast when the relevant pixels go first
-    "insertion_auc": True,
-    "dic_multiply": False,  # Drop in Confidence
-    "dic_mask": False,
-    "iic_multiply": True,  # Increase in Confidence
-    "iic_mask": True,
-    "road_morf": False,  # imputing the most relevant pixels lowers the probability
-    "road_lerf": True,  # imputing the least relevant pixels keeps it (closer to 0 from below)
-    "road_combined": True,
-    "infidelity": False,
-    "sensitivity": False,
-    "pointing_game": True,
-    "graded_hit": True,
-    "relevance_mass": True,
-    "relevance_rank": True,
-    "iou": True,
-    "coverage": True,
-}
-
-
-def direction(metric: str) -> bool | None:
-    """True (higher is better), False (lower is better) or None (no direction) for a metric name,
-    with a baseline suffix allowed (``deletion_auc_blur`` -> ``deletion_auc``)."""
-    if metric in HIGHER_IS_BETTER:
-        return HIGHER_IS_BETTER[metric]
-    for name, higher in HIGHER_IS_BETTER.items():
-        if metric.startswith(name + "_"):
-            return higher
-    return None
 
 
 def reference_maps(

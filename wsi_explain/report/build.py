@@ -15,7 +15,9 @@ import numpy as np
 import pandas as pd
 
 import viz
+from wsi_explain.core.metric_info import metric_info
 from wsi_explain.core.run import RunFolder, now_iso
+from wsi_explain.report.card import cluster_card
 from wsi_explain.report.explorer_inputs import cluster_table, colour_options, with_errors
 from wsi_explain.report.pages import fragment, render
 
@@ -56,6 +58,8 @@ class ReportContext:
         doc = read_cluster_names(run.path)
         self.names = {int(k): v for k, v in doc["names"].items()}
         self.comments = {int(k): v for k, v in doc["comments"].items()}
+        self.verdicts = {int(k): v for k, v in doc["verdicts"].items()}
+        self.verdict_effect: str | None = None  # the verdicts' effect in words (set by the report stage)
         self.images = TileImages(run.path, cache=True)
         self.written: set[tuple[str, int, str]] = set()
         self.slide_info: dict[str, dict] = {}
@@ -253,6 +257,7 @@ def index_page(ctx: ReportContext, failed: list[dict]) -> Path:
             "cam_ink": float(r.get("mean_cam_on_ink", float("nan"))),
             "flags": _flag_list(r),
             "comment": ctx.comments.get(int(r["cluster"]), ""),
+            "verdict": ctx.verdicts.get(int(r["cluster"]), ""),
         }
         for _, r in ctx.clusters.iterrows()
     ]
@@ -271,13 +276,16 @@ def index_page(ctx: ReportContext, failed: list[dict]) -> Path:
         cam=ctx.cam,
         generated=now_iso(),
         clusters=clusters,
-        metrics_table=fragment(viz.metric_table_html(ctx.metrics, cluster=-2)) if ctx.metrics is not None else None,
+        metrics_table=fragment(viz.metric_table_html(ctx.metrics, cluster=-2, info=metric_info))
+        if ctx.metrics is not None
+        else None,
         gains=_gains(ctx, -2),
         confounders=_confounder_lines(ctx),
         selftest=_selftest(ctx),
         sanity=sanity,
         spread_keys=_spread(ctx, plots),
         removal_table=_removal(ctx, plots),
+        verdict_effect=ctx.verdict_effect,
         concepts=_concepts(ctx),
         slides=slides,
         failures_table=fragment(viz.table_html(pd.DataFrame(failed))) if failed else None,
@@ -380,6 +388,15 @@ def cluster_page(ctx: ReportContext, row: dict) -> Path:
             tiles = [{"slide": s, "tile": t, "src": ctx.tile_img(s, t, "all", prefix="../")} for s, t in refs]
             sections.append({"title": title, "tiles": tiles})
     info = {k: row[k] for k in ("size", "n_slides", "positive_rate", "mean_confidence")}
+    mine = ctx.metrics[ctx.metrics.cluster == c] if ctx.metrics is not None else None
+    card = cluster_card(
+        row,
+        cohort_positive=float((ctx.tiles["pred"] == 1).mean()),
+        cam=ctx.cam,
+        metrics=mine,
+        sanity=_sanity(ctx),
+        verdict=ctx.verdicts.get(c),
+    )
     return render(
         ctx.out / "clusters" / f"cluster_{c}.html",
         "cluster.html",
@@ -388,8 +405,12 @@ def cluster_page(ctx: ReportContext, row: dict) -> Path:
         home="../",
         c={**info, "flags": _flag_list(row)},
         comment=ctx.comments.get(c),
+        verdict=ctx.verdicts.get(c),
         composition_table=fragment(viz.table_html(comp)),
-        metrics_table=fragment(viz.metric_table_html(ctx.metrics, cluster=c)) if ctx.metrics is not None else None,
+        card=card,
+        metrics_table=fragment(viz.metric_table_html(ctx.metrics, cluster=c, info=metric_info))
+        if mine is not None
+        else None,
         gains=_gains(ctx, c),
         sections=sections,
     )

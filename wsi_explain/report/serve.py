@@ -69,6 +69,7 @@ def _load(run_path: Path) -> dict:
         "cam": meta.get("cam_method") or "gradcam",
         "names": {int(k): v for k, v in doc["names"].items()},
         "comments": {int(k): v for k, v in doc["comments"].items()},
+        "verdicts": {int(k): v for k, v in doc["verdicts"].items()},
     }
 
 
@@ -119,13 +120,13 @@ def _relabel(parts, c: int, label: str) -> None:
 
 
 def _naming_panel(d: dict, run_path: Path, parts):
-    """Cluster naming: pick a cluster (or click its table row), write a name and a comment, save
-    (versioned, in ``cohort/cluster_names.json``) -> (row of inputs, status Div)."""
+    """Cluster naming: pick a cluster (or click its table row), write a name and a comment, choose a
+    verdict, save (versioned, in ``cohort/cluster_names.json``) -> (row of inputs, status Div)."""
     from bokeh.layouts import column, row
     from bokeh.models import Button, Div, Select, TextAreaInput, TextInput
 
     import viz
-    from wsi_explain.report.names import save_cluster_name
+    from wsi_explain.report.names import VERDICTS, save_cluster_name
 
     ids = [str(c) for c in parts.cluster_source.data["cluster"]]
     pick = Select(title="Cluster to name", value=ids[0], options=ids, name="name_cluster")
@@ -134,12 +135,15 @@ def _naming_panel(d: dict, run_path: Path, parts):
     comment_in = TextAreaInput(
         title="Comment", placeholder="comment", value=d["comments"].get(first, ""), rows=2, name="comment_input"
     )
+    options = ["(none)", *VERDICTS]
+    verdict_in = Select(title="Verdict", value=d["verdicts"].get(first) or "(none)", options=options, name="verdict")
     save = Button(label="Save name", button_type="primary", name="save_name")
     status = Div(text="", name="name_status")
 
     def on_pick(attr, old, new):
         name_in.value = d["names"].get(int(new), "")
         comment_in.value = d["comments"].get(int(new), "")
+        verdict_in.value = d["verdicts"].get(int(new)) or "(none)"
 
     def on_table(attr, old, new):
         if new:
@@ -148,28 +152,32 @@ def _naming_panel(d: dict, run_path: Path, parts):
     def on_save():
         c = int(pick.value)
         try:
-            saved = save_cluster_name(run_path, c, name_in.value, comment_in.value)
+            verdict = "" if verdict_in.value == "(none)" else verdict_in.value
+            saved = save_cluster_name(run_path, c, name_in.value, comment_in.value, verdict=verdict)
         except Exception as exc:  # shown to the user; the server keeps running
             status.text = viz.escape(f"not saved: {exc}")
             return
         d["names"] = {int(k): v for k, v in saved["names"].items()}
         d["comments"] = {int(k): v for k, v in saved["comments"].items()}
+        d["verdicts"] = {int(k): v for k, v in saved["verdicts"].items()}
         label = d["names"].get(c, "noise" if c < 0 else f"cluster {c}")
         _relabel(parts, c, label)
-        status.text = viz.escape(f"saved cluster {c} as {label!r} (names version {saved['version']})")
+        v = d["verdicts"].get(c, "no verdict")
+        status.text = viz.escape(f"saved cluster {c} as {label!r}, {v} (names version {saved['version']})")
 
     pick.on_change("value", on_pick)
     parts.cluster_source.selected.on_change("indices", on_table)
     save.on_click(on_save)
-    return row(pick, name_in, comment_in, column(Div(text=""), save)), status
+    return row(pick, name_in, comment_in, verdict_in, column(Div(text=""), save)), status
 
 
 def explorer_document(doc, run_path: Path, images) -> None:
-    """Fill a Bokeh document with the explorer of a run, plus cluster naming."""
+    """Fill a Bokeh document with the explorer of a run, plus "find similar" and cluster naming."""
     from bokeh.layouts import column
     from bokeh.models import Div
 
     import viz
+    from wsi_explain.report.similar import similar_panel
 
     title = Div(text=f"<h2>wsi-explain explorer: {viz.escape(run_path.name)}</h2>")
     doc.title = "wsi-explain explorer"
@@ -177,12 +185,13 @@ def explorer_document(doc, run_path: Path, images) -> None:
         d = _load(run_path)
         parts = _explorer_parts(d, run_path, images)
         naming, status = _naming_panel(d, run_path, parts)
+        similar, similar_status = similar_panel(parts, run_path, d)
     except Exception as exc:  # the page says what went wrong instead of leaving the browser waiting
         logger.exception("%s: the explorer could not be built", run_path)
         msg = f"{type(exc).__name__}: {exc}"
         doc.add_root(column(title, Div(text=f"<p>The explorer could not be built: {viz.escape(msg)}</p>")))
         return
-    doc.add_root(column(title, parts.layout, naming, status))
+    doc.add_root(column(title, parts.layout, similar, similar_status, naming, status))
 
 
 def make_server(

@@ -242,7 +242,7 @@ class _Steps:
 def _embed_and_cluster(X: np.ndarray, cfg: ClusterConfig, timed: _Steps):
     """PCA, L2, the FAISS k-NN graph and UMAP (2-D, and ``cluster_dims`` for HDBSCAN), then
     HDBSCAN on the UMAP space or k-means on the reduced embeddings -> (2-D UMAP, the space clustered,
-    ClusterResult, k-NN / UMAP info)."""
+    ClusterResult, k-NN / UMAP info, the reduced embeddings)."""
     n = len(X)
     Z = timed("pca", clustering.pca_reduce, X, cfg.pca, seed=cfg.seed) if cfg.pca else X
     if cfg.l2:
@@ -278,7 +278,15 @@ def _embed_and_cluster(X: np.ndarray, cfg: ClusterConfig, timed: _Steps):
     else:
         space = Z
         res = timed("cluster", clustering.kmeans_cluster, Z, min(cfg.k, n), seed=cfg.seed)
-    return embs[2], space, res, info
+    return embs[2], space, res, info, Z
+
+
+def _save_index(Z: np.ndarray, cohort_dir: Path, cfg: ClusterConfig) -> str:
+    """The reduced embeddings' FAISS index, rows in the order of cohort/tiles.parquet (the explorer's
+    "find similar")."""
+    return clustering.save_index(
+        Z, cohort_dir / "neighbours.faiss", method=cfg.knn_method, exact_max=cfg.exact_max, seed=cfg.seed
+    )
 
 
 def _with_concepts(run: RunFolder, tiles: pd.DataFrame, acts, cams, cfg: ClusterConfig, timings: dict) -> pd.DataFrame:
@@ -332,6 +340,7 @@ def run_cluster_stage(
     fp = _fingerprint(run, ids)
     run.set_config(STAGE, cfg.model_dump(mode="json"))
     outputs = ["cohort/tiles.parquet", "cohort/clusters.parquet", "cohort/artefact_slices.parquet"]
+    outputs += ["cohort/neighbours.faiss"]
     outputs += ["cohort/concepts.zarr"] if cfg.concepts else []
     if run.is_done(STAGE, COHORT, params=params, fingerprint=fp):
         rec = run.slide_record(STAGE, COHORT)
@@ -344,11 +353,12 @@ def run_cluster_stage(
     if n < max(cfg.n_neighbors + 1, 10):
         need = max(cfg.n_neighbors + 1, 10)
         raise WsiExplainError(f"{run.path}: only {n} usable tiles in the cohort; clustering needs at least {need}")
-    umap2, space, res, info = _embed_and_cluster(X, cfg, timed)
+    umap2, space, res, info, Z = _embed_and_cluster(X, cfg, timed)
     tiles["cluster"], tiles["membership"], tiles["outlier_score"] = res.labels, res.probabilities, res.outlier_scores
     tiles["umap_x"], tiles["umap_y"] = umap2[:, 0], umap2[:, 1]
     cohort_dir = run.path / "cohort"
     cohort_dir.mkdir(exist_ok=True)
+    timed("index", _save_index, Z, cohort_dir, cfg)
     tiles = _with_concepts(run, tiles, acts, cams, cfg, timed.timings)
     summary = timed("summary", _summary, tiles, space, class_names, cfg)
     meta = {"cam_method": cam_method, "class_names": class_names, "config": cfg.model_dump(mode="json")}
