@@ -88,3 +88,57 @@ class Unsafe:
 def fixed_two_classes() -> nn.Module:
     """Always two outputs, whatever num_classes the user claims."""
     return tiny_cnn(2)
+
+
+def tiny_vit(num_classes: int = 2) -> nn.Module:
+    """torchvision's VisionTransformer at toy size: 64 px input, 16 px patches (a 4 x 4 grid plus
+    the class token), 2 blocks of width 32; seeded."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        m = VisionTransformer(
+            image_size=64, patch_size=16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=num_classes
+        )
+        nn.init.normal_(m.heads.head.weight, std=0.2)  # torchvision zero-inits the head: no gradient otherwise
+    return m.eval()
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyRegisterViT(nn.Module):
+    """A DINOv2-style ViT at toy size: class token and 4 register tokens before a 4 x 4 patch grid
+    (timm's naming: ``blocks.<i>.norm1``, ``norm``, ``head``)."""
+
+    def __init__(self, num_classes: int = 2, d: int = 32, registers: int = 4) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 16, stride=16)
+        self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.1)
+        self.reg = nn.Parameter(torch.randn(1, registers, d) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, 16, d) * 0.1)
+        self.blocks = nn.Sequential(_Block(d), _Block(d))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        n = p.shape[0]
+        t = torch.cat([self.cls.expand(n, -1, -1), self.reg.expand(n, -1, -1), p], 1)
+        return self.head(self.norm(self.blocks(t))[:, 0])
+
+
+def tiny_register_vit(num_classes: int = 2) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return TinyRegisterViT(num_classes).eval()

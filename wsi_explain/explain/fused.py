@@ -18,7 +18,7 @@ from torch import nn
 
 from wsi_explain.explain.cams import FUSED_CAMS, fused_cams, needs_grad
 from wsi_explain.explain.card import LoadedModel, ModelError
-from wsi_explain.explain.layers import default_classifier, default_target_layer, find_module
+from wsi_explain.explain.layers import default_classifier, default_target_layer, find_module, tokens_to_grid
 
 __all__ = ["FusedExtractor", "FusedOutput", "resolve_device"]
 
@@ -125,8 +125,10 @@ class FusedExtractor:
     def _layer_hook(self, module: nn.Module, inp, out):
         if "leaf" in self._state:
             raise ModelError(f"target layer {self.target_layer!r} is called more than once per forward; name another")
-        if not isinstance(out, torch.Tensor) or out.ndim != 4:
-            raise ModelError(f"target layer {self.target_layer!r} must output an (N, C, h, w) tensor")
+        if not isinstance(out, torch.Tensor) or out.ndim not in (3, 4):
+            raise ModelError(
+                f"target layer {self.target_layer!r} must output an (N, C, h, w) tensor or (N, T, C) tokens"
+            )
         leaf = out.detach().requires_grad_(self._grad)
         self._state["leaf"] = leaf
         torch.set_grad_enabled(self._grad)  # the head runs with grad; restored after the forward
@@ -204,10 +206,13 @@ class FusedExtractor:
                 score = logits_f.gather(1, targets[:, None]).sum()
                 (grads,) = torch.autograd.grad(score, leaf)
         with torch.no_grad():
-            cams = fused_cams(leaf.detach(), grads, self.methods)
+            grid = leaf.detach()
+            if grid.ndim == 3:  # transformer tokens: the patch grid, class and register tokens dropped
+                grid, grads = tokens_to_grid(grid), (tokens_to_grid(grads) if grads is not None else None)
+            cams = fused_cams(grid, grads, self.methods)
             acts = None
             if self.keep_activations:
-                a = leaf.detach().float()
+                a = grid.float()
                 acts = (a.clamp(min=0) if a.min() < 0 else a).cpu().numpy()
             out = FusedOutput(
                 logits=logits_f.detach().cpu().numpy(),

@@ -3,13 +3,15 @@ and the classifier (whose input is the embedding)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from wsi_explain.explain.adapters import _Call
 from wsi_explain.explain.card import ModelError
 
-__all__ = ["find_module", "trace", "default_target_layer", "default_classifier"]
+__all__ = ["find_module", "trace", "default_target_layer", "default_classifier", "tokens_to_grid", "token_prefix"]
 
 
 def find_module(model: nn.Module, name: str) -> nn.Module:
@@ -46,11 +48,45 @@ def trace(model: nn.Module, tile_px: int) -> list[tuple[str, nn.Module, torch.Te
     return calls
 
 
+def token_prefix(n_tokens: int) -> tuple[int, int]:
+    """(prefix, side) of a vision transformer's token sequence: the patch tokens form the largest
+    square grid (side x side) that fits, the rest come first (the class token, register tokens).
+    A class token and registers never make the whole sequence a square above 3 x 3 patches."""
+    side = int(math.isqrt(n_tokens))
+    return n_tokens - side * side, side
+
+
+def tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
+    """(N, T, C) transformer tokens -> (N, C, side, side) patch grid, the prefix tokens (class,
+    registers) dropped: pytorch-grad-cam's ``reshape_transform`` for ViTs."""
+    n, t, c = tokens.shape
+    prefix, side = token_prefix(t)
+    return tokens[:, prefix:, :].reshape(n, side, side, c).permute(0, 3, 1, 2)
+
+
+def _transformer_norm(calls) -> str | None:
+    """The first LayerNorm of the last transformer block (``encoder.layers.encoder_layer_11.ln_1``
+    in torchvision's ViT, ``blocks.11.norm1`` in timm's): its output feeds the block's attention,
+    so every patch token gets a gradient (the final norm's do not: only the class token reaches
+    the head). None when no block has two LayerNorms on (N, T, C) tokens."""
+    blocks: dict[str, list[str]] = {}
+    for n, m, o in calls:
+        if isinstance(m, nn.LayerNorm) and o.ndim == 3 and token_prefix(o.shape[1])[1] > 1:
+            blocks.setdefault(n.rpartition(".")[0], []).append(n)
+    full = [names for names in blocks.values() if len(names) >= 2]
+    return full[-1][0] if full else None
+
+
 def default_target_layer(model: nn.Module, tile_px: int = 224) -> str:
-    """Name of the last convolutional block: the outermost module producing the last (N, C, h, w)
-    output with h * w > 1 (``layer4`` for ResNet, ``features`` for DenseNet, EfficientNet,
-    MobileNet, ConvNeXt and VGG, ``head_act`` for EfficientNet-Lite)."""
+    """Name of the CAM layer. For a CNN, the last convolutional block: the outermost module
+    producing the last (N, C, h, w) output with h * w > 1 (``layer4`` for ResNet, ``features`` for
+    DenseNet, EfficientNet, MobileNet, ConvNeXt and VGG, ``head_act`` for EfficientNet-Lite). For a
+    vision transformer (LayerNorms on (N, T, C) tokens after the patch embedding), the first norm
+    of the last block (its tokens are reshaped to the patch grid: :func:`tokens_to_grid`)."""
     calls = trace(model, tile_px)
+    vit = _transformer_norm(calls)
+    if vit is not None:
+        return vit
     spatial = [(n, m, o) for n, m, o in calls if o.ndim == 4 and o.shape[2] * o.shape[3] > 1]
     if not spatial:
         raise ModelError("no layer with a spatial (N, C, h, w) output found; name one with --target-layer")

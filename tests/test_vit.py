@@ -1,0 +1,120 @@
+"""Vision transformers: the CAM layer is found (the last block's first norm), tokens become the
+patch grid (class and register tokens dropped), and the fused CAMs equal pytorch-grad-cam with the
+same ``reshape_transform``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_cams import METHODS
+from wsi_explain.explain.fused import FusedExtractor
+from wsi_explain.explain.layers import default_classifier, default_target_layer, token_prefix, tokens_to_grid
+from wsi_explain.explain.load import load_model
+
+MODELS = {  # entry point -> (CAM layer found by default, prefix tokens)
+    "tests.tiny_models:tiny_vit": ("encoder.layers.encoder_layer_1.ln_1", 1),
+    "tests.tiny_models:tiny_register_vit": ("blocks.1.norm1", 5),
+}
+
+
+def test_token_prefix_and_grid():
+    assert token_prefix(197) == (1, 14) and token_prefix(201) == (5, 14) and token_prefix(49) == (0, 7)
+    t = torch.arange(2 * 17 * 3, dtype=torch.float32).reshape(2, 17, 3)
+    g = tokens_to_grid(t)
+    # pytorch-grad-cam's reshape_transform for ViTs, written out
+    ref = t[:, 1:, :].reshape(2, 4, 4, 3).transpose(2, 3).transpose(1, 2)
+    assert g.shape == (2, 3, 4, 4) and torch.equal(g, ref)
+
+
+def test_default_layers_of_torchvision_vit_b_16():
+    lm = load_model("vit_b_16", num_classes=2)
+    assert default_target_layer(lm.module, 224) == "encoder.layers.encoder_layer_11.ln_1"
+    assert default_classifier(lm.module, 224) == "heads.head"  # its input: the class token
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("target", ["pred", 1])
+def test_fused_cams_on_vits_equal_pytorch_grad_cam(arch, target):
+    import pytorch_grad_cam as pgc
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    layer_name, prefix = MODELS[arch]
+    lm = load_model(arch, num_classes=2)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    before = x.clone()
+    fx = FusedExtractor(lm, methods=METHODS, target=target, tile_px=64)
+    assert fx.target_layer == layer_name
+    with fx:
+        out = fx(x)
+    assert torch.equal(x, before)
+    emb_in = {}
+    h = dict(lm.module.named_modules())[fx.embedding_layer].register_forward_pre_hook(
+        lambda m, i: emb_in.setdefault("x", i[0].detach())
+    )
+    with torch.no_grad():
+        logits = lm.module(x)
+    h.remove()
+    np.testing.assert_allclose(out.logits, logits.numpy(), atol=1e-5)
+    np.testing.assert_allclose(out.embeddings, emb_in["x"].numpy(), atol=1e-5)  # the class token
+    layer = dict(lm.module.named_modules())[layer_name]
+
+    def reshape(t):
+        n, tok, c = t.shape
+        side = int(round((tok - prefix) ** 0.5))
+        return t[:, prefix:, :].reshape(n, side, side, c).transpose(2, 3).transpose(1, 2)
+
+    classes = {
+        "gradcam": pgc.GradCAM,
+        "gradcampp": pgc.GradCAMPlusPlus,
+        "xgradcam": pgc.XGradCAM,
+        "hirescam": pgc.HiResCAM,
+        "layercam": pgc.LayerCAM,
+        "eigencam": pgc.EigenCAM,
+    }
+    for m in METHODS:
+        cam = classes[m](model=lm.module, target_layers=[layer], reshape_transform=reshape)
+        try:
+            ref = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(int(t)) for t in out.targets])
+        finally:
+            cam.activations_and_grads.release()
+        ours = scale_cam_image(scale_cam_image(out.cams[m], (64, 64)))
+        assert out.cams[m].shape == (3, 4, 4)
+        diff = np.abs(ours - ref).max()
+        assert diff <= 1e-4, f"{arch} {m}: max abs difference {diff}"
+        if m == "gradcam":
+            assert np.ptp(out.cams[m]) > 0  # not a flat map: the patch tokens got gradients
+
+
+def test_a_vit_runs_through_extraction_and_clustering(slides, tmp_path):
+    """The audit with a ViT (class and register tokens): tiles at the model's 64 px, CAMs on the
+    4 x 4 patch grid, activations kept on that grid, the class token as embedding, clustered."""
+    import pandas as pd
+    import zarr
+
+    from wsi_explain import RunFolder, TileConfig, discover_slides, run_tile_stage
+    from wsi_explain.core.config import ClusterConfig, ExtractConfig
+    from wsi_explain.stages.cluster import run_cluster_stage
+    from wsi_explain.stages.extract import run_extract_stage
+
+    with RunFolder(tmp_path / "run") as run:
+        run_tile_stage(run, discover_slides([slides["tiff"]]), TileConfig(tile_px=64, mpp_target=1.0, verify="none"))
+        cfg = ExtractConfig(
+            arch="tests.tiny_models:tiny_register_vit",
+            num_classes=2,
+            methods=("gradcam", "hirescam"),
+            activations=True,
+            workers=0,
+        )
+        assert all(r.status == "done" for r in run_extract_stage(run, cfg))
+        run_cluster_stage(run, ClusterConfig(method="kmeans", k=2, pca=8))
+    sid = next(p.name for p in (tmp_path / "run/slides").iterdir())
+    g = zarr.open_group(str(tmp_path / f"run/slides/{sid}/features.zarr"), mode="r")
+    n = int(g["embeddings"].shape[0])
+    assert g["embeddings"].shape == (n, 32) and n >= 4
+    assert tuple(g["cams/gradcam"].shape) == (n, 4, 4) and tuple(g["activations"].shape[1:]) == (32, 4, 4)
+    assert np.ptp(np.asarray(g["cams/gradcam"][:])) > 0
+    tiles = pd.read_parquet(tmp_path / "run/cohort/tiles.parquet")
+    assert len(tiles) == n and set(tiles["cluster"]) <= {0, 1}
