@@ -104,7 +104,7 @@ def test_a_vit_runs_through_extraction_and_clustering(slides, tmp_path):
         cfg = ExtractConfig(
             arch="tests.tiny_models:tiny_register_vit",
             num_classes=2,
-            methods=("gradcam", "hirescam"),
+            methods=("gradcam", "hirescam", "rollout"),
             activations=True,
             workers=0,
         )
@@ -115,6 +115,52 @@ def test_a_vit_runs_through_extraction_and_clustering(slides, tmp_path):
     n = int(g["embeddings"].shape[0])
     assert g["embeddings"].shape == (n, 32) and n >= 4
     assert tuple(g["cams/gradcam"].shape) == (n, 4, 4) and tuple(g["activations"].shape[1:]) == (32, 4, 4)
-    assert np.ptp(np.asarray(g["cams/gradcam"][:])) > 0
+    assert np.ptp(np.asarray(g["cams/gradcam"][:])) > 0 and tuple(g["cams/rollout"].shape) == (n, 4, 4)
     tiles = pd.read_parquet(tmp_path / "run/cohort/tiles.parquet")
     assert len(tiles) == n and set(tiles["cluster"]) <= {0, 1}
+
+
+def _manual_attention(mha: torch.nn.MultiheadAttention, h: torch.Tensor) -> torch.Tensor:
+    """(N, heads, T, T) softmax(Q K^T / sqrt(d)) from the module's packed projection, by hand."""
+    n, t, d = h.shape
+    heads = mha.num_heads
+    qkv = h @ mha.in_proj_weight.T + mha.in_proj_bias
+    q, k, _ = qkv.split(d, dim=-1)
+    q = q.reshape(n, t, heads, d // heads).transpose(1, 2)
+    k = k.reshape(n, t, heads, d // heads).transpose(1, 2)
+    return torch.softmax(q @ k.transpose(-1, -2) / (d // heads) ** 0.5, dim=-1)
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_attention_rollout_equals_a_direct_computation(arch):
+    """Rollout from the recorded weights equals the product of (0.5 A + 0.5 I), row-normalised,
+    with A recomputed by hand from each block's inputs and projection weights; the class token's
+    row over the patches, on the grid; no gradient needed; a CNN refuses it clearly."""
+    from wsi_explain.explain.card import ModelError
+    from wsi_explain.explain.extractors import split_methods
+
+    lm = load_model(arch, num_classes=2)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    fx = FusedExtractor(lm, methods=("gradcam", "rollout"), tile_px=64)
+    with fx:
+        out = fx(x)
+    mhas = [m for m in lm.module.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    inputs = []
+    hooks = [m.register_forward_hook(lambda m, a, o: inputs.append(a[0].detach())) for m in mhas]
+    with torch.no_grad():
+        lm.module(x)
+    for h in hooks:
+        h.remove()
+    _, prefix = MODELS[arch]
+    t = inputs[0].shape[1]
+    roll = torch.eye(t).expand(2, t, t)
+    for mha, h in zip(mhas, inputs):
+        with torch.no_grad():
+            a = 0.5 * _manual_attention(mha, h).mean(1) + 0.5 * torch.eye(t)
+            roll = (a / a.sum(-1, keepdim=True)) @ roll
+    want = roll[:, 0, prefix:].reshape(2, 4, 4).numpy()
+    np.testing.assert_allclose(out.cams["rollout"], want, atol=1e-5)
+    assert (out.cams["rollout"] > 0).all() and set(out.cams) == {"gradcam", "rollout"}
+    assert split_methods(("rollout", "integratedgradients"))[0] == ("rollout",)
+    with pytest.raises(ModelError, match="attention rollout needs nn.MultiheadAttention"):
+        FusedExtractor(load_model("tests.tiny_models:tiny_cnn", num_classes=2), methods=("rollout",), tile_px=64)

@@ -396,7 +396,8 @@ class FusedCamAttributor(Attributor):
 def make_explainer(name: str, model: LoadedModel | nn.Module, **options) -> Attributor:
     """An :class:`Attributor` for any method name: fused CAMs and the registered attributors."""
     from wsi_explain.explain.cams import FUSED_CAMS
+    from wsi_explain.explain.rollout import ROLLOUT
 
-    if name in FUSED_CAMS:
+    if name in FUSED_CAMS or name == ROLLOUT:
         return FusedCamAttributor(model, name=name, **options)
     return make_attributor(name, model, **options)

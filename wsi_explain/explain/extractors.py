@@ -13,13 +13,15 @@ def split_methods(methods) -> tuple[tuple[str, ...], tuple[str, ...]]:
     from wsi_explain.explain.attributors import ATTRIBUTORS
     from wsi_explain.explain.cams import FUSED_CAMS
     from wsi_explain.explain.card import ModelError
+    from wsi_explain.explain.rollout import ROLLOUT
 
-    unknown = [m for m in methods if m not in FUSED_CAMS and m not in ATTRIBUTORS]
+    fused = {*FUSED_CAMS, ROLLOUT}  # rollout is recorded in the fused pass too
+    unknown = [m for m in methods if m not in fused and m not in ATTRIBUTORS]
     if unknown:
         raise ModelError(
-            f"unknown method(s) {unknown}; fused CAMs: {sorted(FUSED_CAMS)}; others: {sorted(ATTRIBUTORS)}"
+            f"unknown method(s) {unknown}; fused CAMs: {sorted(FUSED_CAMS)} and rollout; others: {sorted(ATTRIBUTORS)}"
         )
-    return tuple(m for m in methods if m in FUSED_CAMS), tuple(m for m in methods if m not in FUSED_CAMS)
+    return tuple(m for m in methods if m in fused), tuple(m for m in methods if m not in fused)
 
 
 def build_extractors(cfg: ExtractConfig, tile_px: int):

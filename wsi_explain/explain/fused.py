@@ -19,6 +19,7 @@ from torch import nn
 from wsi_explain.explain.cams import FUSED_CAMS, fused_cams, needs_grad
 from wsi_explain.explain.card import LoadedModel, ModelError
 from wsi_explain.explain.layers import default_classifier, default_target_layer, find_module, tokens_to_grid
+from wsi_explain.explain.rollout import ROLLOUT, AttentionRecorder, rollout_maps
 
 __all__ = ["FusedExtractor", "FusedOutput", "resolve_device"]
 
@@ -59,7 +60,8 @@ class FusedExtractor:
     ----------
     model : LoadedModel
     methods : sequence of str
-        Fused CAMs to compute (:data:`wsi_explain.explain.cams.FUSED_CAMS`).
+        Fused CAMs to compute (:data:`wsi_explain.explain.cams.FUSED_CAMS`), and ``"rollout"``
+        (attention rollout, for ViTs with ``nn.MultiheadAttention``: :mod:`wsi_explain.explain.rollout`).
     target_layer : str, optional
         Dotted module name; default :func:`default_target_layer`.
     embedding_layer : str, optional
@@ -88,17 +90,19 @@ class FusedExtractor:
         amp: bool = True,
         tile_px: int = 224,
     ) -> None:
-        unknown = [m for m in methods if m not in FUSED_CAMS]
+        unknown = [m for m in methods if m not in FUSED_CAMS and m != ROLLOUT]
         if unknown:
-            raise ModelError(f"unknown fused CAM method(s) {unknown}; choose from {sorted(FUSED_CAMS)}")
+            raise ModelError(f"unknown fused CAM method(s) {unknown}; choose from {sorted(FUSED_CAMS)} or rollout")
         self.model = model
         self.methods = tuple(methods)
+        self._cams = tuple(m for m in methods if m != ROLLOUT)  # from the target layer; rollout from attention
         self.device = resolve_device(device)
         self.module = model.module.to(self.device).eval().to(memory_format=torch.channels_last)
         self.tile_px = tile_px
         self.target_layer = target_layer or default_target_layer(self.module, tile_px)
         self.embedding_layer = embedding_layer or default_classifier(self.module, tile_px)
         self._layer = find_module(self.module, self.target_layer)
+        self._attention = AttentionRecorder(self.module) if ROLLOUT in self.methods else None
         self._emb = find_module(self.module, self.embedding_layer)
         if isinstance(target, str) and target != "pred":
             if target in model.card.class_names:
@@ -143,12 +147,16 @@ class FusedExtractor:
             self._layer.register_forward_hook(self._layer_hook),
             self._emb.register_forward_pre_hook(self._emb_hook),
         ]
+        if self._attention is not None:
+            self._attention.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._attention is not None:
+            self._attention.__exit__(*exc)
 
     def _check_shapes(self) -> None:
         """A dummy forward: the output must be (1, num_classes) and both layers must fire."""
@@ -165,7 +173,7 @@ class FusedExtractor:
     # -- forward ---------------------------------------------------------------------------------
     @property
     def _grad(self) -> bool:
-        return needs_grad(self.methods)
+        return needs_grad(self._cams)
 
     def autocast(self):
         """The forward's autocast context: bf16 (else fp16) on CUDA when ``amp``, else nothing."""
@@ -179,6 +187,8 @@ class FusedExtractor:
         if not self._handles:
             raise RuntimeError("use FusedExtractor as a context manager (with ...:)")
         self._state = {}
+        if self._attention is not None:
+            self._attention.weights = []
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         prev = torch.is_grad_enabled()
         amp = self.autocast()
@@ -209,7 +219,9 @@ class FusedExtractor:
             grid = leaf.detach()
             if grid.ndim == 3:  # transformer tokens: the patch grid, class and register tokens dropped
                 grid, grads = tokens_to_grid(grid), (tokens_to_grid(grads) if grads is not None else None)
-            cams = fused_cams(grid, grads, self.methods)
+            cams = fused_cams(grid, grads, self._cams)
+            if self._attention is not None:
+                cams[ROLLOUT] = rollout_maps(self._attention.weights)
             acts = None
             if self.keep_activations:
                 a = grid.float()
