@@ -13,11 +13,11 @@ from wsi_explain.explain.load import load_model
 METHODS = ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "eigencam")
 
 
-def _reference(module, layer, x, targets, method):
+def reference_class(method: str):
+    """pytorch-grad-cam's class for one of :data:`METHODS`."""
     import pytorch_grad_cam as pgc
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    cls = {
+    return {
         "gradcam": pgc.GradCAM,
         "gradcampp": pgc.GradCAMPlusPlus,
         "xgradcam": pgc.XGradCAM,
@@ -25,7 +25,12 @@ def _reference(module, layer, x, targets, method):
         "layercam": pgc.LayerCAM,
         "eigencam": pgc.EigenCAM,
     }[method]
-    cam = cls(model=module, target_layers=[layer])
+
+
+def _reference(module, layer, x, targets, method):
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cam = reference_class(method)(model=module, target_layers=[layer])
     try:
         return cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(int(t)) for t in targets])
     finally:

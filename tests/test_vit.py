@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_cams import METHODS
+from tests.test_cams import METHODS, reference_class
 from wsi_explain.explain.fused import FusedExtractor
 from wsi_explain.explain.layers import default_classifier, default_target_layer, token_prefix, tokens_to_grid
 from wsi_explain.explain.load import load_model
@@ -37,7 +37,6 @@ def test_default_layers_of_torchvision_vit_b_16():
 @pytest.mark.parametrize("arch", sorted(MODELS))
 @pytest.mark.parametrize("target", ["pred", 1])
 def test_fused_cams_on_vits_equal_pytorch_grad_cam(arch, target):
-    import pytorch_grad_cam as pgc
     from pytorch_grad_cam.utils.image import scale_cam_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -66,16 +65,8 @@ def test_fused_cams_on_vits_equal_pytorch_grad_cam(arch, target):
         side = int(round((tok - prefix) ** 0.5))
         return t[:, prefix:, :].reshape(n, side, side, c).transpose(2, 3).transpose(1, 2)
 
-    classes = {
-        "gradcam": pgc.GradCAM,
-        "gradcampp": pgc.GradCAMPlusPlus,
-        "xgradcam": pgc.XGradCAM,
-        "hirescam": pgc.HiResCAM,
-        "layercam": pgc.LayerCAM,
-        "eigencam": pgc.EigenCAM,
-    }
     for m in METHODS:
-        cam = classes[m](model=lm.module, target_layers=[layer], reshape_transform=reshape)
+        cam = reference_class(m)(model=lm.module, target_layers=[layer], reshape_transform=reshape)
         try:
             ref = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(int(t)) for t in out.targets])
         finally:
