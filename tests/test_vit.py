@@ -155,3 +155,57 @@ def test_attention_rollout_equals_a_direct_computation(arch):
     assert split_methods(("rollout", "integratedgradients"))[0] == ("rollout",)
     with pytest.raises(ModelError, match="attention rollout needs nn.MultiheadAttention"):
         FusedExtractor(load_model("tests.tiny_models:tiny_cnn", num_classes=2), methods=("rollout",), tile_px=64)
+
+
+TIMM = {  # timm model -> (default CAM layer, reshape for pytorch-grad-cam)
+    "timm:vit_small_patch16_224": ("blocks.11.norm1", "tokens"),
+    "timm:vit_small_patch14_reg4_dinov2": ("blocks.11.norm1", "tokens"),
+    "timm:swin_tiny_patch4_window7_224": ("norm", "nhwc"),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(TIMM))
+def test_timm_transformers_equal_pytorch_grad_cam(arch):
+    """timm's ViT, DINOv2-style ViT with registers and Swin (random init, offline): the default layer
+    is found, and gradcam, hirescam and eigencam equal pytorch-grad-cam with the usual
+    reshape_transform (tokens to grid; Swin's (N, h, w, C) to (N, C, h, w))."""
+    pytest.importorskip("timm")
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    layer_name, kind = TIMM[arch]
+    lm = load_model(arch, num_classes=2, tile_px=224)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    methods = ("gradcam", "hirescam", "eigencam")
+    fx = FusedExtractor(lm, methods=methods, tile_px=224)
+    assert fx.target_layer == layer_name
+    with fx:
+        out = fx(x)
+    layer = dict(lm.module.named_modules())[layer_name]
+
+    def reshape(t):
+        if kind == "nhwc":
+            return t.permute(0, 3, 1, 2)
+        return tokens_to_grid(t)
+
+    for m in methods:
+        cam = reference_class(m)(model=lm.module, target_layers=[layer], reshape_transform=reshape)
+        try:
+            ref = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(int(t)) for t in out.targets])
+        finally:
+            cam.activations_and_grads.release()
+        ours = scale_cam_image(scale_cam_image(out.cams[m], (224, 224)))
+        diff = np.abs(ours - ref).max()
+        assert diff <= 1e-4, f"{arch} {m}: max abs difference {diff}"
+    side = 7 if kind == "nhwc" else (14 if "patch16" in arch else 16)
+    assert out.cams["gradcam"].shape == (2, side, side) and np.ptp(out.cams["gradcam"]) > 0
+
+
+def test_timm_names_are_checked():
+    from wsi_explain.explain.card import ModelError
+
+    pytest.importorskip("timm")
+    with pytest.raises(ModelError, match="timm has no model 'vit_nonexistent'"):
+        load_model("timm:vit_nonexistent", num_classes=2)
+    with pytest.raises(ModelError, match="attention rollout needs nn.MultiheadAttention"):
+        FusedExtractor(load_model("timm:vit_small_patch16_224", num_classes=2), methods=("rollout",), tile_px=224)

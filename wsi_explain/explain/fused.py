@@ -18,7 +18,13 @@ from torch import nn
 
 from wsi_explain.explain.cams import FUSED_CAMS, fused_cams, needs_grad
 from wsi_explain.explain.card import LoadedModel, ModelError
-from wsi_explain.explain.layers import default_classifier, default_target_layer, find_module, tokens_to_grid
+from wsi_explain.explain.layers import (
+    channels_last_output,
+    default_classifier,
+    default_target_layer,
+    find_module,
+    tokens_to_grid,
+)
 from wsi_explain.explain.rollout import ROLLOUT, AttentionRecorder, rollout_maps
 
 __all__ = ["FusedExtractor", "FusedOutput", "resolve_device"]
@@ -135,6 +141,7 @@ class FusedExtractor:
             )
         leaf = out.detach().requires_grad_(self._grad)
         self._state["leaf"] = leaf
+        self._state["nhwc"] = channels_last_output(module, out)
         torch.set_grad_enabled(self._grad)  # the head runs with grad; restored after the forward
         # a clone, so that in-place ops of the head (DenseNet's relu_) do not touch the leaf
         return leaf.clone()
@@ -219,6 +226,8 @@ class FusedExtractor:
             grid = leaf.detach()
             if grid.ndim == 3:  # transformer tokens: the patch grid, class and register tokens dropped
                 grid, grads = tokens_to_grid(grid), (tokens_to_grid(grads) if grads is not None else None)
+            elif self._state.get("nhwc"):  # a channels-last layer (Swin's norms): (N, h, w, C) -> (N, C, h, w)
+                grid, grads = grid.permute(0, 3, 1, 2), (grads.permute(0, 3, 1, 2) if grads is not None else None)
             cams = fused_cams(grid, grads, self._cams)
             if self._attention is not None:
                 cams[ROLLOUT] = rollout_maps(self._attention.weights)

@@ -11,7 +11,15 @@ from torch import nn
 from wsi_explain.explain.adapters import _Call
 from wsi_explain.explain.card import ModelError
 
-__all__ = ["find_module", "trace", "default_target_layer", "default_classifier", "tokens_to_grid", "token_prefix"]
+__all__ = [
+    "find_module",
+    "trace",
+    "default_target_layer",
+    "default_classifier",
+    "tokens_to_grid",
+    "token_prefix",
+    "channels_last_output",
+]
 
 
 def find_module(model: nn.Module, name: str) -> nn.Module:
@@ -64,6 +72,18 @@ def tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, prefix:, :].reshape(n, side, side, c).permute(0, 3, 1, 2)
 
 
+def channels_last_output(module: nn.Module, out: torch.Tensor) -> bool:
+    """True for a LayerNorm over the last axis of a 4-D output: an (N, h, w, C) feature map (Swin's
+    layers in timm), which the CAMs read as (N, C, h, w). ConvNeXt's LayerNorm2d normalises C of an
+    (N, C, h, w) map and is left alone."""
+    return (
+        isinstance(module, nn.LayerNorm)
+        and out.ndim == 4
+        and out.shape[-1] == module.normalized_shape[-1]
+        and out.shape[1] != out.shape[-1]
+    )
+
+
 def _transformer_norm(calls) -> str | None:
     """The first LayerNorm of the last transformer block (``encoder.layers.encoder_layer_11.ln_1``
     in torchvision's ViT, ``blocks.11.norm1`` in timm's): its output feeds the block's attention,
@@ -82,12 +102,16 @@ def default_target_layer(model: nn.Module, tile_px: int = 224) -> str:
     producing the last (N, C, h, w) output with h * w > 1 (``layer4`` for ResNet, ``features`` for
     DenseNet, EfficientNet, MobileNet, ConvNeXt and VGG, ``head_act`` for EfficientNet-Lite). For a
     vision transformer (LayerNorms on (N, T, C) tokens after the patch embedding), the first norm
-    of the last block (its tokens are reshaped to the patch grid: :func:`tokens_to_grid`)."""
+    of the last block (its tokens are reshaped to the patch grid: :func:`tokens_to_grid`). For a
+    network whose last feature map is channels-last (N, h, w, C) from a LayerNorm (Swin), that
+    norm (read as (N, C, h, w))."""
     calls = trace(model, tile_px)
     vit = _transformer_norm(calls)
     if vit is not None:
         return vit
     spatial = [(n, m, o) for n, m, o in calls if o.ndim == 4 and o.shape[2] * o.shape[3] > 1]
+    if spatial and channels_last_output(spatial[-1][1], spatial[-1][2]):
+        return spatial[-1][0]  # the network ends channels-last (Swin's final norm): that norm itself
     if not spatial:
         raise ModelError("no layer with a spatial (N, C, h, w) output found; name one with --target-layer")
     last = spatial[-1][2]

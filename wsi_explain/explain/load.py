@@ -119,6 +119,23 @@ def _find_card(weights: Path | None, card: Path | None) -> Path | None:
     return None
 
 
+def _timm(name: str, num_classes: int, tile_px: int | None) -> torch.nn.Module:
+    """A timm model, randomly initialised (weights come from ``--weights``: nothing is downloaded);
+    ViTs and Swins are built for ``tile_px`` inputs when the card gives one."""
+    try:
+        import timm
+    except ImportError as exc:
+        raise ModelError(f"timm:{name} needs timm: pip install timm") from exc
+    if name not in timm.list_models():
+        raise ModelError(f"timm has no model {name!r}; see timm.list_models()")
+    if tile_px:
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=tile_px)
+        except TypeError:  # a model without an input size (a CNN)
+            pass
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
 def load_model(
     arch: str,
     *,
@@ -140,7 +157,8 @@ def load_model(
         A torchvision architecture name (``resnet18``...), ``efficientnet_lite0`` (ImageNet
         weights shipped offline), ``export`` (``weights`` is a ``torch.export`` program, ``.pt2``;
         see :mod:`wsi_explain.explain.exported`), ``torchscript`` (``weights`` is a TorchScript
-        file; deprecated by torch), or an entry
+        file; deprecated by torch), ``timm:<name>`` (a timm model, random init: weights come from
+        ``weights``, nothing is downloaded), or an entry
         point ``package.module:factory`` returning an ``nn.Module`` (called with ``num_classes``).
     weights : path, optional
         State-dict checkpoint (loaded with ``weights_only=True``) or TorchScript file.
@@ -184,6 +202,8 @@ def load_model(
             torch.manual_seed(0)
             if arch == "efficientnet_lite0":
                 module = efficientnet_lite0(num_classes=mc.num_classes, pretrained=wpath is None)
+            elif arch.startswith("timm:"):
+                module = _timm(arch[5:], mc.num_classes, mc.tile_px)
             elif ":" in arch:
                 module = _entry_point(arch, mc.num_classes)
             else:
