@@ -142,3 +142,19 @@ def tiny_register_vit(num_classes: int = 2) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return TinyRegisterViT(num_classes).eval()
+
+
+class _MeanPool(nn.Module):
+    def __init__(self, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_dim, num_classes)
+
+    def forward(self, bag: torch.Tensor) -> torch.Tensor:
+        return self.fc(bag.mean(0))
+
+
+def mean_pool_head(num_classes: int = 2, in_dim: int = 16) -> nn.Module:
+    """A MIL head without attention (mean pooling), as a user's entry point would be."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _MeanPool(in_dim, num_classes)

@@ -84,7 +84,8 @@ def _torchvision(name: str, num_classes: int) -> nn.Module:
         raise ModelError(f"unknown torchvision architecture {name!r} ({exc})") from exc
 
 
-def _entry_point(spec: str, num_classes: int) -> nn.Module:
+def _entry_point(spec: str, num_classes: int, **extra) -> nn.Module:
+    """``package.module:factory`` called with ``num_classes`` (and ``extra``), else with nothing."""
     mod_name, _, fn_name = spec.partition(":")
     if not fn_name:
         raise ModelError(f"entry point {spec!r} must look like 'package.module:factory'")
@@ -93,7 +94,7 @@ def _entry_point(spec: str, num_classes: int) -> nn.Module:
     except (ImportError, AttributeError) as exc:
         raise ModelError(f"cannot import entry point {spec!r} ({exc})") from exc
     try:
-        model = fn(num_classes=num_classes)
+        model = fn(num_classes=num_classes, **extra)
     except TypeError:
         model = fn()
     if not isinstance(model, nn.Module):

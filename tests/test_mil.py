@@ -1,0 +1,122 @@
+"""MIL heads over stored embeddings and the tile relevance of their slide decisions: the built-in
+heads by their formulas, gradient x input and Integrated Gradients against captum on the same head,
+leave-one-out against a direct recomputation, a planted decisive tile ranked first, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_explain.explain.card import ModelError
+from wsi_explain.explain.mil import ABMIL, MIL_HEADS, load_mil_head
+from wsi_explain.explain.mil_relevance import (
+    attention_relevance,
+    gradient_x_input,
+    integrated_gradients,
+    leave_one_out,
+)
+
+D = 16
+
+
+@pytest.fixture(scope="module")
+def bag():
+    return np.random.default_rng(0).normal(size=(40, D)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(MIL_HEADS))
+def test_heads_follow_their_formulas_and_check_the_bag(name, bag, tmp_path):
+    m = load_mil_head(name, in_dim=D, n_classes=3)
+    x = torch.from_numpy(bag)
+    with torch.no_grad():
+        logits = m(x)
+        head = m.head
+        h = head.fc(x)
+        a = torch.tanh(head.attn_v(h))
+        if head.attn_u is not None:
+            a = a * torch.sigmoid(head.attn_u(h))
+        s = head.attn_w(a)[:, 0]
+        want = head.classifier(torch.softmax(s, 0) @ h)
+    torch.testing.assert_close(logits, want)
+    torch.testing.assert_close(m.attention, s)
+    assert logits.shape == (3,)
+    torch.save(head.state_dict(), tmp_path / "head.pt")
+    again = load_mil_head(name, in_dim=D, n_classes=3, weights=tmp_path / "head.pt")
+    torch.testing.assert_close(again(x), logits)
+    with pytest.raises(ModelError, match=rf"a bag must be \(N, {D}\) embeddings, got \(40, 8\)"):
+        m(x[:, :8])
+    with pytest.raises(ModelError, match="an empty bag"):
+        m(x[:0])
+    with pytest.raises(ModelError, match="weights do not fit"):
+        load_mil_head(name, in_dim=D + 1, n_classes=3, weights=tmp_path / "head.pt")
+
+
+def test_unknown_and_entry_point_heads():
+    with pytest.raises(ModelError, match="unknown MIL head 'transmil'"):
+        load_mil_head("transmil", in_dim=D)
+    m = load_mil_head("tests.tiny_models:mean_pool_head", in_dim=D, n_classes=2)
+    assert m(torch.ones(5, D)).shape == (2,) and m.attention is None
+    assert attention_relevance(m, np.ones((5, D), np.float32)) is None
+
+
+@pytest.mark.parametrize("target", [0, 1])
+def test_gradient_x_input_and_ig_equal_captum(bag, target):
+    from captum.attr import InputXGradient, IntegratedGradients
+
+    m = load_mil_head("gated_abmil", in_dim=D, n_classes=2)
+    fwd = lambda inp: torch.stack([m(b) for b in inp])  # noqa: E731  (S, N, D) -> (S, K)
+    x = torch.from_numpy(bag)[None]
+    ref = InputXGradient(fwd).attribute(x, target=target)[0].sum(1).detach().numpy()
+    np.testing.assert_allclose(gradient_x_input(m, bag, target=target), ref, rtol=1e-4, atol=1e-6)
+    for baseline, b in (("zero", torch.zeros_like(x)), ("mean", x.mean(1, keepdim=True).expand_as(x))):
+        ours, gap = integrated_gradients(m, bag, target=target, baseline=baseline, steps=32)
+        ref = (
+            IntegratedGradients(fwd)
+            .attribute(x, baselines=b, target=target, n_steps=33, method="riemann_trapezoid")[0]
+            .sum(1)
+            .detach()
+            .numpy()
+        )
+        # captum's trapezoid weights are 1/n per point (ends halved), summing to 1 - 1/n; ours are the
+        # trapezoid rule's 1/(n-1), summing to 1 (completeness): equal up to that factor, 33/32
+        np.testing.assert_allclose(ours, ref * 33 / 32, rtol=1e-4, atol=1e-6)
+        assert gap < 0.05 * max(1.0, np.abs(ours).sum())  # completeness, up to the discretisation
+
+
+def test_leave_one_out_equals_a_direct_recomputation_and_a_planted_tile_ranks_first():
+    rng = np.random.default_rng(1)
+    u = np.zeros(D, np.float32)
+    u[3] = 1.0
+    head = ABMIL(D, 2, attn_dim=4)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.zero_()
+        head.attn_v.weight[0] = torch.from_numpy(u)
+        head.attn_w.weight[0, 0] = 3.0
+        head.classifier.weight[0], head.classifier.weight[1] = -torch.from_numpy(u), torch.from_numpy(u)
+    from wsi_explain.explain.mil import MilModel
+
+    m = MilModel(head, in_dim=D, n_classes=2, name="planted")
+    bag = rng.normal(scale=0.2, size=(60, D)).astype(np.float32)
+    bag[:, 3] = rng.normal(scale=0.05, size=60)
+    bag[17] = 2.0 * u  # the decisive tile
+    before = bag.copy()
+    rows, drops = leave_one_out(m, bag, target=1, sample=None)
+    with torch.no_grad():
+        full = float(m(torch.from_numpy(bag))[1])
+        direct = [full - float(m(torch.from_numpy(np.delete(bag, i, 0)))[1]) for i in range(60)]
+    np.testing.assert_allclose(drops, direct, rtol=1e-5, atol=1e-6)
+    assert rows.tolist() == list(range(60)) and np.array_equal(bag, before)
+    assert int(np.argmax(drops)) == 17
+    assert int(np.argmax(gradient_x_input(m, bag, target=1))) == 17
+    assert int(np.argmax(integrated_gradients(m, bag, target=1)[0])) == 17
+    raw, soft = attention_relevance(m, bag)
+    assert int(np.argmax(raw)) == 17 and soft.sum() == pytest.approx(1.0, abs=1e-5)
+    sampled, _ = leave_one_out(m, bag, target=1, sample=10, seed=3)
+    assert len(sampled) == 10 and np.array_equal(sampled, np.sort(sampled))
+    assert np.array_equal(sampled, leave_one_out(m, bag, target=1, sample=10, seed=3)[0])  # seeded
+    one_rows, one_drops = leave_one_out(m, bag[:1], target=1)  # a bag of one tile: nothing to leave out
+    assert len(one_rows) == 0 and len(one_drops) == 0 and gradient_x_input(m, bag[:1], target=1).shape == (1,)
+    with pytest.raises(ModelError, match="target class 2 out of range"):
+        gradient_x_input(m, bag, target=2)
