@@ -52,6 +52,21 @@ def _auc(labels: pd.Series, scores: pd.Series) -> float:
     return float(roc_auc_score(y, scores[ok]))
 
 
+def _scores_without(tiles: pd.DataFrame, gone: np.ndarray, base: pd.DataFrame, *, prob: str, topk: int):
+    """:func:`slide_scores` of the tiles not ``gone``, on ``base``'s slides (NaN for a slide left empty)."""
+    keep = tiles[~gone]
+    return slide_scores(keep, prob=prob, topk=topk).reindex(base.index) if len(keep) else base * np.nan
+
+
+def _aucs(slide_labels: pd.Series, base: pd.DataFrame, after: pd.DataFrame) -> dict[str, float]:
+    """``auc_{mean,topk}_{before,after}``: the cohort AUC of each slide score before and after."""
+    lab = slide_labels.reindex(base.index)
+    out = {}
+    for agg in ("mean", "topk"):
+        out[f"auc_{agg}_before"], out[f"auc_{agg}_after"] = _auc(lab, base[agg]), _auc(lab, after[agg])
+    return out
+
+
 def cluster_removal(
     tiles: pd.DataFrame,
     *,
@@ -77,8 +92,7 @@ def cluster_removal(
     base = slide_scores(tiles, prob=prob, topk=topk)
     rows, summary = [], []
     for c in sorted(tiles["cluster"].unique()):
-        keep = tiles[tiles["cluster"] != c]
-        after = slide_scores(keep, prob=prob, topk=topk).reindex(base.index) if len(keep) else base * np.nan
+        after = _scores_without(tiles, (tiles["cluster"] == c).to_numpy(), base, prob=prob, topk=topk)
         touched = sorted(tiles.loc[tiles["cluster"] == c, "slide_id"].unique())
         d = after[["mean", "topk"]] - base[["mean", "topk"]]
         for sid in touched:
@@ -104,9 +118,9 @@ def cluster_removal(
             "max_abs_d_topk": float(d["topk"].abs().max(skipna=True)),
         }
         if slide_labels is not None:
-            lab = slide_labels.reindex(base.index)
+            aucs = _aucs(slide_labels, base, after)
             for agg in ("mean", "topk"):
-                before_auc, after_auc = _auc(lab, base[agg]), _auc(lab, after[agg])
+                before_auc, after_auc = aucs[f"auc_{agg}_before"], aucs[f"auc_{agg}_after"]
                 rec[f"auc_{agg}_before"], rec[f"auc_{agg}_after"] = before_auc, after_auc
                 rec[f"d_auc_{agg}"] = after_auc - before_auc
         summary.append(rec)
@@ -144,8 +158,7 @@ def group_removal(
     drop = sorted({int(c) for c in clusters})
     gone = tiles["cluster"].isin(drop).to_numpy()
     base = slide_scores(tiles, prob=prob, topk=topk)
-    keep = tiles[~gone]
-    after = slide_scores(keep, prob=prob, topk=topk).reindex(base.index) if len(keep) else base * np.nan
+    after = _scores_without(tiles, gone, base, prob=prob, topk=topk)
     removed = tiles.loc[gone].groupby("slide_id").size()
     per_slide = pd.DataFrame(
         {
@@ -168,8 +181,5 @@ def group_removal(
         "n_emptied": int((per_slide["n_left"] == 0).sum()),
     }
     if slide_labels is not None:
-        lab = slide_labels.reindex(base.index)
-        for agg in ("mean", "topk"):
-            summary[f"auc_{agg}_before"] = _auc(lab, base[agg])
-            summary[f"auc_{agg}_after"] = _auc(lab, after[agg])
+        summary.update(_aucs(slide_labels, base, after))
     return per_slide, summary
