@@ -43,10 +43,12 @@ class ReportOutcome:
     seconds: float
 
 
-def verdict_effect(run_path: str | Path, *, topk: int = 8) -> dict | None:
+def verdict_effect(run_path: str | Path, *, topk: int = 8, tiles=None) -> dict | None:
     """What removing the clusters marked as artefacts (pathologists' verdicts) does to the slide
     scores (top-``topk`` mean and mean positive probability) and the cohort AUC, from the stored
-    probabilities. None when no cluster has an artefact verdict or the run is not clustered.
+    probabilities (``tiles``: the cohort tile table when the caller has read it already, else
+    ``cohort/tiles.parquet``). None when no cluster has an artefact verdict or the run is not
+    clustered.
 
     Returns
     -------
@@ -60,9 +62,9 @@ def verdict_effect(run_path: str | Path, *, topk: int = 8) -> dict | None:
 
     marked = artefact_clusters(run_path)
     src = Path(run_path) / "cohort" / "tiles.parquet"
-    if not marked or not src.exists():
+    if not marked or (tiles is None and not src.exists()):
         return None
-    tiles = pd.read_parquet(src)
+    tiles = pd.read_parquet(src) if tiles is None else tiles
     per_slide, summary = group_removal(tiles, marked, slide_labels=slide_labels(tiles), topk=topk)
     return {**summary, "clusters": marked, "topk": topk, "slides": per_slide.to_dict("records")}
 
@@ -87,7 +89,7 @@ def run_report_stage(
     shutil.rmtree(out, ignore_errors=True)
     viz.copy_bokeh_js(out / "static")
     ctx = ReportContext(run, out, max_points, thumb_px)
-    ctx.verdict_effect = effect_sentence(verdict_effect(run.path), ctx.names) or None
+    ctx.verdict_effect = effect_sentence(verdict_effect(run.path, tiles=ctx.tiles), ctx.names) or None
     start = now_iso()
     clusters = list(ctx.clusters.itertuples(index=False))
     slides = sorted(ctx.tiles["slide_id"].unique())
