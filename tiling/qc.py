@@ -120,8 +120,9 @@ def tile_measures(tile: np.ndarray, stains: StainVectors, *, lut: np.ndarray | N
         mean_od = np.array([np.dot(o.ravel(), w) for o in od]) / n
         h, e = stains.concentrations(mean_od)
         od_h, od_e = max(float(h), 0.0), max(float(e), 0.0)
-        h_p90, e_p90 = _p90_amounts(od, w > 0, stains)
-        he_p10 = _he_balance(od, w > 0)
+        v = np.stack([o.ravel()[w > 0] for o in od], 1).astype(np.float32, copy=False)  # (n, 3) stained OD
+        h_p90, e_p90 = _p90_amounts(v, stains)
+        he_p10 = _he_balance(v)
     else:
         od_h = od_e = h_p90 = e_p90 = he_p10 = float("nan")
     return {
@@ -136,10 +137,10 @@ def tile_measures(tile: np.ndarray, stains: StainVectors, *, lut: np.ndarray | N
     }
 
 
-def _p90_amounts(od: list[np.ndarray], keep: np.ndarray, stains: StainVectors) -> tuple[float, float]:
+def _p90_amounts(v: np.ndarray, stains: StainVectors) -> tuple[float, float]:
     """90th percentiles (nearest rank, clipped at 0) of the per-pixel H and E amounts of the
-    ``keep`` pixels: float32 projections and a partial sort (a fifth of a full percentile's cost)."""
-    v = np.stack([o.ravel()[keep] for o in od], 1).astype(np.float32, copy=False)
+    stained pixels' OD ``v`` (n, 3) float32: float32 projections and a partial sort (a fifth of a
+    full percentile's cost)."""
     proj = np.linalg.pinv(stains.matrix).astype(np.float32)  # (2, 3)
     k = int(0.9 * (len(v) - 1))
     return tuple(max(float(np.partition(v @ row, k)[k]), 0.0) for row in proj)
@@ -148,10 +149,9 @@ def _p90_amounts(od: list[np.ndarray], keep: np.ndarray, stains: StainVectors) -
 _REFERENCE_PINV = np.linalg.pinv(standard_stains().matrix).astype(np.float32)  # (2, 3)
 
 
-def _he_balance(od: list[np.ndarray], keep: np.ndarray, *, floor: float = 0.05, min_pixels: int = 64) -> float:
-    """10th percentile (nearest rank) of ln(H / E) along the reference vectors over the ``keep``
-    pixels with both amounts above ``floor`` OD; NaN with fewer than ``min_pixels`` of them."""
-    v = np.stack([o.ravel()[keep] for o in od], 1).astype(np.float32, copy=False)
+def _he_balance(v: np.ndarray, *, floor: float = 0.05, min_pixels: int = 64) -> float:
+    """10th percentile (nearest rank) of ln(H / E) along the reference vectors over the stained
+    pixels' OD ``v`` (n, 3) with both amounts above ``floor`` OD; NaN with fewer than ``min_pixels``."""
     h, e = v @ _REFERENCE_PINV[0], v @ _REFERENCE_PINV[1]
     both = (h > floor) & (e > floor)
     if int(both.sum()) < min_pixels:
