@@ -72,6 +72,12 @@ def make_config(cls, what: str, **kw):
         fail(f"invalid {what} parameters: {errs}")
 
 
+def require_run(path: Path, hint: str = "") -> None:
+    """Exit 2 unless ``path`` is a run folder (has a manifest); nothing is created otherwise."""
+    if not (Path(path) / "manifest.json").exists():
+        fail(f"{path}: not a run folder (no manifest.json)" + (f"; {hint}" if hint else ""))
+
+
 def open_run(path: Path):
     """The run folder opened for writing, or exit 2 with the reason (locked, bad manifest)."""
     from wsi_explain.core.errors import ManifestError, RunLockedError

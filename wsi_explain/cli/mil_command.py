@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from wsi_explain.cli.app import app
-from wsi_explain.cli.console import exits_on_error, fail, make_config, open_run, setup_logging
+from wsi_explain.cli.console import exits_on_error, make_config, open_run, require_run, setup_logging
 
 
 @app.command()
@@ -51,8 +51,7 @@ def mil(
         trust_checkpoint=trust_checkpoint,
         seed=seed,
     )
-    if not (run / "manifest.json").exists():
-        fail(f"{run}: not a run folder (no manifest.json)")
+    require_run(run)
     console = Console()
     with open_run(run) as rf, exits_on_error():
         s = run_mil_stage(rf, cfg)

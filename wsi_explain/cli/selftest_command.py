@@ -9,7 +9,7 @@ import typer
 
 from wsi_explain.cli.app import app
 from wsi_explain.cli.console import csv as _csv
-from wsi_explain.cli.console import exits_on_error, fail, make_config, open_run, setup_logging, step_status
+from wsi_explain.cli.console import exits_on_error, make_config, open_run, require_run, setup_logging, step_status
 
 
 def print_selftest(run_path: Path, console) -> None:
@@ -59,8 +59,7 @@ def selftest(
         control=control,
         seed=seed,
     )
-    if not (run / "manifest.json").exists():
-        fail(f"{run}: not a run folder (no manifest.json); run `wsi-explain run` or tile and extract first")
+    require_run(run, "run `wsi-explain run` or tile and extract first")
     console = Console()
     with open_run(run) as rf, exits_on_error():
         run_selftest(rf, cfg, workers=workers, step=lambda msg: step_status(console, msg))

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from wsi_explain.cli.app import app
-from wsi_explain.cli.console import exits_on_error, fail, setup_logging
+from wsi_explain.cli.console import exits_on_error, require_run, setup_logging
 
 
 def _cluster_ids(run: Path) -> list[int] | None:
@@ -56,8 +56,7 @@ def verdicts(
 
     from wsi_explain.report import verdicts as V
 
-    if not (run / "manifest.json").exists():
-        fail(f"{run}: not a run folder (no manifest.json)")
+    require_run(run)
     console = Console()
     with exits_on_error():
         if import_ is not None:

@@ -66,12 +66,11 @@ def _prob(model, bag: np.ndarray, target: int) -> float:
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
+    """Spearman of the finite pairs (NaN with fewer than 3, or a constant side)."""
+    from wsi_explain.metrics.sanity import spearman_rows
 
     ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
-        return float("nan")
-    return float(spearmanr(a[ok], b[ok]).statistic)
+    return float(spearman_rows(a[ok][None], b[ok][None])[0]) if ok.sum() >= 3 else float("nan")
 
 
 def _slide(run: RunFolder, sid: str, model, emb: np.ndarray, ok: np.ndarray, cfg: MilConfig) -> tuple[dict, dict]:
