@@ -27,10 +27,11 @@ def reference_class(method: str):
     }[method]
 
 
-def _reference(module, layer, x, targets, method):
+def reference_cam(module, layer, x, targets, method, reshape_transform=None):
+    """pytorch-grad-cam's ``method`` maps of ``x`` for ``targets`` at ``layer`` (hooks released)."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    cam = reference_class(method)(model=module, target_layers=[layer])
+    cam = reference_class(method)(model=module, target_layers=[layer], reshape_transform=reshape_transform)
     try:
         return cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(int(t)) for t in targets])
     finally:
@@ -57,7 +58,7 @@ def test_fused_cams_equal_pytorch_grad_cam(model_and_batch, target):
         out = fx(x)
     layer = dict(lm.module.named_modules())[fx.target_layer]
     for m in METHODS:
-        ref = _reference(lm.module, layer, x, out.targets, m)
+        ref = reference_cam(lm.module, layer, x, out.targets, m)
         # the same normalisation as the reference: scale_cam_image with the input size, then again
         ours = scale_cam_image(scale_cam_image(out.cams[m], (px, px)))
         diff = np.abs(ours - ref).max()

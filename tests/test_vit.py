@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_cams import METHODS, reference_class
+from tests.test_cams import METHODS, reference_cam
 from wsi_explain.explain.fused import FusedExtractor
 from wsi_explain.explain.layers import default_classifier, default_target_layer, token_prefix, tokens_to_grid
 from wsi_explain.explain.load import load_model
@@ -38,7 +38,6 @@ def test_default_layers_of_torchvision_vit_b_16():
 @pytest.mark.parametrize("target", ["pred", 1])
 def test_fused_cams_on_vits_equal_pytorch_grad_cam(arch, target):
     from pytorch_grad_cam.utils.image import scale_cam_image
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     layer_name, prefix = MODELS[arch]
     lm = load_model(arch, num_classes=2)
@@ -66,11 +65,7 @@ def test_fused_cams_on_vits_equal_pytorch_grad_cam(arch, target):
         return t[:, prefix:, :].reshape(n, side, side, c).transpose(2, 3).transpose(1, 2)
 
     for m in METHODS:
-        cam = reference_class(m)(model=lm.module, target_layers=[layer], reshape_transform=reshape)
-        try:
-            ref = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(int(t)) for t in out.targets])
-        finally:
-            cam.activations_and_grads.release()
+        ref = reference_cam(lm.module, layer, x, out.targets, m, reshape)
         ours = scale_cam_image(scale_cam_image(out.cams[m], (64, 64)))
         assert out.cams[m].shape == (3, 4, 4)
         diff = np.abs(ours - ref).max()
@@ -171,7 +166,6 @@ def test_timm_transformers_equal_pytorch_grad_cam(arch):
     reshape_transform (tokens to grid; Swin's (N, h, w, C) to (N, C, h, w))."""
     pytest.importorskip("timm")
     from pytorch_grad_cam.utils.image import scale_cam_image
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     layer_name, kind = TIMM[arch]
     lm = load_model(arch, num_classes=2, tile_px=224)
@@ -189,11 +183,7 @@ def test_timm_transformers_equal_pytorch_grad_cam(arch):
         return tokens_to_grid(t)
 
     for m in methods:
-        cam = reference_class(m)(model=lm.module, target_layers=[layer], reshape_transform=reshape)
-        try:
-            ref = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(int(t)) for t in out.targets])
-        finally:
-            cam.activations_and_grads.release()
+        ref = reference_cam(lm.module, layer, x, out.targets, m, reshape)
         ours = scale_cam_image(scale_cam_image(out.cams[m], (224, 224)))
         diff = np.abs(ours - ref).max()
         assert diff <= 1e-4, f"{arch} {m}: max abs difference {diff}"
