@@ -1,8 +1,15 @@
-"""Explorer benchmark: the linked explorer with 200,000 tiles in headless Chromium.
+"""Explorer benchmark: the linked explorer with 200,000 tiles in headless Chromium, and the
+deep-zoom tile server of ``wsi-explain serve``.
 
 Usage::
 
     .venv/bin/python benchmarks/bench_viz.py [--n 200000]
+    .venv/bin/python benchmarks/bench_viz.py --deep-zoom [--per-zoom 60] [--clients 8]
+
+``--deep-zoom``: the server's deep-zoom route (the same handler and thread pool) over the generated
+40,000 x 30,000 px benchmark slide (``bench_tiling.make_slide``); per zoom level, random tiles are
+requested once with an empty cache (cold: read, resize, JPEG, write) and again (warm: the cached
+file), then all of them by 8 concurrent keep-alive clients, cold and warm. Prints Markdown.
 
 Builds a synthetic cohort table (20 clusters on a 2-D UMAP, 50 slides), writes the standalone
 explorer page (as the cohort report does), opens it in Debian's Chromium (playwright, software
@@ -114,10 +121,140 @@ def bare_scatter(n: int) -> tuple[float, float]:
     return t_render, t_zoom
 
 
+def _pyramid_server(path: str, W: int, H: int, cache: str, port: int, ready) -> None:
+    """Process target: the deep-zoom route of ``wsi-explain serve`` (the same handler and thread
+    pool) over one slide, until killed."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tornado.web import Application
+
+    from wsi_explain.io.deepzoom import DeepZoomSlide, DeepZoomTiles
+    from wsi_explain.report.serve import DEEP_ZOOM_ROUTE, deep_zoom_handler
+
+    pyramid = DeepZoomTiles({"bench": DeepZoomSlide(path, W, H, 0.25)}, cache_dir=Path(cache))
+    pyramid.tissue_rgb("bench", pyramid.zmax, 0, 0)  # opens the slide (measured apart)
+    pool = ThreadPoolExecutor(max_workers=4)
+    app = Application([(DEEP_ZOOM_ROUTE, deep_zoom_handler(), {"pyramid": pyramid, "overlays": None, "pool": pool})])
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    app.listen(port, address="127.0.0.1")
+    ready.set()
+    asyncio.get_event_loop().run_forever()
+
+
+def _serve_pyramid(path: Path, W: int, H: int, cache: Path):
+    """Start :func:`_pyramid_server` in its own process (clients and server do not share a GIL, as
+    with a browser) -> (base URL, process)."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_pyramid_server, args=(str(path), W, H, str(cache), port, ready), daemon=True)
+    proc.start()
+    if not ready.wait(120):
+        proc.kill()
+        raise RuntimeError("the deep-zoom server did not start")
+    return f"http://127.0.0.1:{port}", proc
+
+
+def _fetch(base: str, paths: list[str], clients: int) -> tuple[np.ndarray, float]:
+    """GET every path with ``clients`` keep-alive connections in parallel (as a browser's) ->
+    (latency per request in ms, wall seconds)."""
+    import http.client
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import urlparse
+
+    u = urlparse(base)
+    lat = np.zeros(len(paths))
+
+    def worker(k: int) -> None:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        for i in range(k, len(paths), clients):
+            t0 = time.perf_counter()
+            conn.request("GET", paths[i])
+            r = conn.getresponse()
+            r.read()
+            assert r.status == 200, (paths[i], r.status)
+            lat[i] = (time.perf_counter() - t0) * 1e3
+        conn.close()
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as ex:
+        list(ex.map(worker, range(clients)))
+    return lat, time.perf_counter() - t0
+
+
+def deep_zoom(per_zoom: int, clients: int, seed: int = 0) -> None:
+    """Latency of the deep-zoom tile server on the 40,000 x 30,000 px benchmark slide."""
+    from bench_tiling import make_slide
+
+    from wsi_explain.io.deepzoom import DeepZoomSlide, DeepZoomTiles
+
+    W, H = 40000, 30000
+    path = make_slide((H, W))
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory() as d:
+        pyramid = DeepZoomTiles({"bench": DeepZoomSlide(str(path), W, H, 0.25)})  # geometry; opening time
+        t0 = time.perf_counter()
+        pyramid.tissue_rgb("bench", pyramid.zmax, 0, 0)
+        t_open = time.perf_counter() - t0
+        levels = pyramid._reader("bench").info.level_downsamples
+        base, proc = _serve_pyramid(path, W, H, Path(d) / "a")
+        rows, all_paths = [], {}
+        for z in range(pyramid.zmax + 1):
+            side = 256 * pyramid.downsample(z)
+            nx, ny = int(np.ceil(W / side)), int(np.ceil(H / side))
+            cells = rng.permutation(nx * ny)[:per_zoom]
+            all_paths[z] = [f"/dz/bench/tissue/{z}/{c % nx}/{c // nx}.jpg" for c in cells]
+        for z, paths in all_paths.items():
+            cold, _ = _fetch(base, paths, 1)
+            warm, _ = _fetch(base, paths, 1)
+            rows.append((z, pyramid.downsample(z), len(paths), cold, warm))
+        proc.kill()
+        # 8 browser-like clients on tiles not read yet (a fresh server and cache), then again
+        base2, proc2 = _serve_pyramid(path, W, H, Path(d) / "b")
+        mix = [p for z in sorted(all_paths) for p in all_paths[z]]
+        mix = [mix[i] for i in rng.permutation(len(mix))]
+        cold_c, cold_s = _fetch(base2, mix, clients)
+        warm_c, warm_s = _fetch(base2, mix, clients)
+        proc2.kill()
+    print(f"## Deep-zoom tile server ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)\n")
+    print(
+        f"Command: `.venv/bin/python benchmarks/bench_viz.py --deep-zoom --per-zoom {per_zoom} --clients {clients}`\n"
+    )
+    print(
+        f"Slide: {W} x {H} px JPEG pyramidal TIFF (level downsamples {', '.join(f'{x:g}' for x in levels)}), "
+        f"256-px tiles, zmax {pyramid.zmax}; opening it (once per slide and server, not in the figures below) "
+        f"took {t_open * 1e3:.0f} ms. Server and clients in separate processes.\n"
+    )
+    print("| zoom | level-0 px per tile px | tiles | cold p50 ms | cold p95 ms | warm p50 ms | warm p95 ms |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    q = lambda a, p: f"{np.percentile(a, p):.1f}"  # noqa: E731
+    for z, ds, n, cold, warm in rows:
+        print(f"| {z} | {ds:g} | {n} | {q(cold, 50)} | {q(cold, 95)} | {q(warm, 50)} | {q(warm, 95)} |")
+    cold = np.concatenate([r[3] for r in rows])
+    warm = np.concatenate([r[4] for r in rows])
+    print(f"| all | | {len(cold)} | {q(cold, 50)} | {q(cold, 95)} | {q(warm, 50)} | {q(warm, 95)} |")
+    print(
+        f"\n{clients} concurrent clients, {len(mix)} tiles of every zoom in random order: cold "
+        f"{len(mix) / cold_s:.0f} tiles/s (p95 {q(cold_c, 95)} ms), warm {len(mix) / warm_s:.0f} tiles/s "
+        f"(p95 {q(warm_c, 95)} ms)."
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--deep-zoom", action="store_true", help="benchmark the deep-zoom tile server instead")
+    ap.add_argument("--per-zoom", type=int, default=60, help="deep zoom: tiles requested per zoom level")
+    ap.add_argument("--clients", type=int, default=8, help="deep zoom: concurrent clients")
     a = ap.parse_args()
+    if a.deep_zoom:
+        return deep_zoom(a.per_zoom, a.clients)
     from playwright.sync_api import sync_playwright
 
     import viz

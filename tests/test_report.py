@@ -85,6 +85,9 @@ def test_text_reaching_html_is_escaped(reported):
     slide_pages = "".join(p.read_text() for p in (rep / "slides").glob("*.html"))
     assert "&lt;script&gt;alert(1)&lt;script&gt;.svs" in slide_pages  # the file name, shown as text
     assert "&lt;img src=x onerror=alert(2)&gt;" in slide_pages  # the site column
+    for p in (rep / "slides").glob("*.html"):  # each slide page says how to see it at full resolution
+        text = p.read_text()
+        assert f"wsi-explain serve {run_dir}" in text and f"pick <b>{p.stem}</b>" in text, p.name
     assert "benign &lt;b&gt;glands&lt;/b&gt;" in (rep / "clusters/cluster_0.html").read_text()
     page = (rep / "clusters/cluster_0.html").read_text()
     assert "Against reference maps" in page and "deletion_auc_constant" in page and "the random map (" in page

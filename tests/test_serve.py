@@ -191,3 +191,137 @@ def test_a_broken_run_gives_an_error_page_not_a_hang(audit_run, tmp_path):
     explorer_document(doc, run_dir, images=None)
     texts = [m.text for m in doc.roots[0].select({"type": Div})]
     assert any("The explorer could not be built" in t for t in texts), texts
+
+
+def test_deep_zoom_tiles_over_http(server):
+    """The pyramid's routes: JPEG tissue and PNG overlays, cached under the run; anything outside
+    the grid, the cohort or the stored methods is a 404 and reads nothing."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    url, run_dir, _ = server
+    tiles = pd.read_parquet(run_dir / "cohort/tiles.parquet")
+    sid = sorted(tiles.slide_id.unique())[0]
+    status, body = _get(f"{url}/dz/{sid}/tissue/0/0/0.jpg")
+    assert status == 200 and body[:2] == b"\xff\xd8"
+    assert Image.open(io.BytesIO(body)).size == (256, 256)
+    assert (run_dir / "cache/dz" / sid / "tissue/0/0_0.jpg").read_bytes() == body
+    status, heat = _get(f"{url}/dz/{sid}/heat/gradcam/1/0/0.png")
+    assert status == 200 and np.asarray(Image.open(io.BytesIO(heat))).shape == (256, 256, 4)
+    status, qc = _get(f"{url}/dz/{sid}/qc/1/0/0.png")
+    assert status == 200 and qc[:8] == b"\x89PNG\r\n\x1a\n"
+    for bad in (
+        f"/dz/{sid}/tissue/40/0/0.jpg",  # an absurd zoom
+        f"/dz/{sid}/tissue/99999999999/0/0.jpg",
+        f"/dz/{sid}/tissue/1/2/0.jpg",  # x beyond the grid of zoom 1
+        f"/dz/{sid}/tissue/0/-1/0.jpg",
+        f"/dz/{sid}/heat/..%2F..%2Fmanifest/0/0/0.png",
+        f"/dz/{sid}/heat/nomethod/0/0/0.png",
+        f"/dz/{sid}/other/0/0/0.png",
+        "/dz/..%2F..%2Fcohort/tissue/0/0/0.jpg",
+        "/dz/%2E%2E/tissue/0/0/0.jpg",
+        "/dz/unknown_slide/tissue/0/0/0.jpg",
+    ):
+        status, body = _get(url + bad)
+        assert status == 404, (bad, status)
+    assert not list((run_dir / "cache/dz").glob("unknown*")) and not (run_dir / "cache/dz/..").resolve().name == ""
+
+
+def _loaded(w, name: str) -> list[list[int]]:
+    """(x, y, z) of the tiles a tile renderer has loaded."""
+    return w.model(name, "Array.from(m.tile_source.tiles.values()).filter(t => t.loaded).map(t => t.tile_coords)")
+
+
+def _layer(w, label: str):
+    """The overlay switch called ``label`` (a checkbox's label, matched whole)."""
+    import re
+
+    return w.page.locator("label").filter(has_text=re.compile(f"^{re.escape(label)}$"))
+
+
+def test_deep_zoom_in_chromium(server, browser):
+    """Zoom to level 0 and back, switch overlays and their opacity, box-select at full resolution,
+    the raw view side by side, another slide: tiles load from the server, no error in the page."""
+    url, run_dir, _ = server
+    tiles = pd.read_parquet(run_dir / "cohort/tiles.parquet")
+    w = PageWatch(browser, viewport=(1800, 1400))
+    w.page.goto(url + "/explorer")
+    w.page.wait_for_function(
+        "() => window.Bokeh && Bokeh.documents.length > 0 && Bokeh.documents[0].get_model_by_name('dz_tissue')"
+    )
+    w.page.wait_for_function(
+        "() => Array.from(Bokeh.documents[0].get_model_by_name('dz_tissue').tile_source.tiles.values()).some(t => t.loaded)",
+        timeout=30000,
+    )
+    zmax = w.model("dz_tissue", "m.tile_source.max_zoom")
+    sid = w.model("slide_picker", "m.value")
+    t = tiles[tiles.slide_id == sid].iloc[len(tiles[tiles.slide_id == sid]) // 2]
+    cx, cy = float(t.x + t.size0 / 2), float(t.y + t.size0 / 2)
+    # level 0: a 300-px window around a tile's centre (y counts upwards: -y)
+    w.model(
+        "slide",
+        f"(m.x_range.setv({{start: {cx - 150}, end: {cx + 150}}}), m.y_range.setv({{start: {-cy - 150}, end: {-cy + 150}}}), 0)",
+    )
+    w.page.wait_for_function(
+        f"() => Array.from(Bokeh.documents[0].get_model_by_name('dz_tissue').tile_source.tiles.values()).some(t => t.loaded && t.tile_coords[2] === {zmax})",
+        timeout=30000,
+    )
+    assert f"zoom {zmax} of {zmax}" in w.model("dz_magnification", "m.text")
+    assert "µm per screen px" in w.model("dz_magnification", "m.text")
+    assert list((run_dir / "cache/dz" / sid / "tissue" / str(zmax)).glob("*.jpg"))
+    # the box select still links at full resolution: the tile under the view is selected
+    w.drag_select("slide", frac=(0.3, 0.3, 0.7, 0.7))
+    sel = w.model("tiles", "Array.from(m.selected.indices)")
+    assert int(t.name) in sel
+    assert w.model("slide_tiles", "m.data_source.selected.indices.length") == len(sel)
+    # overlays on (clicked), opacity changed
+    _layer(w, "heat map").click()
+    _layer(w, "QC: ink and blur").click()
+    assert w.model("dz_heat", "m.visible") and w.model("dz_qc", "m.visible")
+    for layer in ("dz_heat", "dz_qc"):
+        w.page.wait_for_function(
+            f"() => Array.from(Bokeh.documents[0].get_model_by_name('{layer}').tile_source.tiles.values()).some(t => t.loaded)",
+            timeout=30000,
+        )
+    assert list((run_dir / "cache/dz" / sid).glob("heat-*/*/*.png")) and list(
+        (run_dir / "cache/dz" / sid).glob("qc/*/*.png")
+    )
+    w.model("dz_alpha_heat", "(m.value = 0.8, 0)")
+    w.model("dz_alpha_tiles", "(m.value = 0.1, 0)")
+    assert (
+        w.model("dz_heat", "m.alpha") == 0.8
+        and w.model("slide_tiles", "m.glyph.fill_alpha.value ?? m.glyph.fill_alpha") == 0.1
+    )
+    methods = w.model("dz_method", "m.options")
+    w.model("dz_method", f"(m.value = {methods[-1]!r}, 0)")
+    assert w.model("dz_heat", "m.tile_source.extra_url_vars.method") == methods[-1]
+    _layer(w, "tile colours").click()
+    assert not w.model("slide_tiles", "m.visible")
+    # the raw tissue beside it, on the same ranges
+    w.page.locator("button", has_text="Raw tissue side by side").click()
+    assert w.model("dz_raw_view", "m.visible")
+    w.page.wait_for_function(
+        "() => Array.from(Bokeh.documents[0].get_model_by_name('dz_raw_tissue').tile_source.tiles.values()).some(t => t.loaded)",
+        timeout=30000,
+    )
+    assert w.model("dz_raw_view", "m.x_range.start") == w.model("slide", "m.x_range.start")
+    # back out to the whole slide: a coarse zoom
+    w.model("slide", "(m.x_range.setv({start: 0, end: 20000}), m.y_range.setv({start: -20000, end: 0}), 0)")
+    w.page.wait_for_timeout(1000)
+    text = w.model("dz_magnification", "m.text")
+    assert int(text.split("pyramid zoom ")[1].split(" ")[0]) <= zmax - 3, text
+    # another slide: every layer reads it
+    other = next(s for s in w.model("slide_picker", "m.options") if s != sid)
+    w.model("slide_picker", f"(m.value = {other!r}, 0)")
+    for name in ("dz_tissue", "dz_heat", "dz_qc", "dz_raw_tissue"):
+        assert w.model(name, "m.tile_source.extra_url_vars.slide") == other
+    w.page.wait_for_function(
+        "() => Array.from(Bokeh.documents[0].get_model_by_name('dz_tissue').tile_source.tiles.values()).some(t => t.loaded)",
+        timeout=30000,
+    )
+    w.page.wait_for_timeout(1000)
+    assert list((run_dir / "cache/dz" / other / "tissue").glob("*/*.jpg"))
+    assert w.errors == [] and w.dialogs == []
+    w.close()

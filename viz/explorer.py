@@ -77,7 +77,7 @@ _SLIDE_JS = """
 const s = slides[sel.value];
 filter.group = sel.value;
 img.data = {url: [s.url], x: [0], y: [0], w: [s.width], h: [s.height]};
-xr.start = 0; xr.end = s.width; yr.start = s.height; yr.end = 0;
+xr.start = 0; xr.end = s.width; yr.start = -s.height; yr.end = 0;
 source.change.emit();
 """
 
@@ -97,6 +97,7 @@ class ExplorerParts:
     slide_select: object
     method_select: object
     sort_select: object
+    zoom: object = None  #: viz.deepzoom.DeepZoomParts of a served explorer
 
 
 def _source_data(tiles: pd.DataFrame, colour_by: dict[str, str], names: dict[int, str], extra: tuple[str, ...]):
@@ -107,7 +108,7 @@ def _source_data(tiles: pd.DataFrame, colour_by: dict[str, str], names: dict[int
         "tile_id": tiles["tile_id"].to_numpy(np.int64),
         "cluster": tiles["cluster"].to_numpy(np.int64),
         "xc": (tiles["x"] + tiles["size0"] / 2).to_numpy(np.float64),
-        "yc": (tiles["y"] + tiles["size0"] / 2).to_numpy(np.float64),
+        "yc": -(tiles["y"] + tiles["size0"] / 2).to_numpy(np.float64),  # y counts upwards (tile sources)
         "size0": tiles["size0"].to_numpy(np.float64),
     }
     d["cname"] = np.array([names.get(int(c), "noise" if c < 0 else f"cluster {c}") for c in d["cluster"]], object)
@@ -139,6 +140,7 @@ def explorer_layout(
     table_columns: dict[str, str] | None = None,
     max_gallery: int = 48,
     webgl: bool = True,
+    deep_zoom: dict | None = None,
 ) -> ExplorerParts:
     """Build the linked explorer.
 
@@ -147,7 +149,8 @@ def explorer_layout(
     tiles : DataFrame, one row per tile: slide_id, tile_id, x, y, size0 (level-0 px), umap_x,
         umap_y, cluster, prob_pos and the columns named in ``colour_by``/``sort_by``; not modified.
     clusters : DataFrame, one row per cluster: cluster and the columns of ``table_columns``.
-    slides : slide_id -> {"url": thumbnail URL, "width", "height": level-0 size in px}.
+    slides : slide_id -> {"url": thumbnail URL, "width", "height": level-0 size in px}. The slide
+        panel's y axis counts upwards: a tile at level-0 row ``y`` is drawn at ``-y``.
     colour_by : menu label -> tiles column (categorical or continuous).
     thumb_template, full_template : URLs with ``{slide}``, ``{tile}``, ``{method}``: the gallery
         thumbnail (tile with the method's overlay) and the full-resolution view it links to.
@@ -158,6 +161,8 @@ def explorer_layout(
     hover_img : URL of the hover image with Bokeh ``@field`` placeholders (e.g.
         ``/tiles/@slide_id/@tile_id.png?size=96``); default: text only.
     table_columns : cluster-table column title -> clusters column.
+    deep_zoom : the served pyramid (see :func:`viz.deepzoom.add_deep_zoom`; ``slides`` then also
+        give each slide's "mpp"); default: the overview image.
     """
     from bokeh.layouts import column, row
     from bokeh.models import ColumnDataSource
@@ -171,7 +176,7 @@ def explorer_layout(
     backend = "webgl" if webgl else "canvas"
     tooltip = _tooltip("prob_pos" in data, hover_img)
     umap = _umap_figure(source, tooltip, backend)
-    slide, slide_select = _slide_view(source, slides, tooltip, backend)
+    slide, slide_select, zoom = _slide_view(source, slides, tooltip, backend, deep_zoom)
     colour_select = _colour_menu(source, colour_cols)
     gallery, method_select, sort_select = _gallery(
         source,
@@ -185,9 +190,23 @@ def explorer_layout(
     )
     csource, table = _cluster_table(clusters, source, names, table_columns or {"size": "size"})
     controls = row(colour_select, slide_select, method_select, sort_select)
-    layout = column(controls, row(umap, slide), table, gallery)
+    if zoom is None:
+        layout = column(controls, row(umap, slide), table, gallery)
+    else:
+        layout = column(controls, row(umap, slide, zoom.raw_view), zoom.controls, table, gallery)
     return ExplorerParts(
-        layout, source, csource, umap, slide, gallery, table, colour_select, slide_select, method_select, sort_select
+        layout,
+        source,
+        csource,
+        umap,
+        slide,
+        gallery,
+        table,
+        colour_select,
+        slide_select,
+        method_select,
+        sort_select,
+        zoom,
     )
 
 
@@ -231,16 +250,17 @@ def _umap_figure(source, tooltip: str, backend: str):
     return umap
 
 
-def _slide_view(source, slides: dict[str, dict], tooltip: str, backend: str):
-    """The slide panel (overview image, the slide's tiles as squares in level-0 px, box selection)
-    and the slide picker that swaps image, ranges and tile filter -> (figure, Select)."""
+def _slide_view(source, slides: dict[str, dict], tooltip: str, backend: str, deep_zoom: dict | None = None):
+    """The slide panel (the overview image, or the deep-zoom pyramid when ``deep_zoom`` is given,
+    under the slide's tiles as squares in level-0 px with box selection) and the slide picker that
+    swaps image, ranges and tile filter -> (figure, Select, DeepZoomParts or None)."""
     from bokeh.models import BoxSelectTool, CDSView, ColumnDataSource, CustomJS, GroupFilter, HoverTool, Range1d, Select
     from bokeh.plotting import figure
 
     sids = sorted(slides)
     s0 = slides[sids[0]]
     img_src = ColumnDataSource({"url": [s0["url"]], "x": [0], "y": [0], "w": [s0["width"]], "h": [s0["height"]]})
-    xr, yr = Range1d(0, s0["width"]), Range1d(s0["height"], 0)
+    xr, yr = Range1d(0, s0["width"]), Range1d(-s0["height"], 0)
     slide = figure(
         title="Slide",
         width=560,
@@ -252,7 +272,8 @@ def _slide_view(source, slides: dict[str, dict], tooltip: str, backend: str):
         match_aspect=True,
         name="slide",
     )
-    slide.image_url(url="url", x="x", y="y", w="w", h="h", anchor="top_left", source=img_src)
+    if deep_zoom is None:
+        slide.image_url(url="url", x="x", y="y", w="w", h="h", anchor="top_left", source=img_src)
     group = GroupFilter(column_name="slide_id", group=sids[0])
     r_slide = slide.rect(
         "xc",
@@ -263,7 +284,7 @@ def _slide_view(source, slides: dict[str, dict], tooltip: str, backend: str):
         view=CDSView(filter=group),
         fill_color="colour",
         line_color="colour",
-        fill_alpha=0.45,
+        fill_alpha=0.45 if deep_zoom is None else 0.3,
         line_alpha=0.8,
         name="slide_tiles",
     )
@@ -274,7 +295,12 @@ def _slide_view(source, slides: dict[str, dict], tooltip: str, backend: str):
     picker = Select(title="Slide", value=sids[0], options=sids, name="slide_picker")
     args = dict(slides={k: slides[k] for k in sids}, filter=group, img=img_src, xr=xr, yr=yr, sel=picker, source=source)
     picker.js_on_change("value", CustomJS(args=args, code=_SLIDE_JS))
-    return slide, picker
+    zoom = None
+    if deep_zoom is not None:
+        from .deepzoom import add_deep_zoom
+
+        zoom = add_deep_zoom(slide, picker, r_slide, slides, deep_zoom, backend=backend)
+    return slide, picker, zoom
 
 
 def _colour_menu(source, colour_cols: dict[str, str]):

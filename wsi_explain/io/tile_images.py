@@ -13,11 +13,11 @@ import pandas as pd
 
 from wsi_explain.core.atomic import atomic_write_bytes
 
-__all__ = ["TileImages", "TileImageError"]
+__all__ = ["TileImages", "TileImageError", "SAFE_ID"]
 
 logger = logging.getLogger(__name__)
 
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
 
 class TileImageError(LookupError):
@@ -53,7 +53,7 @@ class TileImages:
 
     def check(self, slide_id: str, tile_id: int) -> None:
         """Raise :class:`TileImageError` unless the tile is in the cohort (ids come from URLs)."""
-        if not isinstance(slide_id, str) or not _SAFE.match(slide_id) or slide_id not in self._tiles:
+        if not isinstance(slide_id, str) or not SAFE_ID.match(slide_id) or slide_id not in self._tiles:
             raise TileImageError(f"unknown slide {slide_id!r}")
         if int(tile_id) not in self._tiles[slide_id]:
             raise TileImageError(f"slide {slide_id}: unknown tile {tile_id}")
@@ -101,7 +101,7 @@ class TileImages:
         from viz.overlay import cam_overlay, tile_strip, to_jpeg, to_png
 
         self.check(slide_id, tile_id)
-        if method != "none" and method != "all" and (not _SAFE.match(method) or method not in self.methods(slide_id)):
+        if method != "none" and method != "all" and (not SAFE_ID.match(method) or method not in self.methods(slide_id)):
             raise TileImageError(f"unknown method {method!r}")
         size = int(size)
         if not 0 <= size <= 1024:

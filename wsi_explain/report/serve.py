@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["make_server", "explorer_document"]
+__all__ = ["make_server", "explorer_document", "deep_zoom_sources", "deep_zoom_handler", "DEEP_ZOOM_ROUTE"]
 
 logger = logging.getLogger(__name__)
+
+#: the deep-zoom route: slide, layer, heat-map method (optional), zoom, x, y
+DEEP_ZOOM_ROUTE = r"/dz/([^/]+)/(tissue|qc|heat)/(?:([^/]+)/)?(\d+)/(\d+)/(\d+)\.(?:jpg|png)"
 
 
 def _tile_handler():
@@ -40,6 +44,37 @@ def _tile_handler():
             self.write(data)
 
     return TileHandler
+
+
+def deep_zoom_handler():
+    """``/dz/<slide>/<layer>/<z>/<x>/<y>.<ext>``: tissue JPEGs and heat-map / QC PNGs of the deep-zoom
+    pyramid, cut in a thread pool (the server keeps answering while tiles are read)."""
+    from tornado.ioloop import IOLoop
+    from tornado.web import HTTPError, RequestHandler
+
+    from wsi_explain.io.tile_images import TileImageError
+
+    class DeepZoomHandler(RequestHandler):
+        def initialize(self, pyramid, overlays, pool) -> None:
+            self.pyramid, self.overlays, self.pool = pyramid, overlays, pool
+
+        def _tile(self, sid: str, layer: str, method: str, z: str, x: str, y: str) -> bytes:
+            if max(len(z), len(x), len(y)) > 6:
+                raise TileImageError("tile coordinates out of range")
+            if layer == "tissue":
+                return self.pyramid.tissue(sid, int(z), int(x), int(y))
+            return self.overlays.tile(layer, sid, int(z), int(x), int(y), method=method)
+
+        async def get(self, sid: str, layer: str, method: str | None, z: str, x: str, y: str) -> None:
+            try:
+                data = await IOLoop.current().run_in_executor(self.pool, self._tile, sid, layer, method or "", z, x, y)
+            except (TileImageError, ValueError) as exc:
+                raise HTTPError(404, reason="not found") from exc
+            self.set_header("Content-Type", "image/jpeg" if data[:2] == b"\xff\xd8" else "image/png")
+            self.set_header("Cache-Control", "max-age=3600")
+            self.write(data)
+
+    return DeepZoomHandler
 
 
 def _load(run_path: Path) -> dict:
@@ -73,8 +108,21 @@ def _load(run_path: Path) -> dict:
     }
 
 
-def _explorer_parts(d: dict, run_path: Path, images):
-    """The linked explorer of the run's data ``d`` (tiles served by this server's routes)."""
+def _deep_zoom_spec(pyramid, methods: list[str]) -> dict:
+    """The deep-zoom pyramid as the explorer's slide panel sees it (URLs of this server's routes)."""
+    return {
+        "zmax": pyramid.zmax,
+        "tile_px": pyramid.tile_px,
+        "tissue_url": "/dz/{slide}/tissue/{Z}/{X}/{Y}.jpg",
+        "heat_url": "/dz/{slide}/heat/{method}/{Z}/{X}/{Y}.png",
+        "qc_url": "/dz/{slide}/qc/{Z}/{X}/{Y}.png",
+        "methods": methods,
+    }
+
+
+def _explorer_parts(d: dict, run_path: Path, images, pyramid=None):
+    """The linked explorer of the run's data ``d`` (tiles served by this server's routes; the slide
+    panel zooms to level 0 when ``pyramid`` is given)."""
     import viz
     from wsi_explain.report.explorer_inputs import cluster_table, colour_options, with_errors
 
@@ -94,10 +142,18 @@ def _explorer_parts(d: dict, run_path: Path, images):
     sort_by = {"membership": "membership", "confidence": "confidence", "probability": "prob_pos"}
     if "cam_off_tissue" in tiles.columns:
         sort_by["attribution off tissue"] = "cam_off_tissue"
+    slides, zoom = d["slides"], None
+    if pyramid is not None:
+        slides = {
+            k: {**v, "mpp": pyramid.slides[k].mpp, "problem": viz.escape(pyramid.problem(k) or "")}
+            for k, v in slides.items()
+        }
+        zoom = _deep_zoom_spec(pyramid, methods)
     return viz.explorer_layout(
         tiles,
         clusters,
-        slides=d["slides"],
+        slides=slides,
+        deep_zoom=zoom,
         colour_by=colour_by,
         thumb_template="/tiles/{slide}/{tile}.png?method={method}&size=96",
         full_template="/tiles/{slide}/{tile}.png?method=all&size=0",
@@ -171,8 +227,9 @@ def _naming_panel(d: dict, run_path: Path, parts):
     return row(pick, name_in, comment_in, verdict_in, column(Div(text=""), save)), status
 
 
-def explorer_document(doc, run_path: Path, images) -> None:
-    """Fill a Bokeh document with the explorer of a run, plus "find similar" and cluster naming."""
+def explorer_document(doc, run_path: Path, images, *, pyramid=None) -> None:
+    """Fill a Bokeh document with the explorer of a run, plus "find similar" and cluster naming
+    (with deep zoom over ``pyramid``, a :class:`~wsi_explain.io.deepzoom.DeepZoomTiles`)."""
     from bokeh.layouts import column
     from bokeh.models import Div
 
@@ -183,7 +240,7 @@ def explorer_document(doc, run_path: Path, images) -> None:
     doc.title = "wsi-explain explorer"
     try:
         d = _load(run_path)
-        parts = _explorer_parts(d, run_path, images)
+        parts = _explorer_parts(d, run_path, images, pyramid)
         naming, status = _naming_panel(d, run_path, parts)
         similar, similar_status = similar_panel(parts, run_path, d)
     except Exception as exc:  # the page says what went wrong instead of leaving the browser waiting
@@ -192,6 +249,16 @@ def explorer_document(doc, run_path: Path, images) -> None:
         doc.add_root(column(title, Div(text=f"<p>The explorer could not be built: {viz.escape(msg)}</p>")))
         return
     doc.add_root(column(title, parts.layout, similar, similar_status, naming, status))
+
+
+def deep_zoom_sources(run_path: Path, slide_ids: list[str]):
+    """The run's deep-zoom pyramid and overlay layers -> (DeepZoomTiles, OverlayTiles)."""
+    from wsi_explain.io.deepzoom import DeepZoomTiles
+    from wsi_explain.io.deepzoom_layers import OverlayTiles
+
+    pyramid = DeepZoomTiles.from_run(run_path, slide_ids)
+    tiles = pd.read_parquet(run_path / "cohort" / "tiles.parquet")
+    return pyramid, OverlayTiles(run_path, pyramid, tiles)
 
 
 def make_server(
@@ -210,6 +277,8 @@ def make_server(
     if not (run_path / "cohort" / "tiles.parquet").exists():
         raise WsiExplainError(f"{run_path}: not clustered; run `wsi-explain cluster` first")
     images = TileImages(run_path)
+    pyramid, overlays = deep_zoom_sources(run_path, images.slide_ids)
+    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="wsi-explain-dz")
     overviews = {sid: run_path / "slides" / sid for sid in images.slide_ids}
 
     class OverviewHandler(RequestHandler):
@@ -221,7 +290,7 @@ def make_server(
             self.set_header("Content-Type", "image/png")
             self.write(p.read_bytes())
 
-    app = Application(FunctionHandler(lambda doc: explorer_document(doc, run_path, images)))
+    app = Application(FunctionHandler(lambda doc: explorer_document(doc, run_path, images, pyramid=pyramid)))
     origins = allow_origin or [f"{address}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"]
     return Server(
         {"/explorer": app},
@@ -231,5 +300,10 @@ def make_server(
         extra_patterns=[
             (r"/tiles/([^/]+)/(\d+)\.png", _tile_handler(), {"images": images}),
             (r"/overview/([^/]+)\.png", OverviewHandler),
+            (
+                DEEP_ZOOM_ROUTE,
+                deep_zoom_handler(),
+                {"pyramid": pyramid, "overlays": overlays, "pool": pool},
+            ),
         ],
     )

@@ -124,6 +124,8 @@ def slide_page(ctx: ReportContext, sid: str) -> Path:
         static="../static",
         home="../",
         file=Path(meta.get("slide_path", sid)).name,
+        slide_id=sid,
+        run_dir=str(ctx.run.path),
         n_tiles=len(g),
         width=info["width"],
         height=info["height"],
