@@ -270,6 +270,14 @@ def test_deep_zoom_in_chromium(server, browser):
     )
     assert f"zoom {zmax} of {zmax}" in w.model("dz_magnification", "m.text")
     assert "µm per screen px" in w.model("dz_magnification", "m.text")
+    # the scale bar reads µm: its range is the view's level-0 px times the slide's µm per px
+    mpp = json.loads(
+        __import__("pyarrow.parquet")
+        .parquet.read_schema(run_dir / "slides" / sid / "tiles.parquet")
+        .metadata[b"wsi_explain"]
+    )["level0_mpp"]
+    span_um = w.model("dz_scale_bar", "m.range.end - m.range.start")
+    assert w.model("dz_scale_bar", "m.visible") and span_um == pytest.approx(300 * mpp, rel=0.05)
     assert list((run_dir / "cache/dz" / sid / "tissue" / str(zmax)).glob("*.jpg"))
     # the box select still links at full resolution: the tile under the view is selected
     w.drag_select("slide", frac=(0.3, 0.3, 0.7, 0.7))
