@@ -50,3 +50,50 @@ def test_demo_runs_finds_the_ink_shortcut_and_rerun_is_a_noop(demo_run):
     res2 = subprocess.run(cmd, capture_output=True, text=True)
     assert res2.returncode == 0 and res2.stdout.count("skipped") >= 7
     assert (run / "cohort/tiles.parquet").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_run_with_a_mil_head_on_the_demo(demo_run, tmp_path):
+    """`wsi-explain run --mil-head` on the demo cohort, with a tiny ABMIL fitted here on the demo's
+    own stored embeddings and slide labels: relevance in every slide's store, the MIL tables, the
+    report's section on what the slide decisions rest on, the explorer's colour menu by attention
+    and relevance; the stages already done are not redone."""
+    import sys
+
+    import numpy as np
+    import torch
+    import zarr
+
+    from tests.conftest import copy_run
+    from wsi_explain.explain.mil import fit_mil_head
+
+    run_dir, proc, _ = demo_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = copy_run(run_dir, tmp_path / "run")
+    tiles = pd.read_parquet(run / "cohort/tiles.parquet")
+    sids = sorted(tiles.slide_id.unique())
+    bags = [
+        np.asarray(zarr.open_group(str(run / "slides" / s / "features.zarr"), mode="r")["embeddings"][:]) for s in sids
+    ]
+    labels = [int(tiles.loc[tiles.slide_id == s, "label"].iloc[0]) for s in sids]
+    head = fit_mil_head(bags, labels, epochs=20, seed=0)
+    torch.save(head.head.state_dict(), tmp_path / "abmil.pt")
+    extract_end = json.loads((run / "manifest.json").read_text())["stages"]["extract"]["slides"][sids[0]]["end"]
+    cmd = [sys.executable, "-m", "wsi_explain.cli", "run", "--slides", str(run / "demo_slides"), "--out", str(run)]
+    cmd += ["--stages", "report", "--mil-head", "abmil", "--mil-weights", str(tmp_path / "abmil.pt")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = " ".join(res.stdout.split())
+    assert f"MIL head abmil on {len(sids)} slides" in out and "cohort AUC of the head: 1.000" in out
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["extract"]["slides"][sids[0]]["end"] == extract_end  # not redone
+    assert manifest["stages"]["mil"]["slides"]["cohort"]["status"] == "done"
+    for s in sids:
+        g = zarr.open_group(str(run / "slides" / s / "features.zarr"), mode="r")["mil"]
+        assert np.isfinite(np.asarray(g["integrated_gradients"][:])).any()
+    for f in ("mil_slides", "mil_clusters", "mil_counterfactuals", "mil_tiles"):
+        assert len(pd.read_parquet(run / f"cohort/{f}.parquet"))
+    index = (run / "report/index.html").read_text()
+    assert "Slide decisions: what the MIL head rests on" in index and "rest most on" in index
+    assert "max |Δ slide probability| when removed" in index
+    assert "MIL attention (1 = uniform)" in index and "MIL relevance (Integrated Gradients)" in index

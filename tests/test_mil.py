@@ -179,3 +179,68 @@ def test_mil_stage_on_the_audit_run(audit_run, tmp_path):
     assert bad.returncode == 2 and "weights do not fit" in " ".join(bad.stderr.split())
     bad = subprocess.run(cli + ["--head", "transmil"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown MIL head 'transmil'" in " ".join(bad.stderr.split())
+
+
+def test_fit_mil_head_learns_a_planted_instance_and_is_seeded():
+    """Positive bags hold a few tiles of a planted direction: the fitted ABMIL separates the bags
+    and attends to the planted tiles; the same seed gives the same weights."""
+    from wsi_explain.explain.mil import fit_mil_head
+
+    rng = np.random.default_rng(0)
+    plant = rng.normal(0, 1, 32).astype(np.float32)
+    bags, labels = [], []
+    for i in range(12):
+        b = rng.normal(0, 1, (40, 32)).astype(np.float32)
+        if i % 2:
+            b[:3] += 3 * plant
+        bags.append(b)
+        labels.append(i % 2)
+    m = fit_mil_head(bags, labels, epochs=30, seed=1)
+    with torch.no_grad():
+        p = [float(torch.softmax(m(torch.from_numpy(b)), 0)[1]) for b in bags]
+        m(torch.from_numpy(bags[1]))
+        att = m.attention.numpy()
+    assert all(pi > 0.9 for pi in p[1::2]) and all(pi < 0.1 for pi in p[::2])
+    assert set(np.argsort(-att)[:3]) == {0, 1, 2}  # the planted tiles get the most attention
+    m2 = fit_mil_head(bags, labels, epochs=30, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+    with pytest.raises(Exception, match="2 bags for 1 labels"):
+        fit_mil_head(bags[:2], labels[:1])
+
+
+def test_qwk_with_isup_grades_before_and_without_each_cluster(audit_run, tmp_path):
+    """A 4-class head and ISUP grades in the cohort table: the summary's quadratic-weighted kappa is
+    scikit-learn's on the slides' predicted classes, before and with each cluster removed; the
+    per-tile table for the explorer has every clustered tile."""
+    import json
+
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sklearn.metrics import cohen_kappa_score
+
+    from tests.conftest import copy_run
+    from wsi_explain import RunFolder
+    from wsi_explain.core.config import MilConfig
+    from wsi_explain.stages.mil import run_mil_stage
+
+    run = copy_run(audit_run, tmp_path / "run")
+    src = run / "cohort/tiles.parquet"
+    table = pq.read_table(src)
+    tiles = table.to_pandas()
+    sids = sorted(tiles.slide_id.unique())
+    tiles["isup"] = tiles["slide_id"].map({sids[0]: 0, sids[1]: 3})
+    pq.write_table(
+        pa.Table.from_pandas(tiles, preserve_index=False).replace_schema_metadata(table.schema.metadata), src
+    )
+    with RunFolder(run) as rf:
+        s = run_mil_stage(rf, MilConfig(head="abmil", n_classes=4, target=3, loo_sample=8))
+    slides = pd.read_parquet(run / "cohort/mil_slides.parquet").set_index("slide_id")
+    grades = pd.Series({sids[0]: 0, sids[1]: 3})
+    want = cohen_kappa_score(grades[slides.index], slides["pred"], weights="quadratic")
+    assert s["qwk_before"] == pytest.approx(want) and set(slides["pred"]) <= {0, 1, 2, 3}
+    assert set(s["qwk_without_cluster"]) == {str(c) for c in tiles.cluster.unique() if c >= 0}
+    assert json.loads((run / "cohort/mil.json").read_text())["qwk_before"] == pytest.approx(want)
+    per_tile = pd.read_parquet(run / "cohort/mil_tiles.parquet")
+    assert len(per_tile) == len(tiles) and per_tile["mil_ig"].notna().all()
+    assert per_tile.groupby("slide_id")["mil_attention"].mean().to_numpy() == pytest.approx(1.0, abs=0.05)

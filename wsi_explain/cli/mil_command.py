@@ -54,7 +54,18 @@ def mil(
     require_run(run)
     console = Console()
     with open_run(run) as rf, exits_on_error():
-        s = run_mil_stage(rf, cfg)
+        run_mil_stage(rf, cfg)
+    print_mil(run, console)
+
+
+def print_mil(run: Path, console) -> None:
+    """The MIL summary of a run (``cohort/mil.json``): faithfulness per relevance kind, AUC, QWK."""
+    import json
+
+    p = Path(run) / "cohort" / "mil.json"
+    if not p.exists():
+        return
+    s = json.loads(p.read_text())
     f = s["faithfulness"]
     console.print(
         f"MIL head {s['head']} on {s['n_slides']} slides; agreement with leave-one-out (mean Spearman per slide): "
@@ -63,3 +74,5 @@ def mil(
     )
     if "auc_before" in s:
         console.print(f"cohort AUC of the head: {s['auc_before']:.3f}", highlight=False)
+    if "qwk_before" in s:
+        console.print(f"quadratic-weighted kappa with the ISUP grades: {s['qwk_before']:.3f}", highlight=False)

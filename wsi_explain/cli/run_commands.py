@@ -134,6 +134,10 @@ def _print_run_summary(res, cfg, console) -> None:
         from wsi_explain.cli.selftest_command import print_selftest
 
         print_selftest(res.run, console)
+    if cfg.mil is not None:
+        from wsi_explain.cli.mil_command import print_mil
+
+        print_mil(res.run, console)
     if res.report:
         console.print(f"report: {res.report}")
     console.print(f"run folder: {res.run.resolve()}  (wsi-explain status {res.run})")
@@ -167,9 +171,16 @@ def run_cmd(
     selftest: bool = typer.Option(
         False, help="Also run the self-test (planted shortcuts; or a selftest: section in the run config)."
     ),
+    mil_head: str | None = typer.Option(
+        None, help="Also explain a slide-level MIL head: abmil, gated_abmil, clam_sb, pkg.module:factory or a file."
+    ),
+    mil_weights: str | None = typer.Option(None, help="State dict of the MIL head."),
+    mil_classes: int | None = typer.Option(None, help="Classes of the MIL head (default 2)."),
+    mil_target: int | None = typer.Option(None, help="Class of the MIL head whose logit is explained (default 1)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """The whole audit: tile, extract, cluster, score and report, skipping what is already done."""
+    """The whole audit: tile, extract, cluster, score and report, skipping what is already done
+    (with --selftest and --mil-head, also the self-test and a MIL head, before the report)."""
     setup_logging(verbose)
     from rich.console import Console
 
@@ -201,6 +212,10 @@ def run_cmd(
     doc["score"] = section(doc.get("score") or {}, per_cluster=per_cluster)
     if selftest or ("selftest" in doc and doc["selftest"] is None):  # a bare `selftest:` in the YAML
         doc["selftest"] = doc.get("selftest") or {}
+    if mil_head or doc.get("mil"):
+        doc["mil"] = section(
+            doc.get("mil") or {}, head=mil_head, weights=mil_weights, n_classes=mil_classes, target=mil_target
+        )
     if not doc.get("slides") or not doc.get("out"):
         fail("give --slides and --out (or a run config with slides: and out:)")
     cfg = make_config(PipelineConfig, "run", **doc)

@@ -24,7 +24,7 @@ from torch import nn
 
 from wsi_explain.explain.card import ModelError
 
-__all__ = ["MIL_HEADS", "ABMIL", "MilModel", "load_mil_head"]
+__all__ = ["MIL_HEADS", "ABMIL", "MilModel", "load_mil_head", "fit_mil_head"]
 
 
 class ABMIL(nn.Module):
@@ -151,3 +151,45 @@ def load_mil_head(
     if k != n_classes:
         raise ModelError(f"MIL head {spec}: gives {k} logits for {n_classes} classes")
     return model
+
+
+def fit_mil_head(
+    bags: list,
+    labels,
+    *,
+    head: str = "abmil",
+    n_classes: int = 2,
+    epochs: int = 40,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> MilModel:
+    """Fit a built-in head on bags with slide labels (Adam, cross-entropy, one bag per step, seeded):
+    a small helper to try the MIL audit on a cohort that has no trained head, not a training recipe.
+
+    Parameters
+    ----------
+    bags : list of (N_i, D) float32 arrays (a slide's tile embeddings each).
+    labels : (n_slides,) int class per bag.
+
+    Returns
+    -------
+    MilModel in eval mode; ``model.head.state_dict()`` is what ``--mil-weights`` loads.
+    """
+    import numpy as np
+
+    if len(bags) != len(labels) or not len(bags):
+        raise ModelError(f"{len(bags)} bags for {len(labels)} labels")
+    dim = int(np.asarray(bags[0]).shape[1])
+    model = load_mil_head(head, in_dim=dim, n_classes=n_classes)
+    xs = [torch.from_numpy(np.ascontiguousarray(b, np.float32)) for b in bags]
+    ys = torch.as_tensor(np.asarray(labels, np.int64))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        for i in torch.randperm(len(xs), generator=gen).tolist():
+            loss = nn.functional.cross_entropy(model(xs[i])[None], ys[i : i + 1])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()

@@ -18,7 +18,8 @@ import viz
 from wsi_explain.core.metric_info import metric_info
 from wsi_explain.core.run import RunFolder, now_iso
 from wsi_explain.report.card import cluster_card
-from wsi_explain.report.explorer_inputs import cluster_table, colour_options, with_errors
+from wsi_explain.report.explorer_inputs import cluster_table, colour_options, with_errors, with_mil
+from wsi_explain.report.mil_section import mil_section
 from wsi_explain.report.pages import fragment, render
 
 __all__ = ["ReportContext", "index_page", "cluster_page", "slide_overview", "failures"]
@@ -37,7 +38,7 @@ class ReportContext:
 
         cdir = run.path / "cohort"
         self.run, self.out, self.thumb_px = run, out, thumb_px
-        self.tiles = pd.read_parquet(cdir / "tiles.parquet")
+        self.tiles = with_mil(pd.read_parquet(cdir / "tiles.parquet"), run.path)
         meta = json.loads(pq.read_schema(cdir / "tiles.parquet").metadata[b"wsi_explain"])
         self.cam = meta.get("cam_method") or "gradcam"
         self.class_names = meta.get("class_names") or []
@@ -286,6 +287,7 @@ def index_page(ctx: ReportContext, failed: list[dict]) -> Path:
         spread_keys=_spread(ctx, plots),
         removal_table=_removal(ctx, plots),
         verdict_effect=ctx.verdict_effect,
+        mil=mil_section(ctx.run.path, ctx.cname),
         concepts=_concepts(ctx),
         slides=slides,
         failures_table=fragment(viz.table_html(pd.DataFrame(failed))) if failed else None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-__all__ = ["colour_options", "cluster_table", "with_errors"]
+__all__ = ["colour_options", "cluster_table", "with_errors", "with_mil"]
 
 #: menu label -> tile column, offered when the column exists and has values
 _OPTIONAL = (
@@ -25,7 +25,23 @@ _OPTIONAL = (
     ("E staining strength (p90)", "e_p90"),
     ("H:E balance (p10 of ln H/E)", "he_p10"),
     ("brightness", "brightness"),
+    ("MIL attention (1 = uniform)", "mil_attention"),
+    ("MIL relevance (Integrated Gradients)", "mil_ig"),
+    ("MIL relevance (gradient x input)", "mil_grad_x_input"),
 )
+
+
+def with_mil(tiles: pd.DataFrame, run_path) -> pd.DataFrame:
+    """The tiles with the MIL head's per-tile attention and relevance (``cohort/mil_tiles.parquet``
+    of ``wsi-explain mil``), when the run has them; the input is not modified."""
+    from pathlib import Path
+
+    p = Path(run_path) / "cohort" / "mil_tiles.parquet"
+    if not p.exists():
+        return tiles
+    mil = pd.read_parquet(p)
+    keep = [c for c in mil.columns if c.startswith("mil_") and c not in tiles.columns]
+    return tiles.merge(mil[["slide_id", "tile_id", *keep]], on=["slide_id", "tile_id"], how="left")
 
 
 def with_errors(tiles: pd.DataFrame, *, threshold: float = 0.5) -> pd.DataFrame:

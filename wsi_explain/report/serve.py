@@ -84,7 +84,9 @@ def _load(run_path: Path) -> dict:
     from wsi_explain.report.names import read_cluster_names
 
     cdir = run_path / "cohort"
-    tiles = pd.read_parquet(cdir / "tiles.parquet")
+    from wsi_explain.report.explorer_inputs import with_mil
+
+    tiles = with_mil(pd.read_parquet(cdir / "tiles.parquet"), run_path)
     meta = json.loads(pq.read_schema(cdir / "tiles.parquet").metadata[b"wsi_explain"])
     if (cdir / "tile_metrics.parquet").exists():
         tm = pd.read_parquet(cdir / "tile_metrics.parquet")

@@ -9,14 +9,19 @@ sample) of the target class's logit (:mod:`wsi_explain.explain.mil_relevance`).
 
 Cohort tables in ``RUN/cohort/``:
 
-- ``mil_slides.parquet``: per slide its probability of the target class, the IG completeness gap and
-  each relevance kind's Spearman with leave-one-out (faithfulness, over the sampled tiles);
+- ``mil_slides.parquet``: per slide its probability of the target class, its predicted class, the IG
+  completeness gap and each relevance kind's Spearman with leave-one-out (faithfulness, over the
+  sampled tiles);
+- ``mil_tiles.parquet``: per clustered tile its relative attention, gradient x input, IG and
+  leave-one-out (what the explorer colours by);
 - ``mil_clusters.parquet``: per cluster the mean relative attention (``N * softmax``: 1 = uniform),
   mean gradient x input and IG, and the cluster-removal effect through the head;
 - ``mil_counterfactuals.parquet``: bags changed and re-scored: each cluster's tiles removed from
   every bag (an emptied bag is reported, not scored), the top ``topk_share`` most relevant tiles
   removed, and ``add_tiles`` tiles of a cluster from other slides added to each negative bag;
-  with slide labels, the cohort AUC before and after in ``cohort/mil.json``.
+  with slide labels, the cohort AUC before and after each cluster's removal in ``cohort/mil.json``;
+  with ISUP grades (an ``isup`` or ``isup_grade`` column of the cohort CSV), the quadratic-weighted
+  kappa of the head's predicted class against them, before and after.
 """
 
 from __future__ import annotations
@@ -56,13 +61,19 @@ def _bags(run: RunFolder) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _prob(model, bag: np.ndarray, target: int) -> float:
+def _score(model, bag: np.ndarray, target: int) -> tuple[float, int]:
+    """(probability of ``target``, predicted class) of a bag; (NaN, -1) for an empty bag."""
     import torch
 
     if len(bag) == 0:
-        return float("nan")
+        return float("nan"), -1
     with torch.no_grad():
-        return float(torch.softmax(model(torch.from_numpy(np.ascontiguousarray(bag))), 0)[target])
+        p = torch.softmax(model(torch.from_numpy(np.ascontiguousarray(bag))), 0)
+    return float(p[target]), int(p.argmax())
+
+
+def _prob(model, bag: np.ndarray, target: int) -> float:
+    return _score(model, bag, target)[0]
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -95,7 +106,8 @@ def _slide(run: RunFolder, sid: str, model, emb: np.ndarray, ok: np.ndarray, cfg
     for k, v in full.items():
         grp.create_array(k, data=v, overwrite=True)
     grp.attrs.update({"head": cfg.head, "target": cfg.target, "baseline": cfg.baseline, "ig_gap": gap})
-    row = {"slide_id": sid, "n_tiles": int(ok.sum()), "prob": _prob(model, bag, cfg.target), "ig_gap": gap}
+    prob, pred = _score(model, bag, cfg.target)
+    row = {"slide_id": sid, "n_tiles": int(ok.sum()), "prob": prob, "pred": pred, "ig_gap": gap}
     loo = full["leave_one_out"]
     for k in KINDS:
         row[f"spearman_{k}"] = _spearman(full[k], loo)
@@ -120,12 +132,13 @@ def _counterfactuals(model, bags: dict, rel: dict, tiles: pd.DataFrame, cfg: Mil
             if (cl[ok] == c).any():
                 keep = ok & (cl != c)
                 note = "" if keep.any() else "the bag is empty without this cluster"
-                rows.append(("remove_cluster", c, sid, before, _prob(model, emb[keep], cfg.target), note))
+                after, pred = _score(model, emb[keep], cfg.target)
+                rows.append(("remove_cluster", c, sid, before, after, note, pred))
         ig = rel[sid]["integrated_gradients"]
         top = np.argsort(-np.where(ok, ig, -np.inf))[: max(1, int(round(cfg.topk_share * ok.sum())))]
         keep = ok.copy()
         keep[top] = False
-        rows.append(("remove_top_relevant", -1, sid, before, _prob(model, emb[keep], cfg.target), ""))
+        rows.append(("remove_top_relevant", -1, sid, before, *_score(model, emb[keep], cfg.target)[:1], "", -1))
         if labels.get(sid, np.nan) != 0:
             continue
         for c in clusters:  # a cluster's tiles from the other slides, added to this negative bag
@@ -134,8 +147,9 @@ def _counterfactuals(model, bags: dict, rel: dict, tiles: pd.DataFrame, cfg: Mil
             if len(pool):
                 add = pool[rng.choice(len(pool), min(cfg.add_tiles, len(pool)), replace=False)]
                 after = _prob(model, np.concatenate([emb[ok], add]), cfg.target)
-                rows.append(("add_cluster_to_negative", c, sid, before, after, f"{len(add)} tiles added"))
-    out = pd.DataFrame(rows, columns=["kind", "cluster", "slide_id", "prob_before", "prob_after", "note"])
+                rows.append(("add_cluster_to_negative", c, sid, before, after, f"{len(add)} tiles added", -1))
+    cols = ["kind", "cluster", "slide_id", "prob_before", "prob_after", "note", "pred_after"]
+    out = pd.DataFrame(rows, columns=cols)
     out["d_prob"] = out["prob_after"] - out["prob_before"]
     return out
 
@@ -153,6 +167,68 @@ def _cluster_table(tiles: pd.DataFrame, rel: dict, cf: pd.DataFrame) -> pd.DataF
     table = df.groupby("cluster")[list(KINDS)].mean().add_prefix("mean_").reset_index()
     rem = cf[cf["kind"] == "remove_cluster"].groupby("cluster")["d_prob"].agg(lambda s: s.abs().max())
     return table.merge(rem.rename("max_abs_d_prob_removed").reset_index(), on="cluster", how="left")
+
+
+def _tile_table(tiles: pd.DataFrame, rel: dict) -> pd.DataFrame:
+    """Per clustered tile: attention relative to uniform (``N * softmax``, 1 = average), gradient x
+    input, Integrated Gradients and leave-one-out (NaN where not computed), for the explorer."""
+    parts = []
+    for sid, r in rel.items():
+        t = tiles.loc[tiles["slide_id"] == sid, ["slide_id", "tile_id"]].copy()
+        ids = t["tile_id"].to_numpy()
+        n = np.isfinite(r["integrated_gradients"]).sum()
+        t["mil_attention"] = r["attention"][ids] * n
+        t["mil_grad_x_input"] = r["grad_x_input"][ids]
+        t["mil_ig"] = r["integrated_gradients"][ids]
+        t["mil_leave_one_out"] = r["leave_one_out"][ids]
+        parts.append(t)
+    return pd.concat(parts, ignore_index=True)
+
+
+def _grades(tiles: pd.DataFrame) -> pd.Series | None:
+    """Per-slide ISUP grade (an ``isup`` or ``isup_grade`` column of the cohort), or None."""
+    col = next((c for c in ("isup", "isup_grade") if c in tiles.columns), None)
+    if col is None:
+        return None
+    g = pd.to_numeric(tiles.groupby("slide_id")[col].first(), errors="coerce").dropna()
+    return g.astype(int) if len(g) >= 2 else None
+
+
+def _qwk(grades: pd.Series, pred: pd.Series) -> float:
+    """Quadratic-weighted kappa of ISUP grades and predicted classes on the slides with both."""
+    from sklearn.metrics import cohen_kappa_score
+
+    both = pd.concat([grades, pred], axis=1, join="inner").dropna()
+    both = both[both.iloc[:, 1] >= 0]
+    if len(both) < 2 or both.iloc[:, 0].nunique() < 2:
+        return float("nan")
+    return float(cohen_kappa_score(both.iloc[:, 0].astype(int), both.iloc[:, 1].astype(int), weights="quadratic"))
+
+
+def _summary(slides: pd.DataFrame, cf: pd.DataFrame, tiles: pd.DataFrame, cfg: MilConfig) -> dict:
+    """Cohort AUC (slide labels) and QWK (ISUP grades) of the head, before and without each cluster."""
+    from wsi_explain.metrics.removal import _auc, slide_labels
+
+    summary = {"head": cfg.head, "target": cfg.target, "n_slides": len(slides)}
+    removed = cf[cf["kind"] == "remove_cluster"]
+    labels = slide_labels(tiles)
+    if labels is not None:
+        before = slides.set_index("slide_id")["prob"]
+        summary["auc_before"] = _auc(labels.reindex(before.index), before)
+        for c, g in removed.groupby("cluster"):
+            after = before.copy()
+            after[g["slide_id"].to_numpy()] = g["prob_after"].to_numpy()
+            summary.setdefault("auc_without_cluster", {})[str(int(c))] = _auc(labels.reindex(after.index), after)
+    grades = _grades(tiles)
+    if grades is not None:
+        pred = slides.set_index("slide_id")["pred"]
+        summary["qwk_before"] = _qwk(grades, pred)
+        for c, g in removed.groupby("cluster"):
+            after = pred.copy()
+            after[g["slide_id"].to_numpy()] = g["pred_after"].to_numpy()
+            summary.setdefault("qwk_without_cluster", {})[str(int(c))] = _qwk(grades, after)
+    summary["faithfulness"] = {k: float(slides[f"spearman_{k}"].mean()) for k in KINDS}
+    return summary
 
 
 def _fingerprint(run: RunFolder, cfg: MilConfig) -> str:
@@ -174,7 +250,6 @@ def run_mil_stage(run: RunFolder, cfg: MilConfig) -> dict:
     """Load the head, compute every slide's tile relevance and the counterfactual bags, write the
     tables (see the module docstring); returns the cohort summary (``cohort/mil.json``)."""
     from wsi_explain.explain.mil import load_mil_head
-    from wsi_explain.metrics.removal import _auc, slide_labels
 
     t0, start = time.perf_counter(), now_iso()
     src = run.path / "cohort" / "tiles.parquet"
@@ -202,18 +277,10 @@ def run_mil_stage(run: RunFolder, cfg: MilConfig) -> dict:
     atomic_write_parquet(slides, cdir / "mil_slides.parquet")
     atomic_write_parquet(cf, cdir / "mil_counterfactuals.parquet")
     atomic_write_parquet(_cluster_table(tiles, rel, cf), cdir / "mil_clusters.parquet")
-    summary = {"head": cfg.head, "target": cfg.target, "n_slides": len(slides), "started": start}
-    labels = slide_labels(tiles)
-    if labels is not None:
-        before = slides.set_index("slide_id")["prob"]
-        summary["auc_before"] = _auc(labels.reindex(before.index), before)
-        for c, g in cf[cf["kind"] == "remove_cluster"].groupby("cluster"):
-            after = before.copy()
-            after[g["slide_id"].to_numpy()] = g["prob_after"].to_numpy()
-            summary.setdefault("auc_without_cluster", {})[str(int(c))] = _auc(labels.reindex(after.index), after)
-    summary["faithfulness"] = {k: float(slides[f"spearman_{k}"].mean()) for k in KINDS}
+    atomic_write_parquet(_tile_table(tiles, rel), cdir / "mil_tiles.parquet")
+    summary = {**_summary(slides, cf, tiles, cfg), "started": start}
     atomic_write_json(cdir / "mil.json", json.loads(json.dumps(summary, default=float)))
-    outputs = [f"cohort/{f}" for f in ("mil_slides.parquet", "mil_clusters.parquet", "mil_counterfactuals.parquet")]
+    outputs = [f"cohort/mil_{f}.parquet" for f in ("slides", "clusters", "counterfactuals", "tiles")]
     run.record(
         STAGE,
         "cohort",

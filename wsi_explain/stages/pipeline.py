@@ -16,7 +16,15 @@ from pathlib import Path
 import yaml
 from pydantic import Field
 
-from wsi_explain.core.config import ClusterConfig, ExtractConfig, ScoreConfig, SelftestConfig, TileConfig, _Frozen
+from wsi_explain.core.config import (
+    ClusterConfig,
+    ExtractConfig,
+    MilConfig,
+    ScoreConfig,
+    SelftestConfig,
+    TileConfig,
+    _Frozen,
+)
 from wsi_explain.core.errors import DiskFullError, WsiExplainError, is_disk_full
 from wsi_explain.core.run import STAGES, RunFolder
 
@@ -37,6 +45,9 @@ class PipelineConfig(_Frozen):
     tile, extract, cluster, score : the stages' configs.
     selftest : SelftestConfig or None
         When given, the self-test runs after the score stage (before the report, which shows it).
+    mil : MilConfig or None
+        When given, a slide-level MIL head is explained after the score stage (and the self-test),
+        before the report, which shows what the slide decisions rest on.
     stages : stages to run (default all).
     workers : int
         Dask LocalCluster worker processes for tiling and extraction (1 = run here).
@@ -53,6 +64,7 @@ class PipelineConfig(_Frozen):
     cluster: ClusterConfig = ClusterConfig()
     score: ScoreConfig = ScoreConfig()
     selftest: SelftestConfig | None = None
+    mil: MilConfig | None = None
     stages: tuple[str, ...] = STAGES
     workers: int = Field(1, ge=1, le=256)
     scheduler: str | None = None
@@ -82,6 +94,9 @@ def read_pipeline_yaml(path: str | Path) -> dict:
         doc["slides"] = [str((base / s).resolve()) if not Path(s).is_absolute() else s for s in sl]
     if "out" in doc and not Path(doc["out"]).is_absolute():
         doc["out"] = str((base / doc["out"]).resolve())
+    mil = doc.get("mil")
+    if isinstance(mil, dict) and mil.get("weights") and not Path(mil["weights"]).is_absolute():
+        doc["mil"] = {**mil, "weights": str((base / mil["weights"]).resolve())}
     return doc
 
 
@@ -174,6 +189,8 @@ def run_pipeline(
             for stage, runner in RUNNERS.items():
                 if stage == "report" and cfg.selftest is not None:  # after score, so that the report shows it
                     _timed(out, "selftest", say, _run_selftest, run, cfg, executor, say)
+                if stage == "report" and cfg.mil is not None:
+                    _timed(out, "mil", say, _run_mil, run, cfg, executor, say)
                 if stage in cfg.stages:
                     _timed(out, stage, say, runner, run, cfg, executor, say)
             out.failed_slides = _failed_slides(run)
@@ -187,6 +204,14 @@ def run_pipeline(
         if own:
             executor.close()
     return out
+
+
+def _run_mil(run: RunFolder, cfg: PipelineConfig, executor, say) -> tuple:
+    from wsi_explain.stages.mil import run_mil_stage
+
+    s = run_mil_stage(run, cfg.mil)
+    say("mil", f"head {s['head']} on {s['n_slides']} slides")
+    return "done", None
 
 
 def _run_selftest(run: RunFolder, cfg: PipelineConfig, executor, say) -> tuple:
