@@ -41,6 +41,10 @@ class ModelCard:
         Input size the model was trained on.
     mpp : float or None
         Resolution (µm per pixel) the model was trained on.
+    task : str
+        "classification" (logits (N, K)) or "segmentation" (per-pixel logits (N, K, H, W),
+        explained through region targets: :mod:`wsi_explain.explain.segmentation`); set at load
+        from the model's output.
     """
 
     num_classes: int
@@ -49,6 +53,7 @@ class ModelCard:
     std: tuple[float, float, float] = IMAGENET_STD
     tile_px: int | None = None
     mpp: float | None = None
+    task: str = "classification"
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:

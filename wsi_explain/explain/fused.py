@@ -45,11 +45,12 @@ class FusedOutput:
 
     Attributes
     ----------
-    logits : (N, K) float32
+    logits : (N, K) float32 (segmentation: log of each class's predicted area share)
     embeddings : (N, D) float32
     targets : (N,) int64, the class each CAM explains
     cams : dict name -> (N, h, w) float32, ReLU'd, unnormalised, at the target layer's resolution
     activations : (N, C, h, w) float32 or None (post-ReLU when the layer's output can be negative)
+    class_probs : (N, K) float32 or None: segmentation only, the mean softmax probability per class
     """
 
     logits: np.ndarray
@@ -57,6 +58,7 @@ class FusedOutput:
     targets: np.ndarray
     cams: dict
     activations: np.ndarray | None = None
+    class_probs: np.ndarray | None = None
 
 
 class FusedExtractor:
@@ -95,6 +97,7 @@ class FusedExtractor:
         keep_activations: bool = False,
         amp: bool = True,
         tile_px: int = 224,
+        region: str | None = None,
     ) -> None:
         unknown = [m for m in methods if m not in FUSED_CAMS and m != ROLLOUT]
         if unknown:
@@ -105,8 +108,24 @@ class FusedExtractor:
         self.device = resolve_device(device)
         self.module = model.module.to(self.device).eval().to(memory_format=torch.channels_last)
         self.tile_px = tile_px
-        self.target_layer = target_layer or default_target_layer(self.module, tile_px)
-        self.embedding_layer = embedding_layer or default_classifier(self.module, tile_px)
+        self.segmentation = model.card.task == "segmentation"
+        if self.segmentation:
+            from wsi_explain.explain.segmentation import REGIONS, segmentation_layer
+
+            if (region or "predicted") not in REGIONS:
+                raise ModelError(f"unknown region target {region!r}: one of {REGIONS}")
+            self.region = region or "predicted"
+            self.target_layer = target_layer or segmentation_layer(self.module, tile_px)
+            self.embedding_layer = embedding_layer or self.target_layer  # pooled over space
+        else:
+            if region is not None:
+                raise ModelError(
+                    f"{model.model_id} is a classifier (logits (N, K)): a region target ({region!r}) needs a "
+                    "segmentation model with per-pixel outputs"
+                )
+            self.region = None
+            self.target_layer = target_layer or default_target_layer(self.module, tile_px)
+            self.embedding_layer = embedding_layer or default_classifier(self.module, tile_px)
         self._layer = find_module(self.module, self.target_layer)
         self._attention = AttentionRecorder(self.module) if ROLLOUT in self.methods else None
         self._emb = find_module(self.module, self.embedding_layer)
@@ -149,10 +168,17 @@ class FusedExtractor:
     def _emb_hook(self, module: nn.Module, inp):
         self._state["emb"] = inp[0].detach()
 
+    def _emb_out_hook(self, module: nn.Module, inp, out):
+        """Segmentation: the embedding layer's output, averaged over space."""
+        o = out.detach()
+        self._state["emb"] = o.float().mean((2, 3)) if o.ndim == 4 else o
+
     def __enter__(self) -> FusedExtractor:
         self._handles = [
             self._layer.register_forward_hook(self._layer_hook),
-            self._emb.register_forward_pre_hook(self._emb_hook),
+            self._emb.register_forward_hook(self._emb_out_hook)
+            if self.segmentation
+            else self._emb.register_forward_pre_hook(self._emb_hook),
         ]
         if self._attention is not None:
             self._attention.__enter__()
@@ -169,7 +195,8 @@ class FusedExtractor:
         """A dummy forward: the output must be (1, num_classes) and both layers must fire."""
         with self:
             x = torch.zeros(1, 3, self.tile_px, self.tile_px, device=self.device)
-            out = self.forward(x)
+            masks = torch.ones(1, self.tile_px, self.tile_px) if self.region == "mask" else None
+            out = self.forward(x, masks=masks)
         k = self.model.card.num_classes
         if out.logits.shape != (1, k):
             raise ModelError(
@@ -186,10 +213,11 @@ class FusedExtractor:
         """The forward's autocast context: bf16 (else fp16) on CUDA when ``amp``, else nothing."""
         return torch.autocast("cuda", dtype=self._amp_dtype) if self.amp else contextlib.nullcontext()
 
-    def forward(self, x: torch.Tensor, *, targets: torch.Tensor | np.ndarray | None = None) -> FusedOutput:
+    def forward(self, x: torch.Tensor, *, targets: torch.Tensor | np.ndarray | None = None, masks=None) -> FusedOutput:
         """Run the fused pass on a normalised batch ``x`` (N, 3, H, W) float (any device).
 
         ``targets`` (N,) int, when given, are the classes the CAMs explain (instead of ``target``).
+        ``masks`` (N, H, W): the regions of a segmentation model's region target ``"mask"``.
         """
         if not self._handles:
             raise RuntimeError("use FusedExtractor as a context manager (with ...:)")
@@ -210,6 +238,13 @@ class FusedExtractor:
         if "emb" not in self._state:
             raise ModelError(f"embedding layer {self.embedding_layer!r} was not called in the forward pass")
         leaf = self._state["leaf"]
+        seg, class_probs = None, None
+        if self.segmentation:  # per-pixel logits: area shares stand for the tile's class scores
+            from wsi_explain.explain.segmentation import area_shares
+
+            seg = logits
+            shares, class_probs = area_shares(seg.detach())
+            logits = torch.log(shares + 1e-6)
         logits_f = logits.float()
         if targets is not None:
             targets = torch.as_tensor(np.asarray(targets), dtype=torch.long, device=logits.device)
@@ -220,7 +255,13 @@ class FusedExtractor:
         grads = None
         if self._grad:
             with torch.enable_grad():
-                score = logits_f.gather(1, targets[:, None]).sum()
+                if seg is not None:  # the target class's logit summed over its region
+                    from wsi_explain.explain.segmentation import region_masks, region_score
+
+                    region = region_masks(seg, targets, region=self.region, masks=masks)
+                    score = region_score(seg, targets, region).sum()
+                else:
+                    score = logits_f.gather(1, targets[:, None]).sum()
                 (grads,) = torch.autograd.grad(score, leaf)
         with torch.no_grad():
             grid = leaf.detach()
@@ -241,6 +282,7 @@ class FusedExtractor:
                 targets=targets.cpu().numpy(),
                 cams={k: v.cpu().numpy() for k, v in cams.items()},
                 activations=acts,
+                class_probs=None if class_probs is None else class_probs.float().cpu().numpy(),
             )
         self._state = {}
         return out

@@ -78,7 +78,13 @@ def load_state_dict(path: str | Path, *, trust: bool = False) -> dict:
 def _torchvision(name: str, num_classes: int) -> nn.Module:
     import torchvision
 
+    from wsi_explain.explain.segmentation import TORCHVISION_SEGMENTATION
+
     try:
+        if name in TORCHVISION_SEGMENTATION:  # no backbone weights either: nothing is downloaded
+            return torchvision.models.get_model(
+                name, weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False
+            )
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     except ValueError as exc:
         raise ModelError(f"unknown torchvision architecture {name!r} ({exc})") from exc
@@ -218,5 +224,23 @@ def load_model(
                     f"{wpath}: weights do not fit {arch} with {mc.num_classes} classes ({str(exc)[:400]})"
                 ) from exc
     module.eval()
+    module, mc = _segmentation(module, mc, input_px or mc.tile_px or 224)
     model_id = f"{arch}" + (f"@{wpath.name}" if wpath else "")
     return LoadedModel(module=module, card=mc, model_id=model_id, weights_hash=whash)
+
+
+def _segmentation(module: nn.Module, card, px: int):
+    """A network with per-pixel outputs (a dict with "out", or (N, K, H, W)) becomes a
+    :class:`~wsi_explain.explain.segmentation.SegmentationNet` with ``card.task = "segmentation"``."""
+    import dataclasses
+
+    from wsi_explain.explain.segmentation import SegmentationNet, is_segmentation_output
+
+    if isinstance(module, torch.jit.ScriptModule):
+        return module, card
+    p = next(module.parameters(), None)
+    with torch.no_grad():
+        out = module(torch.zeros(1, 3, px, px, device=p.device if p is not None else "cpu"))
+    if not is_segmentation_output(out):
+        return module, card
+    return SegmentationNet(module).eval(), dataclasses.replace(card, task="segmentation")

@@ -42,11 +42,10 @@ def attention_relevance(model, bag) -> tuple[np.ndarray, np.ndarray] | None:
     return raw.numpy(), torch.softmax(raw, 0).numpy()
 
 
-def _grads(model, x: torch.Tensor, k: int) -> torch.Tensor:
-    """d logit_k / d x for a batch of bags x (S, N, D), one backward."""
+def _grad(model, x: torch.Tensor, k: int) -> torch.Tensor:
+    """d logit_k / d x for one bag x (N, D)."""
     x = x.detach().requires_grad_(True)
-    total = sum(model(x[s])[k] for s in range(x.shape[0]))
-    (g,) = torch.autograd.grad(total, x)
+    (g,) = torch.autograd.grad(model(x)[k], x)
     return g
 
 
@@ -55,7 +54,7 @@ def gradient_x_input(model, bag, *, target: int) -> np.ndarray:
     _check_target(model, target)
     x = _bag(model, bag)
     with torch.enable_grad():
-        g = _grads(model, x[None], target)[0]
+        g = _grad(model, x, target)
     return (g * x).sum(1).detach().cpu().numpy()
 
 
@@ -75,13 +74,13 @@ def integrated_gradients(
         b = x.mean(0, keepdim=True).expand_as(x)
     else:
         raise ValueError(f"baseline must be 'zero' or 'mean', not {baseline!r}")
-    alphas = torch.linspace(0, 1, steps + 1, device=x.device)
-    weights = torch.full((steps + 1,), 1.0 / steps, device=x.device)
+    alphas = torch.linspace(0, 1, steps + 1).tolist()
+    weights = [1.0 / steps] * (steps + 1)
     weights[0] = weights[-1] = 0.5 / steps  # trapezoid rule
-    path = b[None] + alphas[:, None, None] * (x - b)[None]
-    with torch.enable_grad():
-        g = _grads(model, path, target)
-    avg = (weights[:, None, None] * g).sum(0)
+    avg = torch.zeros_like(x)
+    with torch.enable_grad():  # one point of the path at a time: memory of one bag, not steps + 1
+        for a, w in zip(alphas, weights):
+            avg.add_(_grad(model, b + a * (x - b), target), alpha=w)
     rel = ((x - b) * avg).sum(1)
     with torch.no_grad():
         gap = float(model(x)[target] - model(b)[target] - rel.sum())

@@ -1,0 +1,132 @@
+"""Segmentation networks (FCN, DeepLabV3, LR-ASPP, U-Nets): per-pixel logits ``(N, K, H, W)``
+explained through a **region target**, as pytorch-grad-cam's ``SemanticSegmentationTarget``: the
+score of class ``k`` on a tile is its logit summed over a region of pixels,
+
+    S_k = sum_p logit_k(p) * mask(p),
+
+where the region is, per tile, the pixels predicted as ``k`` (``region="predicted"``, the default),
+the whole tile (``"tile"``), or a given mask (annotation polygons or label masks rasterised to the
+tile). The mask is fixed from the unperturbed forward (not differentiated).
+
+What the rest of the pipeline reads as a tile's "logits" is the log of each class's predicted area
+share, so its "probabilities" are the area shares (the positive probability of a 2-class model
+becomes the positive class's share of the tile's pixels); the mean probability per class is kept
+beside them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from wsi_explain.explain.card import ModelError
+
+__all__ = [
+    "SegmentationNet",
+    "REGIONS",
+    "is_segmentation_output",
+    "region_masks",
+    "area_shares",
+    "segmentation_layer",
+    "TORCHVISION_SEGMENTATION",
+]
+
+#: region targets
+REGIONS = ("predicted", "tile", "mask")
+#: torchvision's segmentation architectures (dict outputs with "out")
+TORCHVISION_SEGMENTATION = (
+    "fcn_resnet50",
+    "fcn_resnet101",
+    "deeplabv3_resnet50",
+    "deeplabv3_resnet101",
+    "deeplabv3_mobilenet_v3_large",
+    "lraspp_mobilenet_v3_large",
+)
+_EPS = 1e-6
+
+
+def is_segmentation_output(out) -> bool:
+    """A dict with "out" (torchvision) or an (N, K, H, W) tensor with H * W > 1."""
+    if isinstance(out, dict):
+        return "out" in out
+    return isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[2] * out.shape[3] > 1
+
+
+class SegmentationNet(nn.Module):
+    """A segmentation network giving ``(N, K, H, W)`` logits (torchvision's dict output: its "out";
+    the auxiliary head is not used). The wrapped network is ``self.net`` (layer names gain the
+    prefix ``net.``)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if isinstance(out, dict):
+            out = out["out"]
+        if not (isinstance(out, torch.Tensor) and out.ndim == 4):
+            raise ModelError(f"a segmentation network must give (N, K, H, W) logits, got {type(out).__name__}")
+        return out
+
+
+def area_shares(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) predicted area share of each class (argmax per pixel) and (N, K) mean softmax
+    probability, of ``seg`` (N, K, H, W) logits."""
+    k = seg.shape[1]
+    pred = seg.argmax(1)
+    share = torch.stack([(pred == c).float().mean((1, 2)) for c in range(k)], 1)
+    return share, torch.softmax(seg.float(), 1).mean((2, 3))
+
+
+def region_masks(
+    seg: torch.Tensor, targets: torch.Tensor, *, region: str = "predicted", masks: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(N, H, W) float region of each tile's target class.
+
+    Parameters
+    ----------
+    seg : (N, K, H, W) logits (detached here).
+    targets : (N,) int64 class per tile.
+    region : "predicted" (pixels whose argmax is the target), "tile" (every pixel) or "mask".
+    masks : (N, H', W') bool or float, required for ``region="mask"`` (resized to H x W, nearest).
+    """
+    n, _, h, w = seg.shape
+    if region == "predicted":
+        return (seg.detach().argmax(1) == targets[:, None, None]).float()
+    if region == "tile":
+        return torch.ones(n, h, w, device=seg.device)
+    if region == "mask":
+        if masks is None:
+            raise ModelError('region "mask" needs a mask per tile')
+        m = torch.as_tensor(masks, device=seg.device).float()
+        if m.ndim != 3 or m.shape[0] != n:
+            raise ModelError(f"region masks must be (N, H, W) for {n} tiles, got {tuple(m.shape)}")
+        if m.shape[1:] != (h, w):
+            m = nn.functional.interpolate(m[:, None], size=(h, w), mode="nearest")[:, 0]
+        return m
+    raise ModelError(f"unknown region {region!r}: one of {REGIONS}")
+
+
+def region_score(seg: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N,) the target class's logit summed over the region (``SemanticSegmentationTarget``)."""
+    picked = seg.float().gather(1, targets[:, None, None, None].expand(-1, 1, *seg.shape[2:]))[:, 0]
+    return (picked * mask).sum((1, 2))
+
+
+def segmentation_layer(module: nn.Module, tile_px: int = 224) -> str:
+    """The default CAM (and embedding) layer of a segmentation network: the last stage of its
+    ``backbone`` when it has one (torchvision: ``net.backbone.layer4`` for ResNets), else the
+    coarsest feature map of the forward (a U-Net's bottleneck), the last one called at that size."""
+    from wsi_explain.explain.layers import trace
+
+    calls = trace(module, tile_px)
+    spatial = [(n, o) for n, _, o in calls if o.ndim == 4 and o.shape[2] * o.shape[3] > 1]
+    if not spatial:
+        raise ModelError("no layer with a spatial (N, C, h, w) output found; name one with --target-layer")
+    backbone = [(n, o) for n, o in spatial if ".backbone." in f".{n}." and n.count(".") == 1 + n.startswith("net.")]
+    if backbone:
+        return backbone[-1][0]
+    smallest = min(o.shape[2] * o.shape[3] for _, o in spatial)
+    names = [n for n, o in spatial if o.shape[2] * o.shape[3] == smallest]
+    return min(names[-1:], key=lambda n: n.count("."))
