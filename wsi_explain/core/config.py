@@ -120,7 +120,11 @@ class ExtractConfig(_Frozen):
     target : str
         "pred" (predicted class) or a class index / name explained by the CAMs.
     target_layer, embedding_layer : str or None
-        Module names; default: last conv block, input of the final classifier.
+        Module names; default: last conv block, input of the final classifier (segmentation
+        models: the backbone's last stage for both, its output averaged over space).
+    region : "predicted", "tile" or None
+        Segmentation models only: the target class's logit summed over the pixels predicted as
+        that class (default) or over the whole tile (:mod:`wsi_explain.explain.segmentation`).
     activations : bool
         Store spatial activations for concept discovery (float16, compressed).
     attr_sample : int
@@ -149,6 +153,7 @@ class ExtractConfig(_Frozen):
     target: str = "pred"
     target_layer: str | None = None
     embedding_layer: str | None = None
+    region: Literal["predicted", "tile"] | None = None
     activations: bool = False
     attr_sample: int = Field(64, ge=0)
     attr_px: int = Field(56, ge=4, le=1024)

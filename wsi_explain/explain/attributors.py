@@ -20,6 +20,7 @@ from torch import nn
 from wsi_explain.explain.card import LoadedModel, ModelError
 from wsi_explain.explain.fused import resolve_device
 from wsi_explain.explain.layers import default_target_layer, find_module
+from wsi_explain.explain.segmentation import as_region_module, predicted_classes, region_args, region_targets
 
 __all__ = [
     "Attributor",
@@ -61,8 +62,12 @@ class Attributor(ABC):
     #: model inputs one image costs at once (subclasses override)
     expansion = 1
 
-    def __init__(self, model: LoadedModel | nn.Module, *, max_batch: int = 32, device: str = "auto") -> None:
-        self.module = (model.module if isinstance(model, LoadedModel) else model).eval()
+    def __init__(
+        self, model: LoadedModel | nn.Module, *, max_batch: int = 32, device: str = "auto", region: str | None = None
+    ) -> None:
+        # a segmentation net is explained through its region score (wsi_explain.explain.segmentation)
+        self.module = as_region_module((model.module if isinstance(model, LoadedModel) else model).eval())
+        self.region = region or "predicted"
         self.device = resolve_device(device)
         self.module.to(self.device)
         if max_batch < 1:
@@ -72,7 +77,7 @@ class Attributor(ABC):
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return torch.cat(
-                [self.module(x[i : i + self.max_batch]).argmax(1) for i in range(0, len(x), self.max_batch)]
+                [predicted_classes(self.module, x[i : i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
             )
 
     def attribute(self, inputs: torch.Tensor, *, targets: torch.Tensor | np.ndarray | int | None = None) -> np.ndarray:
@@ -142,7 +147,9 @@ class CaptumAttributor(Attributor):
     def _attribute(self, x, targets):
         algo = self.method(self.module)
         x.requires_grad_(True)  # a private copy (Attributor.attribute clones); gradients are wanted
-        return self._reduce(algo.attribute(x, target=targets, **self.kwargs))
+        return self._reduce(
+            algo.attribute(x, target=targets, **self.kwargs, **region_args(self.module, x, targets, self.region))
+        )
 
 
 class _IG(CaptumAttributor):
@@ -162,6 +169,7 @@ class _IG(CaptumAttributor):
 
         # captum splits the n_steps * n scaled inputs into internal batches of max_batch
         kw = {"n_steps": 50, **self.kwargs, "internal_batch_size": self.max_batch}
+        kw.update(region_args(self.module, x, targets, self.region))
         attr, delta = IntegratedGradients(self.module).attribute(
             x, baselines=torch.zeros_like(x), target=targets, return_convergence_delta=True, **kw
         )
@@ -192,7 +200,7 @@ class _GradientShap(CaptumAttributor):
         per_call = max(1, self.max_batch // len(x))
         gen = torch.Generator(device="cpu").manual_seed(int(self.kwargs.get("seed", 0)))
         baselines = torch.randn((8,) + tuple(x.shape[1:]), generator=gen).to(x.device) * 0.5
-        total, done = None, 0
+        total, done, extra = None, 0, region_args(self.module, x, targets, self.region)
         algo = GradientShap(self.module)
         # captum samples with torch's and NumPy's global RNGs: seed both, then restore the caller's
         np_state = np.random.get_state()
@@ -203,7 +211,7 @@ class _GradientShap(CaptumAttributor):
                     seed = int(self.kwargs.get("seed", 0)) + done
                     torch.manual_seed(seed)
                     np.random.seed(seed)
-                    a = algo.attribute(x, baselines=baselines, n_samples=k, stdevs=stdevs, target=targets) * k
+                    a = algo.attribute(x, baselines=baselines, n_samples=k, stdevs=stdevs, target=targets, **extra) * k
                     total = a if total is None else total + a
                     done += k
         finally:
@@ -224,6 +232,7 @@ class _Occlusion(CaptumAttributor):
             sliding_window_shapes=(3, w, w),
             strides=(3, stride, stride),
             perturbations_per_eval=per_eval,
+            **region_args(self.module, x, targets, self.region),
         )
         return self._reduce(a)
 
@@ -242,6 +251,7 @@ class _NoiseTunnel(CaptumAttributor):
                 nt_samples=n,
                 nt_samples_batch_size=max(1, self.max_batch // len(x)),
                 stdevs=float(self.kwargs.get("stdevs", 0.15)),
+                **region_args(self.module, x, targets, self.region),
             )
         )
 
@@ -274,7 +284,8 @@ class GradCamAttributor(Attributor):
         if hasattr(cam, "batch_size") or self.name == "scorecam":
             cam.batch_size = self.max_batch
         try:
-            return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+            tg = region_targets(self.module, x, targets, self.region)
+            return cam(input_tensor=x, targets=tg or [ClassifierOutputTarget(int(t)) for t in targets])
         finally:
             cam.activations_and_grads.release()
 
@@ -381,9 +392,9 @@ class FusedCamAttributor(Attributor):
         super().__init__(model, **kw)
         self.name = name
         lm = model if isinstance(model, LoadedModel) else LoadedModel.wrap(self.module)
-        self._fx = FusedExtractor(
-            lm, methods=(name,), target_layer=target_layer, device=str(self.device), amp=False, tile_px=tile_px
-        )
+        opts = dict(target_layer=target_layer, device=str(self.device), amp=False, tile_px=tile_px)
+        region = self.region if lm.card.task == "segmentation" else None
+        self._fx = FusedExtractor(lm, methods=(name,), region=region, **opts)
 
     def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F

@@ -55,6 +55,7 @@ def build_extractors(cfg: ExtractConfig, tile_px: int):
                 keep_activations=cfg.activations,
                 amp=cfg.amp,
                 tile_px=tile_px,
+                region=cfg.region,
             )
         )
     return out

@@ -29,6 +29,13 @@ __all__ = [
     "area_shares",
     "segmentation_layer",
     "TORCHVISION_SEGMENTATION",
+    "RegionScore",
+    "AreaShareNet",
+    "as_region_module",
+    "metric_module",
+    "predicted_classes",
+    "region_args",
+    "region_targets",
 ]
 
 #: region targets
@@ -130,3 +137,66 @@ def segmentation_layer(module: nn.Module, tile_px: int = 224) -> str:
     smallest = min(o.shape[2] * o.shape[3] for _, o in spatial)
     names = [n for n, o in spatial if o.shape[2] * o.shape[3] == smallest]
     return min(names[-1:], key=lambda n: n.count("."))
+
+
+class RegionScore(nn.Module):
+    """A segmentation network as captum sees it: ``forward(x, masks)`` -> (N, K) every class's
+    logit summed over each tile's region ``masks`` (N, H, W) (fixed from the unperturbed tiles and
+    passed as captum's ``additional_forward_args``, which captum expands with the inputs); without
+    masks, the per-pixel logits (pytorch-grad-cam's methods take them with region targets)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        seg = self.net(x)
+        return seg if masks is None else (seg.float() * masks[:, None]).sum((2, 3))
+
+
+def as_region_module(module: nn.Module) -> nn.Module:
+    """A :class:`SegmentationNet` wrapped in :class:`RegionScore`; any other module unchanged."""
+    return RegionScore(module) if type(module) is SegmentationNet else module
+
+
+class AreaShareNet(SegmentationNet):
+    """(N, K) log of each class's mean softmax probability over the tile: its softmax is the soft
+    area share of each class. What the saliency metrics perturb and read for a segmentation model
+    (their "target probability" becomes the target class's soft area share). Shares the network
+    (and so the layer names) of the :class:`SegmentationNet` it was made from."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(torch.softmax(super().forward(x).float(), 1).mean((2, 3)) + _EPS)
+
+
+def metric_module(module: nn.Module) -> nn.Module:
+    """The module the metrics call: :class:`AreaShareNet` for a segmentation net, else itself."""
+    return AreaShareNet(module.net).eval() if type(module) is SegmentationNet else module
+
+
+def predicted_classes(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N,) the predicted class: argmax of the logits, or of the area shares for a segmentation net."""
+    with torch.no_grad():
+        out = module(x)
+    return area_shares(out)[0].argmax(1) if isinstance(module, RegionScore) else out.argmax(1)
+
+
+def region_args(module: nn.Module, x: torch.Tensor, targets: torch.Tensor, region: str) -> dict:
+    """captum keyword arguments for a :class:`RegionScore` module (the tiles' region masks), else {}."""
+    if not isinstance(module, RegionScore):
+        return {}
+    with torch.no_grad():
+        seg = module.net(x)
+    return {"additional_forward_args": (region_masks(seg, targets, region=region),)}
+
+
+def region_targets(module: nn.Module, x: torch.Tensor, targets: torch.Tensor, region: str) -> list | None:
+    """pytorch-grad-cam targets for a :class:`RegionScore` module (``SemanticSegmentationTarget`` on
+    each tile's region), else None."""
+    if not isinstance(module, RegionScore):
+        return None
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+    with torch.no_grad():
+        masks = region_masks(module.net(x), targets, region=region).cpu().numpy()
+    return [SemanticSegmentationTarget(int(t), m) for t, m in zip(targets, masks)]

@@ -136,6 +136,8 @@ def create_store(path: Path, *, n: int, probe, chunk_tiles: int, params: str, n_
 
     arr("embeddings", (n, probe.embeddings.shape[1]), "float32")
     arr("logits", (n, probe.logits.shape[1]), "float32")
+    if getattr(probe, "class_probs", None) is not None:  # segmentation models
+        arr("class_probs", (n, probe.class_probs.shape[1]), "float32")
     arr("targets", (n,), "int16", -1)
     for m, cam in probe.cams.items():
         arr(f"cams/{m}", (n,) + cam.shape[1:], "float16")
@@ -196,6 +198,8 @@ def store_attrs(extractors: list, probe, *, target: str) -> dict:
         "weights_hash": [fx.model.weights_hash for fx in extractors],
         "target_layer": main.target_layer,
         "embedding_layer": main.embedding_layer,
+        "task": main.model.card.task,
+        "region": main.region,
         "normalisation": {"mean": list(main.model.card.mean), "std": list(main.model.card.std)},
         "class_names": list(main.model.card.class_names),
         "methods": list(main.methods),

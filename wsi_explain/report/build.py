@@ -41,7 +41,7 @@ class ReportContext:
         self.tiles = with_mil(pd.read_parquet(cdir / "tiles.parquet"), run.path)
         meta = json.loads(pq.read_schema(cdir / "tiles.parquet").metadata[b"wsi_explain"])
         self.cam = meta.get("cam_method") or "gradcam"
-        self.class_names = meta.get("class_names") or []
+        self.class_names, self.task = meta.get("class_names") or [], (meta.get("task"), meta.get("region"))
         self.clusters = pd.read_parquet(cdir / "clusters.parquet")
         self.metrics = (
             pd.read_parquet(cdir / "cluster_metrics.parquet") if (cdir / "cluster_metrics.parquet").exists() else None
@@ -275,6 +275,7 @@ def index_page(ctx: ReportContext, failed: list[dict]) -> Path:
         n_shown=len(tiles),
         n_clusters=int((ctx.clusters.cluster >= 0).sum()),
         cam=ctx.cam,
+        task=ctx.task,
         generated=now_iso(),
         clusters=clusters,
         metrics_table=fragment(viz.metric_table_html(ctx.metrics, cluster=-2, info=metric_info))

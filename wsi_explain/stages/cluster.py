@@ -361,7 +361,11 @@ def run_cluster_stage(
     timed("index", _save_index, Z, cohort_dir, cfg)
     tiles = _with_concepts(run, tiles, acts, cams, cfg, timed.timings)
     summary = timed("summary", _summary, tiles, space, class_names, cfg)
+    from wsi_explain.io.features import open_store
+
+    first = open_store(run.slide_dir(str(tiles["slide_id"].iloc[0])) / "features.zarr").attrs
     meta = {"cam_method": cam_method, "class_names": class_names, "config": cfg.model_dump(mode="json")}
+    meta.update(task=first.get("task", "classification"), region=first.get("region"))
     atomic_write_parquet(tiles, cohort_dir / "tiles.parquet", meta)
     atomic_write_parquet(summary, cohort_dir / "clusters.parquet", {"flag_names": clustering.FLAG_NAMES})
     name = class_names[cfg.positive_class] if len(class_names) > cfg.positive_class else "positive"

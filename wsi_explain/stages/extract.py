@@ -166,6 +166,8 @@ def _collect(buf: dict, outs: list, ok: np.ndarray, errs: list, ids: np.ndarray,
     add = buf.setdefault
     add("embeddings", []).append(main.embeddings)
     add("logits", []).append(main.logits)
+    if main.class_probs is not None:  # segmentation: mean probability per class
+        add("class_probs", []).append(main.class_probs)
     add("targets", []).append(main.targets.astype(np.int16))
     add("status", []).append(status)
     for m, cam in main.cams.items():
@@ -369,7 +371,13 @@ def _build_attributors(cfg: ExtractConfig, fx, tile_px: int) -> list:
     _, others = split_methods(cfg.methods)
     return [
         make_attributor(
-            m, fx.model, max_batch=cfg.attr_max_batch, device=cfg.device, target_layer=fx.target_layer, tile_px=tile_px
+            m,
+            fx.model,
+            max_batch=cfg.attr_max_batch,
+            device=cfg.device,
+            target_layer=fx.target_layer,
+            tile_px=tile_px,
+            region=fx.region,
         )
         for m in others
     ]

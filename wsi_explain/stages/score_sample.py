@@ -111,7 +111,9 @@ class SampleScorer:
         self.tile_px = tile_px
         ecfg = ecfg.model_copy(update={"ensemble": (), "device": cfg.device, "amp": False})
         self.fx = build_extractors(ecfg, tile_px)[0]
-        self.model = self.fx.module
+        from wsi_explain.explain.segmentation import metric_module
+
+        self.model = metric_module(self.fx.module)  # a segmentation net: its classes' soft area shares
         self.ecfg = ecfg
         card = self.fx.model.card
         self.black = tuple(-m / s for m, s in zip(card.mean, card.std))
