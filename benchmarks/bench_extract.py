@@ -4,6 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_extract.py [--tiles 512] [--pgc-tiles 64] [--mem-tiles 100000]
                                                   [--archs resnet18 resnet50 efficientnet_lite0]
+    .venv/bin/python benchmarks/bench_extract.py --cams-only --archs fcn_resnet50 timm:vit_small_patch16_224
 
 Everything is measured in one process on one machine, and reported as ratios:
 
@@ -157,6 +158,76 @@ def pgc(module, layer, x: torch.Tensor, reps: int) -> float:
     return reps * len(x) / (time.perf_counter() - t0)
 
 
+def pgc_targets(module, x: torch.Tensor, segmentation: bool) -> list:
+    """pytorch-grad-cam targets of the fused pass's defaults: the predicted class, or for a
+    segmentation net the largest class over its predicted pixels (SemanticSegmentationTarget)."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget, SemanticSegmentationTarget
+
+    with torch.no_grad():
+        out = module(x)
+    if not segmentation:
+        return [ClassifierOutputTarget(int(t)) for t in out.argmax(1)]
+    pred = out.argmax(1)
+    k = out.shape[1]
+    cls = torch.stack([(pred == c).float().mean((1, 2)) for c in range(k)], 1).argmax(1)
+    return [SemanticSegmentationTarget(int(c), (p == c).float().numpy()) for c, p in zip(cls, pred)]
+
+
+def cam_rows(archs: list[str], reps: int, pgc_reps: int, imgs: np.ndarray) -> None:
+    """In memory only: bare forward, the fused six CAMs and pytorch-grad-cam's six, for models
+    beyond CNN classifiers (segmentation nets with a region target, ViTs with their token
+    reshape). Prints a Markdown table."""
+    import pytorch_grad_cam as P
+
+    from wsi_explain.explain.layers import tokens_to_grid
+
+    classes = [P.GradCAM, P.GradCAMPlusPlus, P.XGradCAM, P.HiResCAM, P.LayerCAM, P.EigenCAM]
+    rows = []
+    for arch in archs:
+        lm = load_model(arch, num_classes=2)
+        fx = FusedExtractor(lm, methods=METHODS, tile_px=224)
+        x = fx.normalise(imgs).contiguous(memory_format=torch.channels_last)
+        module = lm.module.to(memory_format=torch.channels_last).eval()
+
+        def bare_call():
+            with torch.inference_mode():
+                module(x)
+
+        def fused_call():
+            with fx:
+                fx(x)
+
+        r = interleaved({"bare": bare_call, "fused": fused_call}, reps, len(x))
+        seg = lm.card.task == "segmentation"
+        ref_module = lm.module.to(memory_format=torch.contiguous_format)
+        layer = dict(ref_module.named_modules())[fx.target_layer]
+        xc = x.contiguous()
+        targets = pgc_targets(ref_module, xc, seg)
+        vit = arch.startswith("timm:vit")
+        t0 = time.perf_counter()
+        for _ in range(pgc_reps):
+            for cls in classes:
+                cam = cls(model=ref_module, target_layers=[layer], reshape_transform=tokens_to_grid if vit else None)
+                try:
+                    cam(input_tensor=xc, targets=targets)
+                finally:
+                    cam.activations_and_grads.release()
+        ref = pgc_reps * len(x) / (time.perf_counter() - t0)
+        rows.append((arch, "region (predicted)" if seg else "class", r["bare"], r["fused"], ref))
+        print(
+            f"{arch}: bare {r['bare']:.1f}, fused {r['fused']:.1f}, pytorch-grad-cam x6 {ref:.2f} tiles/s", flush=True
+        )
+    print(
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, batch {BATCH}, 224 px\n"
+    )
+    print(
+        "| model | target | bare forward (tiles/s) | fused 6 CAMs (tiles/s) | fused time / bare | pytorch-grad-cam 6 CAMs (tiles/s) | fused speed-up vs pgc |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for arch, kind, bare, fus, ref in rows:
+        print(f"| {arch} | {kind} | {bare:.1f} | {fus:.1f} | {bare / fus:.2f}x | {ref:.2f} | {fus / ref:.1f}x |")
+
+
 def pipeline(
     arch: str, slide: Path, tiles, methods, workers: int, repeats: int = 2, reader: str = "auto", device: str = "cpu"
 ) -> float:
@@ -237,6 +308,11 @@ def main() -> None:
     ap.add_argument("--archs", nargs="+", default=["resnet18", "resnet50", "efficientnet_lite0"])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument(
+        "--cams-only",
+        action="store_true",
+        help="in-memory rows only (bare, fused, pytorch-grad-cam), e.g. --archs fcn_resnet50 timm:vit_small_patch16_224",
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     tune_malloc()
@@ -247,6 +323,8 @@ def main() -> None:
     grid = tiling.make_grid(reader, tiling.detect_tissue(reader), tiling.GridSpec(tile_px=224, mpp=0.5))
     tiles = grid.iloc[: args.tiles].reset_index(drop=True)
     imgs = np.stack([tiling.read_tile(reader, tiles.iloc[i]) for i in range(BATCH)])
+    if args.cams_only:
+        return cam_rows(args.archs, args.reps, args.pgc_reps, imgs)
     rows = []
     for arch in args.archs:
         lm = load_model(arch, num_classes=1000 if arch == "efficientnet_lite0" else 2)

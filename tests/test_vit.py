@@ -148,7 +148,7 @@ def test_attention_rollout_equals_a_direct_computation(arch):
     np.testing.assert_allclose(out.cams["rollout"], want, atol=1e-5)
     assert (out.cams["rollout"] > 0).all() and set(out.cams) == {"gradcam", "rollout"}
     assert split_methods(("rollout", "integratedgradients"))[0] == ("rollout",)
-    with pytest.raises(ModelError, match="attention rollout needs nn.MultiheadAttention"):
+    with pytest.raises(ModelError, match="attention rollout needs global self-attention blocks"):
         FusedExtractor(load_model("tests.tiny_models:tiny_cnn", num_classes=2), methods=("rollout",), tile_px=64)
 
 
@@ -197,5 +197,42 @@ def test_timm_names_are_checked():
     pytest.importorskip("timm")
     with pytest.raises(ModelError, match="timm has no model 'vit_nonexistent'"):
         load_model("timm:vit_nonexistent", num_classes=2)
-    with pytest.raises(ModelError, match="attention rollout needs nn.MultiheadAttention"):
-        FusedExtractor(load_model("timm:vit_small_patch16_224", num_classes=2), methods=("rollout",), tile_px=224)
+    with pytest.raises(ModelError, match="attention rollout needs global self-attention blocks"):
+        FusedExtractor(
+            load_model("timm:swin_tiny_patch4_window7_224", num_classes=2), methods=("rollout",), tile_px=224
+        )
+
+
+@pytest.mark.parametrize("arch", ["timm:vit_small_patch16_224", "timm:vit_small_patch14_reg4_dinov2"])
+def test_rollout_on_timm_fused_attention(arch):
+    """timm's fused Attention: rollout from the weights read while the blocks run unfused equals a
+    hand computation from each block's input and qkv projection; the blocks' fused flag is restored
+    and the logits are those of the fused model."""
+    pytest.importorskip("timm")
+    lm = load_model(arch, num_classes=2, tile_px=224)
+    attn = [m for m in lm.module.modules() if type(m).__name__ == "Attention"]
+    fused_before = [m.fused_attn for m in attn]
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+    fx = FusedExtractor(lm, methods=("rollout",), tile_px=224)
+    with fx:
+        out = fx(x)
+    assert [m.fused_attn for m in attn] == fused_before
+    inputs = []
+    hooks = [m.register_forward_hook(lambda m, a, o: inputs.append(a[0].detach())) for m in attn]
+    with torch.no_grad():
+        logits = lm.module(x)
+    for h in hooks:
+        h.remove()
+    np.testing.assert_allclose(out.logits, logits.numpy(), atol=1e-4)
+    t = inputs[0].shape[1]
+    roll = torch.eye(t)[None]
+    for m, h in zip(attn, inputs):
+        qkv = m.qkv(h).reshape(1, t, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = m.q_norm(qkv[0]), m.k_norm(qkv[1])
+        a = torch.softmax((q * m.scale) @ k.transpose(-2, -1), -1).mean(1)
+        a = 0.5 * a + 0.5 * torch.eye(t)
+        roll = (a / a.sum(-1, keepdim=True)) @ roll
+    prefix = t - (224 // (16 if "patch16" in arch else 14)) ** 2
+    side = int(round((t - prefix) ** 0.5))
+    want = roll[:, 0, prefix:].reshape(1, side, side).detach().numpy()
+    np.testing.assert_allclose(out.cams["rollout"], want, atol=1e-5)

@@ -112,6 +112,9 @@ def extract(
     embedding_layer: str | None = typer.Option(
         None, help="Layer whose input is the embedding; default: final classifier."
     ),
+    region: str | None = typer.Option(
+        None, help="Segmentation models: predicted (the class's predicted pixels, default) or tile."
+    ),
     activations: bool = typer.Option(False, help="Store spatial activations (for concepts)."),
     attr_sample: int = typer.Option(64, help="Tiles per slide for non-fused methods (0 = all)."),
     batch_size: int = typer.Option(32),
@@ -143,6 +146,7 @@ def extract(
         target=target,
         target_layer=target_layer,
         embedding_layer=embedding_layer,
+        region=region,
         activations=activations,
         attr_sample=attr_sample,
         batch_size=batch_size,

@@ -239,8 +239,11 @@ def _segmentation(module: nn.Module, card, px: int):
     if isinstance(module, torch.jit.ScriptModule):
         return module, card
     p = next(module.parameters(), None)
-    with torch.no_grad():
-        out = module(torch.zeros(1, 3, px, px, device=p.device if p is not None else "cpu"))
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(1, 3, px, px, device=p.device if p is not None else "cpu"))
+    except Exception:  # noqa: BLE001 - a model for another input size: the extractor's own check says so
+        return module, card
     if not is_segmentation_output(out):
         return module, card
     return SegmentationNet(module).eval(), dataclasses.replace(card, task="segmentation")

@@ -6,8 +6,11 @@ mixed with the identity for the residual connection (``0.5 A + 0.5 I``) and row-
 product over the blocks, first block on the right, says how much each input token flows into each
 output token. The class token's row over the patch tokens, on the patch grid, is the map.
 
-Models whose attention is not an ``nn.MultiheadAttention`` (timm's fused ``Attention``) are not
-supported yet: asking for ``rollout`` on them is a clear error.
+timm's ``Attention`` blocks (ViT, DeiT, DINOv2-style ViTs with registers) compute attention with a
+fused kernel that never forms the weights: while recording, their ``fused_attn`` is switched off
+(the same computation, unfused) and the softmaxed weights are read where they enter ``attn_drop``
+(an identity in eval mode); the flag is restored on exit. Models with neither (Swin's window
+attention, CNNs) get a clear error.
 """
 
 from __future__ import annotations
@@ -58,9 +61,11 @@ class AttentionRecorder:
 
     def __init__(self, module: nn.Module) -> None:
         self.blocks = [m for m in module.modules() if isinstance(m, nn.MultiheadAttention)]
-        if not self.blocks:
+        self.timm_blocks = [m for m in module.modules() if _is_timm_attention(m)]
+        if not self.blocks and not self.timm_blocks:
             raise ModelError(
-                "attention rollout needs nn.MultiheadAttention blocks (torchvision's ViT); this model has none"
+                "attention rollout needs global self-attention blocks (torchvision's nn.MultiheadAttention or "
+                "timm's Attention); this model has none"
             )
         self.weights: list[torch.Tensor] = []
         self._handles: list = []
@@ -79,12 +84,33 @@ class AttentionRecorder:
         self.weights.append(w.detach())
         return None
 
+    def _timm_hook(self, mod: nn.Module, args) -> None:
+        self.weights.append(args[0].detach())  # the softmaxed (N, heads, T, T) weights
+
     def __enter__(self) -> AttentionRecorder:
         self.weights = []
         self._handles = [b.register_forward_hook(self._hook, with_kwargs=True) for b in self.blocks]
+        self._fused = [b.fused_attn for b in self.timm_blocks]
+        for b in self.timm_blocks:
+            b.fused_attn = False
+            self._handles.append(b.attn_drop.register_forward_pre_hook(self._timm_hook))
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for b, f in zip(self.timm_blocks, getattr(self, "_fused", [])):
+            b.fused_attn = f
+
+
+def _is_timm_attention(m: nn.Module) -> bool:
+    """timm's global self-attention (``timm.layers.Attention``): q/k/v from one projection, a
+    ``fused_attn`` switch and an ``attn_drop`` that receives the weights when unfused."""
+    return (
+        type(m).__name__ == "Attention"
+        and type(m).__module__.startswith("timm.")
+        and hasattr(m, "fused_attn")
+        and hasattr(m, "attn_drop")
+        and hasattr(m, "qkv")
+    )
