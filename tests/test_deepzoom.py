@@ -102,6 +102,24 @@ def test_tiles_are_cached_in_the_cache_folder(pyramid):
     assert all(dz.cache_dir in p.parents for p in dz.cache_dir.rglob("*"))
 
 
+def test_the_cache_folder_names_what_the_tiles_depend_on(pyramid, slides, tmp_path, monkeypatch):
+    """Another grid (a larger slide joins), tile size or run record: another cache folder. A
+    coarsest level over the in-memory bound is read region by region, with the same pixels."""
+    import wsi_explain.io.deepzoom as D
+
+    dz, (w, h) = pyramid
+    same = DeepZoomTiles(dict(dz.slides), cache_dir=tmp_path)
+    assert same.version == dz.version and same.cache_dir == tmp_path / dz.version
+    bigger = DeepZoomTiles({**dz.slides, "big": DeepZoomSlide("x.tif", 5000, 100)}, cache_dir=tmp_path)
+    assert bigger.zmax == dz.zmax + 1 and bigger.version != dz.version
+    assert DeepZoomTiles(dict(dz.slides), tile_px=512).version != dz.version
+    assert DeepZoomTiles(dict(dz.slides), version="extract: later").version != dz.version
+    coarse = _rgb(dz.tissue("generic", 0, 0, 0))
+    monkeypatch.setattr(D, "MAX_LEVEL_PX", 16)
+    fresh = DeepZoomTiles(dict(dz.slides))
+    assert np.abs(_rgb(fresh.tissue("generic", 0, 0, 0)) - coarse).mean() < 2 and not fresh._levels
+
+
 def test_heat_canvas_is_the_stored_maps_stitched_and_smooth():
     from wsi_explain.io.deepzoom_layers import _sample, heat_canvas
 
@@ -177,8 +195,8 @@ def test_overlay_layers_on_a_real_run(audit_run, tmp_path):
         ov.tile("heat", sid, z, 0, 0, method="nomethod")
     with pytest.raises(TileImageError):
         ov.tile("other", sid, z, 0, 0)
-    assert (run / "cache/dz" / sid / f"heat-{method}" / str(z) / "0_0.png").exists()
-    assert (run / "cache/dz" / sid / "qc" / str(z)).is_dir()
+    assert (dz.cache_dir / sid / f"heat-{method}" / str(z) / "0_0.png").exists()
+    assert (dz.cache_dir / sid / "qc" / str(z)).is_dir() and dz.cache_dir.parent == run / "cache/dz"
 
 
 def test_a_moved_slide_is_named_and_the_rest_works(audit_run, tmp_path):

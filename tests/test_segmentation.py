@@ -143,6 +143,10 @@ def test_captum_methods_take_the_region_target():
     for name in ("occlusion", "gradientshap", "scorecam"):
         out = make_attributor(name, lm, max_batch=8).attribute(x, targets=t.numpy())
         assert out.shape == (2, PX, PX) and np.isfinite(out).all(), name
+    # pytorch-grad-cam's methods: the segmentation net's own layer names, the backbone by default
+    for layer in (None, "net.backbone.16"):
+        sc = make_attributor("scorecam", lm, max_batch=8, target_layer=layer, tile_px=PX)
+        assert sc.target_layer == "net.backbone.16" and sc.layer is dict(lm.module.named_modules())["net.backbone.16"]
 
 
 def test_metrics_read_the_soft_area_share():

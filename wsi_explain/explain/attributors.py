@@ -20,7 +20,13 @@ from torch import nn
 from wsi_explain.explain.card import LoadedModel, ModelError
 from wsi_explain.explain.fused import resolve_device
 from wsi_explain.explain.layers import default_target_layer, find_module
-from wsi_explain.explain.segmentation import as_region_module, predicted_classes, region_args, region_targets
+from wsi_explain.explain.segmentation import (
+    as_region_module,
+    predicted_classes,
+    region_args,
+    region_targets,
+    segmentation_layer,
+)
 
 __all__ = [
     "Attributor",
@@ -269,8 +275,10 @@ class GradCamAttributor(Attributor):
         super().__init__(model, **kw)
         self.name = name
         self.cam_class = cam_class
-        self.target_layer = target_layer or default_target_layer(self.module, tile_px)
-        self.layer = find_module(self.module, self.target_layer)
+        named = getattr(self.module, "net", self.module)  # a segmentation net: its own layer names
+        default = segmentation_layer if named is not self.module else default_target_layer
+        self.target_layer = target_layer or default(named, tile_px)
+        self.layer = find_module(named, self.target_layer)
         if name in ("scorecam", "ablationcam"):
             self.expansion = 1  # their internal batch size is set to max_batch below
 

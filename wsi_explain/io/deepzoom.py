@@ -6,10 +6,11 @@ level-0 pixel. Tile ``(x, y)`` of zoom ``z`` (origin top-left, as WMTS) covers l
 ``[x, x + 1) * tile_px * 2 ** (zmax - z)`` horizontally (the same vertically); ``zmax`` is the
 smallest zoom at which one tile of the coarsest zoom covers the largest slide of the cohort. Tiles
 are read from the best pyramid level with OpenSlide (:mod:`tiling.readers`; zooms far coarser
-than the slide's coarsest level slice that level, read once and kept for the last 4 slides), box-
-reduced (pyramid downsamples are powers of 2), padded white
-at the slide's right and bottom edge to a full tile, JPEG-encoded and cached under
-``<run>/cache/dz/<slide>/tissue/<z>/<x>_<y>.jpg``.
+than the slide's coarsest level slice that level when it is small, read once and kept for the last
+4 slides), box-reduced (pyramid downsamples are powers of 2), padded white at the slide's right and
+bottom edge to a full tile, JPEG-encoded and cached under
+``<run>/cache/dz/<version>/<slide>/tissue/<z>/<x>_<y>.jpg``, where ``version`` names the grid and
+the run's tile and extraction records (a re-run stage or a larger slide makes a new folder).
 
 Zoom ``zmax + 1`` (level 0 enlarged 2x) is served too, since the browser fetches the children of
 the tiles in view ahead of time. Every request is validated before anything is read: the slide
@@ -20,6 +21,8 @@ but outside the slide are a blank 1 x 1 transparent PNG (no read, no 404 in the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import threading
@@ -31,7 +34,10 @@ import numpy as np
 from wsi_explain.core.atomic import atomic_write_bytes
 from wsi_explain.io.tile_images import SAFE_ID, TileImageError
 
-__all__ = ["DeepZoomSlide", "DeepZoomTiles", "BLANK_PNG", "zmax_for"]
+__all__ = ["DeepZoomSlide", "DeepZoomTiles", "BLANK_PNG", "zmax_for", "MAX_LEVEL_PX"]
+
+#: largest coarsest level (pixels) kept whole in memory for the coarse zooms (4096 x 4096, 50 MB)
+MAX_LEVEL_PX = 4096 * 4096
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +78,21 @@ class DeepZoomTiles:
     Parameters
     ----------
     slides : slide_id -> :class:`DeepZoomSlide`.
-    cache_dir : folder for the JPEG tile cache (``<run>/cache/dz``), None = no cache.
+    cache_dir : folder for the JPEG tile cache (``<run>/cache/dz``), None = no cache; tiles go in a
+        subfolder named by :attr:`version`.
     tile_px : tile side in px (256).
     quality : JPEG quality.
+    version : what else the tiles depend on (:meth:`from_run`: the run's tile and extraction records).
     """
 
     def __init__(
-        self, slides: dict[str, DeepZoomSlide], *, cache_dir: Path | None = None, tile_px: int = 256, quality: int = 85
+        self,
+        slides: dict[str, DeepZoomSlide],
+        *,
+        cache_dir: Path | None = None,
+        tile_px: int = 256,
+        quality: int = 85,
+        version: str = "",
     ) -> None:
         if not slides:
             raise ValueError("a deep-zoom pyramid needs at least one slide")
@@ -87,8 +101,15 @@ class DeepZoomTiles:
         self.tile_px = int(tile_px)
         self.quality = int(quality)
         self.zmax = max(zmax_for(s.width, s.height, self.tile_px) for s in self.slides.values())
+        # the cache's folder says what its tiles depend on: the grid (zmax, tile size, quality) and the
+        # run's records (``version``); another grid or a re-run stage uses a new folder
+        self.version = hashlib.sha256(json.dumps([self.zmax, self.tile_px, self.quality, version]).encode()).hexdigest()
+        self.version = self.version[:12]
+        if self.cache_dir is not None:
+            self.cache_dir = self.cache_dir / self.version
         self._readers: dict[str, object] = {}
         self._levels: dict[str, np.ndarray] = {}  # coarsest levels, least recently used first
+        self._level_locks: dict[str, threading.Lock] = {}
         self.keep_levels = 4
         self._lock = threading.Lock()
 
@@ -103,7 +124,12 @@ class DeepZoomTiles:
             _, m = read_tile_table(run_path / "slides" / sid / "tiles.parquet")
             w, h = m["level0_dimensions"]
             slides[sid] = DeepZoomSlide(str(m["slide_path"]), int(w), int(h), m.get("level0_mpp"))
-        return cls(slides, cache_dir=run_path / "cache" / "dz", **kw)
+        stages = json.loads((run_path / "manifest.json").read_text()).get("stages", {})
+        ends = {
+            st: {sid: (stages.get(st, {}).get("slides", {}).get(sid) or {}).get("end") for sid in slide_ids}
+            for st in ("tile", "extract")
+        }
+        return cls(slides, cache_dir=run_path / "cache" / "dz", version=json.dumps(ends, sort_keys=True), **kw)
 
     # -- geometry -------------------------------------------------------------------------------
     def downsample(self, z: int) -> float:
@@ -150,16 +176,20 @@ class DeepZoomTiles:
         return r
 
     def _coarsest(self, slide_id: str) -> np.ndarray:
-        """The slide's coarsest pyramid level, whole (kept for the last few slides asked for)."""
+        """The slide's coarsest pyramid level, whole (at most :data:`MAX_LEVEL_PX` pixels; kept for
+        the last few slides asked for; read by one thread while the others wait)."""
         with self._lock:
-            hit = self._levels.pop(slide_id, None)
-        if hit is None:
-            reader = self._reader(slide_id)
-            hit = reader.read_level(reader.info.level_count - 1)
-        with self._lock:
-            self._levels[slide_id] = hit
-            while len(self._levels) > self.keep_levels:
-                self._levels.pop(next(iter(self._levels)))
+            slide_lock = self._level_locks.setdefault(slide_id, threading.Lock())
+        with slide_lock:
+            with self._lock:
+                hit = self._levels.pop(slide_id, None)
+            if hit is None:
+                reader = self._reader(slide_id)
+                hit = reader.read_level(reader.info.level_count - 1)
+            with self._lock:
+                self._levels[slide_id] = hit
+                while len(self._levels) > self.keep_levels:
+                    self._levels.pop(next(iter(self._levels)))
         return hit
 
     def problem(self, slide_id: str) -> str | None:
@@ -187,12 +217,14 @@ class DeepZoomTiles:
         level = max(i for i, ds in enumerate(info.level_downsamples) if ds <= d * 1.0001 or i == 0)
         ds = info.level_downsamples[level]
         rw, rh = max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))
-        if level == info.level_count - 1 and d >= 4 * ds:  # far coarser than the pyramid: slice the
-            whole = self._coarsest(slide_id)  # coarsest level, read once, instead of re-reading it
+        lw, lh = info.level_dimensions[level]
+        img = None
+        if level == info.level_count - 1 and d >= 4 * ds and lw * lh <= MAX_LEVEL_PX:  # far coarser than
+            whole = self._coarsest(slide_id)  # the pyramid: slice its small coarsest level, read once
             c0, r0 = int(x0 / ds), int(y0 / ds)
             img = np.ascontiguousarray(whole[r0 : r0 + rh, c0 : c0 + rw])
             rw, rh = img.shape[1], img.shape[0]
-        else:
+        if img is None or img.size == 0:
             img = reader.read_region((x0, y0), level, (rw, rh))
         ow, oh = max(1, round(w0 / d)), max(1, round(h0 / d))
         if (rw, rh) != (ow, oh):

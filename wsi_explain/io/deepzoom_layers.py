@@ -113,8 +113,9 @@ class OverlayTiles:
         self.run_path = Path(run_path).resolve()
         self.pyramid = pyramid
         self._tiles = {sid: g.sort_values("tile_id") for sid, g in tiles.groupby("slide_id")}
-        self._canvases: dict[tuple[str, str], tuple[np.ndarray, float]] = {}
+        self._canvases: dict[tuple[str, str], tuple[np.ndarray, float]] = {}  # least recently used first
         self._methods: dict[str, list[str]] = {}
+        self.keep = 8
         self._lock = threading.Lock()
 
     def methods(self, slide_id: str) -> list[str]:
@@ -143,17 +144,27 @@ class OverlayTiles:
         maps = np.asarray(g[f"attributions/{method}/maps"][:], np.float32)
         return boxes[sel], maps[[rows[int(ids[i])] for i in sel]]
 
-    def canvas(self, slide_id: str, method: str) -> tuple[np.ndarray, float]:
-        """The slide's heat canvas of ``method`` (see :func:`heat_canvas`), built once."""
+    def _check_method(self, slide_id: str, method: str) -> None:
         if not isinstance(method, str) or not SAFE_ID.match(method) or method not in self.methods(slide_id):
             raise TileImageError(f"slide {slide_id}: unknown method {method!r}")
+
+    def canvas(self, slide_id: str, method: str) -> tuple[np.ndarray, float]:
+        """The slide's heat canvas of ``method`` (see :func:`heat_canvas`), built once and kept for
+        the last :attr:`keep` (slide, method) pairs asked for; built outside the shared lock."""
+        self._check_method(slide_id, method)
+        key = (slide_id, method)
         with self._lock:
-            key = (slide_id, method)
-            if key not in self._canvases:
-                boxes, maps = self._maps(slide_id, method)
-                s = self.pyramid.slides[slide_id]
-                self._canvases[key] = heat_canvas(boxes, maps, width=s.width, height=s.height)
-            return self._canvases[key]
+            hit = self._canvases.pop(key, None)
+        if hit is None:
+            boxes, maps = self._maps(slide_id, method)
+            s = self.pyramid.slides[slide_id]
+            hit = heat_canvas(boxes, maps, width=s.width, height=s.height)
+        with self._lock:
+            self._canvases[key] = hit
+            heat = [k for k in self._canvases if not k[1].startswith("\0")]
+            for k in heat[: max(0, len(heat) - self.keep)]:
+                self._canvases.pop(k)
+        return hit
 
     def heat_rgba(self, slide_id: str, method: str, z: int, x: int, y: int) -> np.ndarray | None:
         """(tile_px, tile_px, 4) uint8 heat-map tile, or None outside the slide."""
@@ -216,7 +227,7 @@ class OverlayTiles:
 
         self.pyramid.check(slide_id, z, x, y)
         if layer == "heat":
-            self.canvas(slide_id, method)  # validates the method before any cache path is built
+            self._check_method(slide_id, method)  # before any cache path is built
             key = (slide_id, f"heat-{method}", str(int(z)), f"{int(x)}_{int(y)}.png")
 
             def make() -> bytes:

@@ -68,7 +68,7 @@ def deep_zoom_handler():
         async def get(self, sid: str, layer: str, method: str | None, z: str, x: str, y: str) -> None:
             try:
                 data = await IOLoop.current().run_in_executor(self.pool, self._tile, sid, layer, method or "", z, x, y)
-            except (TileImageError, ValueError) as exc:
+            except (TileImageError, ValueError, OSError) as exc:  # bad URL, or a slide that cannot be read
                 raise HTTPError(404, reason="not found") from exc
             self.set_header("Content-Type", "image/jpeg" if data[:2] == b"\xff\xd8" else "image/png")
             self.set_header("Cache-Control", "max-age=3600")
@@ -115,9 +115,10 @@ def _deep_zoom_spec(pyramid, methods: list[str]) -> dict:
     return {
         "zmax": pyramid.zmax,
         "tile_px": pyramid.tile_px,
-        "tissue_url": "/dz/{slide}/tissue/{Z}/{X}/{Y}.jpg",
-        "heat_url": "/dz/{slide}/heat/{method}/{Z}/{X}/{Y}.png",
-        "qc_url": "/dz/{slide}/qc/{Z}/{X}/{Y}.png",
+        # the cache version in the URLs: a browser never shows tiles of an earlier run from its cache
+        "tissue_url": "/dz/{slide}/tissue/{Z}/{X}/{Y}.jpg?v=" + pyramid.version,
+        "heat_url": "/dz/{slide}/heat/{method}/{Z}/{X}/{Y}.png?v=" + pyramid.version,
+        "qc_url": "/dz/{slide}/qc/{Z}/{X}/{Y}.png?v=" + pyramid.version,
         "methods": methods,
     }
 

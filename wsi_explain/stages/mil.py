@@ -20,8 +20,9 @@ Cohort tables in ``RUN/cohort/``:
   every bag (an emptied bag is reported, not scored), the top ``topk_share`` most relevant tiles
   removed, and ``add_tiles`` tiles of a cluster from other slides added to each negative bag;
   with slide labels, the cohort AUC before and after each cluster's removal in ``cohort/mil.json``;
-  with ISUP grades (an ``isup`` or ``isup_grade`` column of the cohort CSV), the quadratic-weighted
-  kappa of the head's predicted class against them, before and after.
+  with ISUP grades (an ``isup`` or ``isup_grade`` column of the cohort CSV) and a head with more
+  than 2 classes, enough for every grade (class index = grade), the quadratic-weighted kappa of its
+  predicted class against them, before and after.
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ def _summary(slides: pd.DataFrame, cf: pd.DataFrame, tiles: pd.DataFrame, cfg: M
             after[g["slide_id"].to_numpy()] = g["prob_after"].to_numpy()
             summary.setdefault("auc_without_cluster", {})[str(int(c))] = _auc(labels.reindex(after.index), after)
     grades = _grades(tiles)
-    if grades is not None:
+    if grades is not None and cfg.n_classes > 2 and cfg.n_classes > int(grades.max()):  # classes = grades
         pred = slides.set_index("slide_id")["pred"]
         summary["qwk_before"] = _qwk(grades, pred)
         for c, g in removed.groupby("cluster"):
@@ -257,7 +258,8 @@ def run_mil_stage(run: RunFolder, cfg: MilConfig) -> dict:
         raise WsiExplainError(f"{run.path}: not clustered; run `wsi-explain cluster` first")
     params = params_hash(cfg.model_dump(mode="json"))
     fp = _fingerprint(run, cfg)
-    if run.is_done(STAGE, "cohort", params=params, fingerprint=fp):  # a rerun is a no-op
+    done = run.is_done(STAGE, "cohort", params=params, fingerprint=fp)
+    if done and all((run.path / "cohort" / f"mil_{f}.parquet").exists() for f in ("slides", "tiles")):  # no-op
         return json.loads((run.path / "cohort" / "mil.json").read_text())
     bags = _bags(run)
     dim = next(iter(bags.values()))[0].shape[1]

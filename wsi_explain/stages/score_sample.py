@@ -120,6 +120,8 @@ class SampleScorer:
         opts = dict(
             target_layer=self.fx.target_layer, tile_px=tile_px, max_batch=ecfg.attr_max_batch, device=cfg.device
         )
+        if self.fx.region is not None:  # a segmentation model: the run's region target
+            opts["region"] = self.fx.region
         self._opts = opts
         self.explainers = {m: make_explainer(m, self.fx.model, **opts) for m in methods}
         self._extra = None
@@ -280,6 +282,7 @@ class SampleScorer:
                     device=self.cfg.device,
                     amp=False,
                     tile_px=self.tile_px,
+                    region=fx.region,
                 )
                 if not fused or fx.methods != tuple(fused)
                 else fx
