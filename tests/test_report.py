@@ -164,7 +164,18 @@ def _no_markup_from(text: str, hostile: str = HOSTILE) -> None:
 
 @pytest.mark.parametrize(
     "field",
-    ["slide id", "site", "label", "cluster name", "comment", "flag reason", "method", "nuisance column", "card"],
+    [
+        "slide id",
+        "site",
+        "label",
+        "cluster name",
+        "comment",
+        "flag reason",
+        "method",
+        "nuisance column",
+        "card",
+        "run folder",
+    ],
 )
 def test_templates_escape_every_user_controlled_field(tmp_path, field):
     """Each page template, rendered with a hostile string in one user-controlled field at a time
@@ -223,6 +234,11 @@ def test_templates_escape_every_user_controlled_field(tmp_path, field):
             },
             slides=[sid],
             failures_table=None,
+            task=("segmentation", "predicted"),
+            mil={
+                "lines": [f"The slide decisions of the MIL head rest most on {v('cluster name', 'glands')}."],
+                "table": table,
+            },
         ),
         render(
             tmp_path / "cluster.html",
@@ -242,6 +258,8 @@ def test_templates_escape_every_user_controlled_field(tmp_path, field):
             "slide.html",
             **common,
             file=v("slide id", "s1.svs"),
+            slide_id=sid,
+            run_dir=v("run folder", "/runs/a"),
             n_tiles=3,
             width=10,
             height=10,
