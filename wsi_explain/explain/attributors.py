@@ -17,16 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsi_explain.explain import segmentation as seg
 from wsi_explain.explain.card import LoadedModel, ModelError
 from wsi_explain.explain.fused import resolve_device
 from wsi_explain.explain.layers import default_target_layer, find_module
-from wsi_explain.explain.segmentation import (
-    as_region_module,
-    predicted_classes,
-    region_args,
-    region_targets,
-    segmentation_layer,
-)
 
 __all__ = [
     "Attributor",
@@ -72,7 +66,7 @@ class Attributor(ABC):
         self, model: LoadedModel | nn.Module, *, max_batch: int = 32, device: str = "auto", region: str | None = None
     ) -> None:
         # a segmentation net is explained through its region score (wsi_explain.explain.segmentation)
-        self.module = as_region_module((model.module if isinstance(model, LoadedModel) else model).eval())
+        self.module = seg.as_region_module((model.module if isinstance(model, LoadedModel) else model).eval())
         self.region = region or "predicted"
         self.device = resolve_device(device)
         self.module.to(self.device)
@@ -83,7 +77,10 @@ class Attributor(ABC):
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return torch.cat(
-                [predicted_classes(self.module, x[i : i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
+                [
+                    seg.predicted_classes(self.module, x[i : i + self.max_batch])
+                    for i in range(0, len(x), self.max_batch)
+                ]
             )
 
     def attribute(self, inputs: torch.Tensor, *, targets: torch.Tensor | np.ndarray | int | None = None) -> np.ndarray:
@@ -154,7 +151,7 @@ class CaptumAttributor(Attributor):
         algo = self.method(self.module)
         x.requires_grad_(True)  # a private copy (Attributor.attribute clones); gradients are wanted
         return self._reduce(
-            algo.attribute(x, target=targets, **self.kwargs, **region_args(self.module, x, targets, self.region))
+            algo.attribute(x, target=targets, **self.kwargs, **seg.region_args(self.module, x, targets, self.region))
         )
 
 
@@ -175,7 +172,7 @@ class _IG(CaptumAttributor):
 
         # captum splits the n_steps * n scaled inputs into internal batches of max_batch
         kw = {"n_steps": 50, **self.kwargs, "internal_batch_size": self.max_batch}
-        kw.update(region_args(self.module, x, targets, self.region))
+        kw.update(seg.region_args(self.module, x, targets, self.region))
         attr, delta = IntegratedGradients(self.module).attribute(
             x, baselines=torch.zeros_like(x), target=targets, return_convergence_delta=True, **kw
         )
@@ -206,7 +203,7 @@ class _GradientShap(CaptumAttributor):
         per_call = max(1, self.max_batch // len(x))
         gen = torch.Generator(device="cpu").manual_seed(int(self.kwargs.get("seed", 0)))
         baselines = torch.randn((8,) + tuple(x.shape[1:]), generator=gen).to(x.device) * 0.5
-        total, done, extra = None, 0, region_args(self.module, x, targets, self.region)
+        total, done, extra = None, 0, seg.region_args(self.module, x, targets, self.region)
         algo = GradientShap(self.module)
         # captum samples with torch's and NumPy's global RNGs: seed both, then restore the caller's
         np_state = np.random.get_state()
@@ -238,7 +235,7 @@ class _Occlusion(CaptumAttributor):
             sliding_window_shapes=(3, w, w),
             strides=(3, stride, stride),
             perturbations_per_eval=per_eval,
-            **region_args(self.module, x, targets, self.region),
+            **seg.region_args(self.module, x, targets, self.region),
         )
         return self._reduce(a)
 
@@ -257,7 +254,7 @@ class _NoiseTunnel(CaptumAttributor):
                 nt_samples=n,
                 nt_samples_batch_size=max(1, self.max_batch // len(x)),
                 stdevs=float(self.kwargs.get("stdevs", 0.15)),
-                **region_args(self.module, x, targets, self.region),
+                **seg.region_args(self.module, x, targets, self.region),
             )
         )
 
@@ -276,7 +273,7 @@ class GradCamAttributor(Attributor):
         self.name = name
         self.cam_class = cam_class
         named = getattr(self.module, "net", self.module)  # a segmentation net: its own layer names
-        default = segmentation_layer if named is not self.module else default_target_layer
+        default = seg.segmentation_layer if named is not self.module else default_target_layer
         self.target_layer = target_layer or default(named, tile_px)
         self.layer = find_module(named, self.target_layer)
         if name in ("scorecam", "ablationcam"):
@@ -292,7 +289,7 @@ class GradCamAttributor(Attributor):
         if hasattr(cam, "batch_size") or self.name == "scorecam":
             cam.batch_size = self.max_batch
         try:
-            tg = region_targets(self.module, x, targets, self.region)
+            tg = seg.region_targets(self.module, x, targets, self.region)
             return cam(input_tensor=x, targets=tg or [ClassifierOutputTarget(int(t)) for t in targets])
         finally:
             cam.activations_and_grads.release()

@@ -240,11 +240,7 @@ class FusedExtractor:
         leaf = self._state["leaf"]
         seg, class_probs = None, None
         if self.segmentation:  # per-pixel logits: area shares stand for the tile's class scores
-            from wsi_explain.explain.segmentation import area_shares
-
-            seg = logits
-            shares, class_probs = area_shares(seg.detach())
-            logits = torch.log(shares + 1e-6)
+            seg, (logits, class_probs) = logits, self._area_logits(logits)
         logits_f = logits.float()
         if targets is not None:
             targets = torch.as_tensor(np.asarray(targets), dtype=torch.long, device=logits.device)
@@ -252,17 +248,7 @@ class FusedExtractor:
             targets = logits_f.detach().argmax(1)
         else:
             targets = torch.full((x.shape[0],), int(self.target), device=logits.device, dtype=torch.long)
-        grads = None
-        if self._grad:
-            with torch.enable_grad():
-                if seg is not None:  # the target class's logit summed over its region
-                    from wsi_explain.explain.segmentation import region_masks, region_score
-
-                    region = region_masks(seg, targets, region=self.region, masks=masks)
-                    score = region_score(seg, targets, region).sum()
-                else:
-                    score = logits_f.gather(1, targets[:, None]).sum()
-                (grads,) = torch.autograd.grad(score, leaf)
+        grads = self._target_grads(leaf, seg if seg is not None else logits_f, targets, masks) if self._grad else None
         with torch.no_grad():
             grid = leaf.detach()
             if grid.ndim == 3:  # transformer tokens: the patch grid, class and register tokens dropped
@@ -288,6 +274,27 @@ class FusedExtractor:
         return out
 
     __call__ = forward
+
+    @staticmethod
+    def _area_logits(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segmentation: (log area shares (N, K), mean probabilities (N, K)) of per-pixel logits."""
+        from wsi_explain.explain.segmentation import area_shares
+
+        shares, class_probs = area_shares(seg.detach())
+        return torch.log(shares + 1e-6), class_probs
+
+    def _target_grads(self, leaf: torch.Tensor, out: torch.Tensor, targets: torch.Tensor, masks) -> torch.Tensor:
+        """d score / d leaf: the target logit, or for per-pixel ``out`` the target class's logit summed
+        over its region."""
+        with torch.enable_grad():
+            if out.ndim == 4:
+                from wsi_explain.explain.segmentation import region_masks, region_score
+
+                score = region_score(out, targets, region_masks(out, targets, region=self.region, masks=masks)).sum()
+            else:
+                score = out.gather(1, targets[:, None]).sum()
+            (grads,) = torch.autograd.grad(score, leaf)
+        return grads
 
     def normalise(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, 3) images -> normalised float (N, 3, H, W) channels_last on the device.

@@ -303,6 +303,14 @@ def _with_concepts(run: RunFolder, tiles: pd.DataFrame, acts, cams, cfg: Cluster
     return pd.concat([tiles, _concepts(acts, tiles, cams, cfg, out, timings)], axis=1)
 
 
+def _model_task(run: RunFolder, sid: str) -> dict:
+    """The model's task ("classification" or "segmentation") and region target, from a slide's store."""
+    from wsi_explain.io.features import open_store
+
+    attrs = open_store(run.slide_dir(sid) / "features.zarr").attrs
+    return {"task": attrs.get("task", "classification"), "region": attrs.get("region")}
+
+
 def _summary(tiles: pd.DataFrame, space: np.ndarray, class_names: list[str], cfg: ClusterConfig) -> pd.DataFrame:
     """One row per cluster with its flags; the artefact flag reads how far removing the cluster
     moves some slide's top-8 score (cluster removal on the stored probabilities), the site flag a
@@ -359,13 +367,9 @@ def run_cluster_stage(
     cohort_dir = run.path / "cohort"
     cohort_dir.mkdir(exist_ok=True)
     timed("index", _save_index, Z, cohort_dir, cfg)
-    tiles = _with_concepts(run, tiles, acts, cams, cfg, timed.timings)
+    tiles, task = _with_concepts(run, tiles, acts, cams, cfg, timed.timings), _model_task(run, tiles.slide_id.iloc[0])
     summary = timed("summary", _summary, tiles, space, class_names, cfg)
-    from wsi_explain.io.features import open_store
-
-    first = open_store(run.slide_dir(str(tiles["slide_id"].iloc[0])) / "features.zarr").attrs
-    meta = {"cam_method": cam_method, "class_names": class_names, "config": cfg.model_dump(mode="json")}
-    meta.update(task=first.get("task", "classification"), region=first.get("region"))
+    meta = {"cam_method": cam_method, "class_names": class_names, "config": cfg.model_dump(mode="json"), **task}
     atomic_write_parquet(tiles, cohort_dir / "tiles.parquet", meta)
     atomic_write_parquet(summary, cohort_dir / "clusters.parquet", {"flag_names": clustering.FLAG_NAMES})
     name = class_names[cfg.positive_class] if len(class_names) > cfg.positive_class else "positive"

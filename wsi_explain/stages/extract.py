@@ -369,18 +369,8 @@ def _build_attributors(cfg: ExtractConfig, fx, tile_px: int) -> list:
     from wsi_explain.explain.attributors import make_attributor
 
     _, others = split_methods(cfg.methods)
-    return [
-        make_attributor(
-            m,
-            fx.model,
-            max_batch=cfg.attr_max_batch,
-            device=cfg.device,
-            target_layer=fx.target_layer,
-            tile_px=tile_px,
-            region=fx.region,
-        )
-        for m in others
-    ]
+    opts = dict(max_batch=cfg.attr_max_batch, device=cfg.device, target_layer=fx.target_layer, region=fx.region)
+    return [make_attributor(m, fx.model, tile_px=tile_px, **opts) for m in others]
 
 
 def _run_attributors(meta: dict, tiles, store: Path, fx, cfg: ExtractConfig, params: str, attributors: list) -> dict:
