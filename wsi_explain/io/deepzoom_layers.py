@@ -114,6 +114,7 @@ class OverlayTiles:
         self.pyramid = pyramid
         self._tiles = {sid: g.sort_values("tile_id") for sid, g in tiles.groupby("slide_id")}
         self._canvases: dict[tuple[str, str], tuple[np.ndarray, float]] = {}  # least recently used first
+        self._qc_inputs: dict[str, tuple[np.ndarray, float, np.ndarray]] = {}
         self._methods: dict[str, list[str]] = {}
         self.keep = 8
         self._lock = threading.Lock()
@@ -161,8 +162,7 @@ class OverlayTiles:
             hit = heat_canvas(boxes, maps, width=s.width, height=s.height)
         with self._lock:
             self._canvases[key] = hit
-            heat = [k for k in self._canvases if not k[1].startswith("\0")]
-            for k in heat[: max(0, len(heat) - self.keep)]:
+            for k in list(self._canvases)[: max(0, len(self._canvases) - self.keep)]:
                 self._canvases.pop(k)
         return hit
 
@@ -183,35 +183,35 @@ class OverlayTiles:
         out[..., 3] = np.round(w * 255).astype(np.uint8)
         return out
 
-    def _mask(self, slide_id: str) -> tuple[np.ndarray, float]:
+    def _qc(self, slide_id: str) -> tuple[np.ndarray, float, np.ndarray]:
+        """The slide's QC inputs, read once: (ink mask (h, w, 1) float32, level-0 px per mask px,
+        (m, 3) level-0 ``x, y, size0`` of the blurred tiles)."""
         from PIL import Image
 
         from wsi_explain.io.tile_table import read_tile_table
 
         with self._lock:
-            key = (slide_id, "\0qc")
-            if key not in self._canvases:
+            if slide_id not in self._qc_inputs:
                 sdir = self.run_path / "slides" / slide_id
                 _, meta = read_tile_table(sdir / "tiles.parquet")
                 p = sdir / "tissue.png"
                 mask = np.asarray(Image.open(p)) if p.exists() else np.zeros((1, 1), np.uint8)
                 scale = float(meta.get("tissue_mask_scale") or 1.0) if p.exists() else 1e9
                 mss = (meta.get("tiling_config") or {}).get("min_sharpness")
-                self._canvases[key] = ((mask >= 2).astype(np.float32)[..., None], scale)
                 t = self._tiles[slide_id]
                 blurred = t[t["sharpness"] < float(mss)] if mss is not None and "sharpness" in t else t.iloc[:0]
-                self._canvases[(slide_id, "\0blur")] = (blurred[["x", "y", "size0"]].to_numpy(np.float64), 0.0)
-            return self._canvases[key]
+                ink = (mask >= 2).astype(np.float32)[..., None]
+                self._qc_inputs[slide_id] = (ink, scale, blurred[["x", "y", "size0"]].to_numpy(np.float64))
+            return self._qc_inputs[slide_id]
 
     def qc_rgba(self, slide_id: str, z: int, x: int, y: int) -> np.ndarray | None:
         """(tile_px, tile_px, 4) uint8 QC tile (ink magenta, blurred tiles blue), or None outside."""
         x0, y0, w0, h0, d = self.pyramid.region(slide_id, z, x, y)
-        mask, scale = self._mask(slide_id)
+        mask, scale, boxes = self._qc(slide_id)
         if w0 == 0 or h0 == 0:
             return None
         n = self.pyramid.tile_px
         out = np.zeros((n, n, 4), np.uint8)
-        boxes, _ = self._canvases[(slide_id, "\0blur")]
         for bx, by, bs in boxes:  # blurred tiles first, ink over them
             c0, c1 = int(np.clip((bx - x0) / d, 0, n)), int(np.clip((bx + bs - x0) / d, 0, n))
             r0, r1 = int(np.clip((by - y0) / d, 0, n)), int(np.clip((by + bs - y0) / d, 0, n))
