@@ -15,6 +15,16 @@ Part 2: one generated slide tiled into a single cluster of 10x ``--sample`` tile
 extracted and clustered once; then the score stage runs in a fresh process with ``per_cluster``
 = ``--sample`` and = 10x ``--sample`` (faithfulness and robustness), reporting peak RSS (VmHWM)
 and wall time. Prints Markdown.
+
+Part 3 (``--budget``): the default scorecard's cost. A cohort of ``--slides`` generated slides
+(``--slide-tiles`` tiles each, ``--tile-px``) is tiled, extracted with the six fused CAMs and
+clustered into ``--clusters`` k-means clusters, each timed; then the score stage runs with every
+default (``per_cluster`` = ``--per-cluster``) in a fresh process, once with this checkout and once
+with the code of ``--before`` (a git revision, checked out in a temporary worktree), on copies of
+the same run. A forward hook counts the images the model is asked to forward (those under autograd,
+the explanation passes, apart), per scored (tile, method), references counted as methods::
+
+    .venv/bin/python benchmarks/bench_metrics.py --budget --before 8538fa7
 """
 
 from __future__ import annotations
@@ -178,6 +188,152 @@ def score_child(run_dir: str, per_cluster: int) -> dict:
     }
 
 
+def _build_cohort(root: Path, slides: int, slide_tiles: int, tile_px: int, arch: str, clusters: int) -> tuple:
+    """Generated cohort, tiled, extracted (six CAMs) and clustered; returns (run folder, seconds per stage)."""
+    from tests.conftest import synthetic_he
+    from tiling import write_pyramidal_tiff
+    from wsi_explain import RunFolder, TileConfig, discover_slides, run_tile_stage
+    from wsi_explain.core.config import ClusterConfig, ExtractConfig
+    from wsi_explain.stages.cluster import run_cluster_stage
+    from wsi_explain.stages.extract import run_extract_stage
+
+    side = int(np.ceil(np.sqrt(slide_tiles * 1.1))) * tile_px
+    paths = []
+    for i in range(slides):
+        img, _ = synthetic_he(side, side, seed=10 + i, blob=(0.5, 0.5, 0.9, 0.9))
+        paths.append(write_pyramidal_tiff(root / f"s{i:02d}.tif", img, mpp=0.5))
+    secs = {}
+    with RunFolder(root / "run") as run:
+        t0 = time.perf_counter()
+        run_tile_stage(run, discover_slides(paths), TileConfig(tile_px=tile_px, mpp_target=0.5, min_tissue=0.0))
+        secs["tile"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        run_extract_stage(run, ExtractConfig(arch=arch, num_classes=2, workers=0))
+        secs["extract"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        run_cluster_stage(run, ClusterConfig(method="kmeans", k=clusters, pca=16))
+        secs["cluster"] = time.perf_counter() - t0
+    return root / "run", secs
+
+
+def budget_child(run_dir: str, per_cluster: int, name: str, overrides: dict) -> dict:
+    """The score stage with every default on a copy of ``run_dir``, forwards counted."""
+    import shutil
+
+    import pandas as pd
+
+    from wsi_explain import RunFolder
+    from wsi_explain.core.config import ScoreConfig
+    from wsi_explain.core.perf import tune_malloc
+    from wsi_explain.explain.fused import FusedExtractor
+    from wsi_explain.stages import score_sample
+    from wsi_explain.stages.score import run_score_stage
+
+    tune_malloc()
+    count = {"images": 0, "grad": 0}
+
+    def hook(_mod, args):
+        count["images"] += len(args[0])
+
+    init = score_sample.SampleScorer.__init__
+
+    def counted_init(self, *a, **k):
+        init(self, *a, **k)
+        self.fx.module.register_forward_pre_hook(hook)
+
+    score_sample.SampleScorer.__init__ = counted_init
+    fused_forward = FusedExtractor.forward
+
+    def counted_forward(self, x, **k):  # explanation passes (forward + backward to the CAM layer)
+        count["grad"] += len(x)
+        return fused_forward(self, x, **k)
+
+    FusedExtractor.forward = counted_forward
+    dst = Path(run_dir).parent / f"score_{name}"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(run_dir, dst)
+    # every default, the sanity tiles scaled with the sample (8 of the default 64)
+    cfg = ScoreConfig(per_cluster=per_cluster, sanity_tiles=max(1, per_cluster // 8), **overrides)
+    t0 = time.perf_counter()
+    with RunFolder(dst) as run:
+        run_score_stage(run, cfg)
+    s = time.perf_counter() - t0
+    tm = pd.read_parquet(dst / "cohort" / "tile_metrics.parquet")
+    # one column per method:metric; the methods scored (references included) have a deletion AUC
+    methods = sorted({c.split(":")[0] for c in tm.columns if ":" in c and "deletion_auc" in c.split(":")[1]})
+    tiles = int(tm["sampled"].sum())
+    return {
+        "name": name,
+        "seconds": round(s, 1),
+        "tiles": tiles,
+        "pairs": tiles * len(methods),
+        "methods": methods,
+        "images": count["images"],
+        "grad_images": count["grad"],
+    }
+
+
+def budget(a) -> None:
+    import shutil
+
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    rev = rev.strip() + (" + uncommitted changes" if dirty else "")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        run_dir, secs = _build_cohort(tmp, a.slides, a.slide_tiles, a.tile_px, a.arch, a.clusters)
+        import pandas as pd
+
+        n_tiles = len(pd.read_parquet(run_dir / "cohort" / "tiles.parquet", columns=["tile_id"]))
+        res = []
+        codes = [("this checkout " + rev, REPO, {})]
+        if a.before:
+            wt = tmp / "before"
+            subprocess.run(
+                ["git", "worktree", "add", "--detach", str(wt), a.before], check=True, cwd=REPO, capture_output=True
+            )
+            codes.insert(0, (f"before ({a.before})", wt, {}))
+            codes.append((f"this checkout, steps {a.before_steps} (the old default)", REPO, {"steps": a.before_steps}))
+        try:
+            for i, (name, code, over) in enumerate(codes):
+                env = {**os.environ, "PYTHONPATH": str(code)}
+                cmd = [sys.executable, __file__, "--budget-child", str(run_dir), str(a.per_cluster), str(i), str(code)]
+                cmd += ["--overrides", json.dumps(over)]
+                p = subprocess.run(cmd, capture_output=True, text=True, cwd=code, env=env)
+                if p.returncode != 0:
+                    raise SystemExit(p.stderr[-4000:])
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+                r["name"] = name
+                res.append(r)
+        finally:
+            if a.before:
+                subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "before")], cwd=REPO)
+                shutil.rmtree(tmp / "before", ignore_errors=True)
+    ext = secs["extract"] + secs["cluster"]
+    print(
+        f"### Default scorecard: {a.slides} slides, {n_tiles} tiles of {a.tile_px} px, {a.arch} (random init), "
+        f"{a.clusters} clusters, per_cluster {a.per_cluster}\n"
+    )
+    print(
+        f"tile {secs['tile']:.1f} s, extract (six fused CAMs) {secs['extract']:.1f} s, cluster {secs['cluster']:.1f} s\n"
+    )
+    print(
+        "| code | tiles scored | (tile, method) pairs | forwards per pair | of which explanation passes | "
+        "score s | score / (extract + cluster) | break-even tiles per slide at per_cluster 64 |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in res:
+        per_pair = r["images"] / r["pairs"]
+        # score time grows with the sampled tiles, extraction with the cohort's tiles
+        s64 = r["seconds"] * (64 / a.per_cluster)
+        even = s64 / (ext / n_tiles) / a.slides
+        print(
+            f"| {r['name']} | {r['tiles']} | {r['pairs']} | {per_pair:.1f} | {r['grad_images'] / r['pairs']:.1f} | "
+            f"{r['seconds']} | {r['seconds'] / ext:.2f} | {even:,.0f} |"
+        )
+    print(f"\nmethods scored: {', '.join(res[-1]['methods'])}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=32)
@@ -186,7 +342,26 @@ def main() -> None:
     ap.add_argument("--tile-px", type=int, default=128)
     ap.add_argument("--child", nargs=2)
     ap.add_argument("--throughput-only", action="store_true", help="skip part 2 (score-stage memory)")
+    ap.add_argument("--budget", action="store_true", help="part 3 only: the default scorecard's cost")
+    ap.add_argument("--before", help="git revision whose score stage is measured beside this checkout's")
+    ap.add_argument("--slides", type=int, default=10)
+    ap.add_argument("--slide-tiles", type=int, default=100)
+    ap.add_argument("--clusters", type=int, default=10)
+    ap.add_argument("--per-cluster", type=int, default=4)
+    ap.add_argument("--budget-child", nargs=4)
+    ap.add_argument("--overrides", default="{}", help="ScoreConfig fields of a budget child (JSON)")
+    ap.add_argument("--before-steps", type=int, default=16, help="the deletion steps of the --before default")
     a = ap.parse_args()
+    if a.budget_child:
+        sys.path.insert(0, a.budget_child[3])  # the code measured (this checkout or the --before worktree)
+        for m in [m for m in sys.modules if m == "wsi_explain" or m.startswith("wsi_explain.")]:
+            del sys.modules[m]
+        run_dir, per_cluster, name, _ = a.budget_child
+        print(json.dumps(budget_child(run_dir, int(per_cluster), name, json.loads(a.overrides))))
+        return
+    if a.budget:
+        budget(a)
+        return
     if a.child:
         print(json.dumps(score_child(a.child[0], int(a.child[1]))))
         return

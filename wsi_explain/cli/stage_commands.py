@@ -226,7 +226,7 @@ def score(
         help="Comma-separated metric families (default: all): faithfulness, robustness, localisation, "
         "complexity, ensemble, sanity, removal, confounders.",
     ),
-    steps: int = typer.Option(16, help="Deletion/insertion steps."),
+    steps: int = typer.Option(10, help="Deletion/insertion steps (the curve at every 10 % by default)."),
     baselines: str = typer.Option("blur,constant", help="Deletion/insertion baselines."),
     road_percentiles: str = typer.Option("20,40,60,80", help="ROAD percentiles."),
     road_tiles: int = typer.Option(

@@ -302,7 +302,7 @@ class ScoreConfig(_Frozen):
     groups: tuple[str, ...] = METRIC_GROUPS
     per_cluster: int = Field(64, ge=1, le=100_000)
     include_noise: bool = True
-    steps: int = Field(16, ge=2, le=1024)
+    steps: int = Field(10, ge=2, le=1024)
     baselines: tuple[Literal["blur", "constant"], ...] = ("blur", "constant")
     mask_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     road_percentiles: tuple[int, ...] = (20, 40, 60, 80)

@@ -29,7 +29,6 @@ __all__ = [
     "ATTRIBUTORS",
     "make_attributor",
     "make_explainer",
-    "FusedCamAttributor",
     "register_attributor",
 ]
 
@@ -383,37 +382,16 @@ def make_attributor(name: str, model: LoadedModel | nn.Module, **options) -> Att
     return ATTRIBUTORS[name](model, name=name, **options)
 
 
-class FusedCamAttributor(Attributor):
-    """One fused CAM (gradcam, gradcampp, ...) as an :class:`Attributor`: maps for explicit targets,
-    bilinearly upsampled from the layer's resolution to the input size (unnormalised, ReLU'd).
+def make_explainer(name: str, model: LoadedModel | nn.Module, *, group=None, **options) -> Attributor:
+    """An :class:`Attributor` for any method name: fused CAMs and the registered attributors.
 
-    Used where maps of perturbed inputs are needed (metrics, sanity checks); the extraction itself
-    keeps the layer-resolution maps.
+    ``group``: a :class:`~wsi_explain.explain.fused_attributor.FusedCamGroup` shared by the fused
+    CAMs scored together (one fused pass per batch for all of them); ignored by other methods.
     """
-
-    def __init__(self, model, *, name: str, target_layer=None, tile_px: int = 224, **kw) -> None:
-        from wsi_explain.explain.fused import FusedExtractor
-
-        super().__init__(model, **kw)
-        self.name = name
-        lm = model if isinstance(model, LoadedModel) else LoadedModel.wrap(self.module)
-        opts = dict(target_layer=target_layer, device=str(self.device), amp=False, tile_px=tile_px)
-        region = self.region if lm.card.task == "segmentation" else None
-        self._fx = FusedExtractor(lm, methods=(name,), region=region, **opts)
-
-    def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        with self._fx:
-            cam = torch.from_numpy(self._fx.forward(x, targets=targets).cams[self.name])
-        return F.interpolate(cam[:, None].float(), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-
-
-def make_explainer(name: str, model: LoadedModel | nn.Module, **options) -> Attributor:
-    """An :class:`Attributor` for any method name: fused CAMs and the registered attributors."""
     from wsi_explain.explain.cams import FUSED_CAMS
+    from wsi_explain.explain.fused_attributor import FusedCamAttributor
     from wsi_explain.explain.rollout import ROLLOUT
 
     if name in FUSED_CAMS or name == ROLLOUT:
-        return FusedCamAttributor(model, name=name, **options)
+        return FusedCamAttributor(model, name=name, group=group, **options)
     return make_attributor(name, model, **options)

@@ -9,7 +9,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["as_tensor_maps", "target_probs", "as_targets", "model_device", "chunks", "seeded", "CHUNK"]
+__all__ = [
+    "as_tensor_maps",
+    "target_probs",
+    "stream_probs",
+    "as_targets",
+    "model_device",
+    "chunks",
+    "seeded",
+    "CHUNK",
+]
 
 #: inputs per seeded chunk of the stochastic metrics (infidelity, sensitivity)
 CHUNK = 8
@@ -56,6 +65,29 @@ def target_probs(model: Forward, x: torch.Tensor, targets: torch.Tensor, *, batc
         p = torch.softmax(model(x[s : s + batch_size].to(dev)).float(), 1)
         out.append(p.gather(1, targets[s : s + batch_size, None].to(p.device))[:, 0].cpu())
     return torch.cat(out).numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def stream_probs(
+    model: Forward,
+    build: Callable[[torch.Tensor], torch.Tensor],
+    n_items: int,
+    targets: torch.Tensor,
+    *,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """Softmax probability of ``targets`` (n_items,) for ``n_items`` perturbed inputs that are only
+    built batch by batch: ``build(idx)`` returns the inputs (len(idx), 3, H, W) of the item indices
+    ``idx`` (int64, on CPU). Every forward is a full batch whatever the items are (steps of a curve,
+    tiles, methods), and no more than one batch of perturbed inputs exists at once -> (n_items,) float32.
+    """
+    dev = model_device(model)
+    out = []
+    for s in range(0, n_items, batch_size):
+        idx = torch.arange(s, min(n_items, s + batch_size))
+        p = torch.softmax(model(build(idx).to(dev)).float(), 1)
+        out.append(p.gather(1, targets[idx, None].to(p.device))[:, 0].cpu())
+    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
 
 
 def chunks(n: int, samples: int, max_examples: int | None) -> list[tuple[int, int, int]]:

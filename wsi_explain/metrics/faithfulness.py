@@ -24,7 +24,7 @@ import torch
 
 from wsi_explain.explain.maps import scale_maps
 
-from ._common import as_targets, as_tensor_maps, chunks, model_device, seeded, target_probs
+from ._common import as_targets, as_tensor_maps, chunks, model_device, seeded, stream_probs, target_probs
 
 __all__ = ["perturbation_curve", "curve_auc", "make_baseline", "confidence_change", "road", "infidelity_score"]
 
@@ -56,6 +56,8 @@ def perturbation_curve(
     baseline: str | float | torch.Tensor = "blur",
     steps: int = 16,
     batch_size: int = 32,
+    clean_probs: np.ndarray | None = None,
+    baseline_probs: np.ndarray | None = None,
 ) -> np.ndarray:
     """Target probability as pixels are removed (deletion) or revealed (insertion), most relevant first.
 
@@ -69,28 +71,47 @@ def perturbation_curve(
     baseline : "blur", "constant", a number or an (N, 3, H, W) tensor
     steps : int
         The pixels are removed in ``steps`` equal groups; ties in the map are broken by pixel order.
+    clean_probs, baseline_probs : (N,) float, optional
+        The target probability of the inputs and of the baseline images, when the caller already
+        has them (they do not depend on the map: one forward per tile serves every method). The
+        curve's two ends are then not forwarded again.
 
     Returns
     -------
     (N, steps + 1) float32 probabilities; column 0 is the unperturbed (deletion) or fully
-    baseline (insertion) input, column ``steps`` the opposite end.
+    baseline (insertion) input, column ``steps`` the opposite end. The perturbed inputs are built
+    on the model's device batch by batch, steps and tiles together, so every forward is full.
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     n, _, h, w = inputs.shape
     t = as_targets(targets, n)
-    x = inputs.detach().float().cpu()
-    base = baseline.detach().float().cpu() if isinstance(baseline, torch.Tensor) else make_baseline(x, baseline)
+    dev = model_device(model)
+    x = inputs.detach().float().to(dev)
+    base = baseline.detach().float().to(dev) if isinstance(baseline, torch.Tensor) else make_baseline(x, baseline)
     m = as_tensor_maps(maps, (h, w)).flatten(1)
     order = torch.argsort(-m, dim=1, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(h * w).expand(n, -1).contiguous())
-    ks = np.round(np.linspace(0, h * w, steps + 1)).astype(int)
-    curves = np.zeros((n, steps + 1), np.float32)
-    for i, k in enumerate(ks):
-        hit = (rank < int(k)).reshape(n, 1, h, w)
-        xi = torch.where(hit, base, x) if mode == "deletion" else torch.where(hit, x, base)
-        curves[:, i] = target_probs(model, xi, t, batch_size=batch_size)
+    rank = rank.to(dev)
+    ks = torch.as_tensor(np.round(np.linspace(0, h * w, steps + 1)).astype(np.int64), device=dev)
+    curves = np.full((n, steps + 1), np.nan, np.float32)
+    ends = (clean_probs, baseline_probs) if mode == "deletion" else (baseline_probs, clean_probs)
+    for col, known in zip((0, steps), ends):
+        if known is not None:
+            curves[:, col] = np.asarray(known, np.float32).reshape(n)
+    todo = [i for i in range(steps + 1) if np.isnan(curves[:, i]).any()]
+    step_of = torch.as_tensor(todo, dtype=torch.long).repeat_interleave(n)  # step-major items
+    tile_of = torch.arange(n).repeat(len(todo))
+
+    def build(idx: torch.Tensor) -> torch.Tensor:
+        j, k = tile_of[idx].to(dev), ks[step_of[idx].to(dev)]
+        hit = (rank[j] < k[:, None]).reshape(-1, 1, h, w)
+        return torch.where(hit, base[j], x[j]) if mode == "deletion" else torch.where(hit, x[j], base[j])
+
+    probs = stream_probs(model, build, len(step_of), t[tile_of], batch_size=batch_size)
+    for a, i in enumerate(todo):
+        curves[:, i] = probs[a * n : (a + 1) * n]
     return curves
 
 
@@ -121,6 +142,7 @@ def confidence_change(
     threshold: float = 0.5,
     fill: float | tuple[float, ...] = 0.0,
     batch_size: int = 32,
+    clean_probs: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Drop and Increase in Confidence when only what the map shows is kept.
 
@@ -129,6 +151,7 @@ def confidence_change(
     normalisation mean, which is pytorch-grad-cam's ``multiply_tensor_with_cam``; pass the
     normalised value of black per channel, ``-mean / std``, to darken to black); ``how="mask"``
     keeps the pixels where the map is at least ``threshold`` and sets the rest to ``fill``.
+    ``clean_probs`` (N,): the inputs' target probability when the caller has it (not forwarded again).
 
     Returns
     -------
@@ -140,7 +163,7 @@ def confidence_change(
     t = as_targets(targets, n)
     x = inputs.detach().float().cpu()
     m01 = scale_maps(as_tensor_maps(maps, (h, w)))
-    y = target_probs(model, x, t, batch_size=batch_size)
+    y = target_probs(model, x, t, batch_size=batch_size) if clean_probs is None else np.asarray(clean_probs, np.float32)
     o = target_probs(model, _perturb_by_map(x, m01, how, threshold, fill), t, batch_size=batch_size)
     drop_abs = np.maximum(y - o, 0).astype(np.float32)
     return {
@@ -162,6 +185,7 @@ def road(
     seed: int = 0,
     batch_size: int = 32,
     noise: float = 0.01,
+    clean_probs: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """ROAD (Rong et al., 2022): the change in target probability when pixels are imputed by noisy
     linear imputation, most relevant first (MoRF) and least relevant first (LeRF).
@@ -184,6 +208,8 @@ def road(
     targets : int or (N,) ints.
     batch_size : int
         Imputed inputs per forward.
+    clean_probs : (N,) float, optional
+        The inputs' target probability when the caller has it (then 2 x len(percentiles) forwards).
 
     Returns
     -------
@@ -198,7 +224,7 @@ def road(
     dev = model_device(model)
     x = inputs.detach().float()
     cams = scale_maps(as_tensor_maps(maps, (h, w))).cpu()
-    base = target_probs(model, x, t, batch_size=batch_size)
+    base = target_probs(model, x, t, batch_size=batch_size) if clean_probs is None else np.asarray(clean_probs)
     k = len(percentiles)
     scores = np.zeros((2, k, n), np.float32)
     for s0, s1, _ in chunks(n, 1, None):
@@ -240,6 +266,7 @@ def infidelity_score(
     n_samples: int = 10,
     max_examples_per_batch: int | None = 64,
     seed: int = 0,
+    clean_outputs: np.ndarray | None = None,
 ) -> np.ndarray:
     """captum's ``infidelity`` (Yeh et al., 2019) of the maps, with Gaussian perturbations.
 
@@ -248,7 +275,10 @@ def infidelity_score(
     The model's softmax probabilities are explained. Lower is better. Inputs go in chunks of
     :data:`CHUNK`, the noise of each seeded with ``seed`` + its first index (so results do not
     depend on the caller's batching); ``max_examples_per_batch`` bounds the perturbed inputs in one
-    forward (at least one chunk). Returns (N,) float32.
+    forward (at least one chunk). captum forwards the unperturbed chunk once per batch of
+    perturbations: that output is computed once per chunk here, or taken from ``clean_outputs``
+    (N, K), the inputs' softmax when the caller has it, so the cost is ``n_samples`` forwards per
+    input. Returns (N,) float32.
     """
     from captum.metrics import infidelity
 
@@ -258,8 +288,11 @@ def infidelity_score(
     attr = as_tensor_maps(maps, (h, w))[:, None].expand_as(x).contiguous()
 
     dev = model_device(model)
+    clean: dict[str, torch.Tensor] = {}  # the current chunk's inputs and their softmax
 
     def forward(z):
+        if "x" in clean and z.shape == clean["x"].shape and torch.equal(z, clean["x"]):
+            return clean["p"]
         with torch.no_grad():
             return torch.softmax(model(z.to(dev)).float(), 1).cpu()
 
@@ -269,6 +302,9 @@ def infidelity_score(
 
     out = []
     for s0, s1, mepb in chunks(n, n_samples, max_examples_per_batch):
+        clean.clear()
+        p = None if clean_outputs is None else torch.as_tensor(np.asarray(clean_outputs[s0:s1], np.float32))
+        clean.update(x=x[s0:s1], p=forward(x[s0:s1]) if p is None else p)
         with seeded(seed + s0):
             out.append(
                 infidelity(

@@ -18,6 +18,7 @@ from wsi_explain import metrics as M
 from wsi_explain.core.config import ExtractConfig, ScoreConfig
 from wsi_explain.explain.maps import minmax_maps
 from wsi_explain.io.samples import SampleReader, grades_for
+from wsi_explain.metrics._common import model_device
 
 __all__ = ["SampleScorer", "sample_clusters", "grades_for"]
 
@@ -57,6 +58,20 @@ def _long_values(sample: pd.DataFrame, cluster: int, cols: dict) -> pd.DataFrame
         for (m, k), v in cols.items()
     ]
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=VALUE_COLUMNS)
+
+
+def _fused_group(model, methods: tuple[str, ...], opts: dict):
+    """A :class:`~wsi_explain.explain.fused_attributor.FusedCamGroup` of the fused CAMs among
+    ``methods`` (None with fewer than two: nothing to share)."""
+    from wsi_explain.explain.cams import FUSED_CAMS
+    from wsi_explain.explain.fused_attributor import FusedCamGroup
+    from wsi_explain.explain.rollout import ROLLOUT
+
+    fused = tuple(m for m in methods if m in FUSED_CAMS or m == ROLLOUT)
+    if len(fused) < 2:
+        return None
+    keep = {k: opts[k] for k in ("target_layer", "tile_px", "device", "region") if k in opts}
+    return FusedCamGroup(model, methods=fused, **keep)
 
 
 def sample_clusters(
@@ -123,7 +138,8 @@ class SampleScorer:
         if self.fx.region is not None:  # a segmentation model: the run's region target
             opts["region"] = self.fx.region
         self._opts = opts
-        self.explainers = {m: make_explainer(m, self.fx.model, **opts) for m in methods}
+        self.group = _fused_group(self.fx.model, methods, opts)  # one fused pass for all scored CAMs
+        self.explainers = {m: make_explainer(m, self.fx.model, group=self.group, **opts) for m in methods}
         self._extra = None
         self.reader = SampleReader(run_path, self.fx.normalise, positive_labels, cfg.grades)
 
@@ -162,10 +178,11 @@ class SampleScorer:
         regions = self.reader.regions(sample, x.shape[-1]) if "localisation" in groups else None
         cols: dict[tuple[str, str], np.ndarray] = {}
         sanity_rows: list[dict] = []
+        shared = self._shared(x, t) if "faithfulness" in groups else None
         for m, ex in self.explainers.items():
             maps = ex.attribute(x, targets=t)
             if "faithfulness" in groups:
-                cols.update(self._faithfulness(m, x, maps, t, offset))
+                cols.update(self._faithfulness(m, x, maps, t, offset, shared))
             if "robustness" in groups:
                 cols.update(self._robustness(m, ex, x, t, offset))
             if regions is not None:
@@ -175,31 +192,75 @@ class SampleScorer:
         if "faithfulness" in groups:
             for r in self.cfg.references:  # the floor every method's number is compared with
                 maps = M.reference_maps(r, len(x), tuple(x.shape[-2:]), seed=self.cfg.seed, first=offset)
-                cols.update(self._faithfulness(r, x, maps, t, offset))
+                cols.update(self._faithfulness(r, x, maps, t, offset, shared))
         if "ensemble" in groups and self.cfg.models:
             labels = sample["label_pos"].to_numpy(np.float64) if "label_pos" in sample.columns else None
             cols.update(self._ensemble(x, t, labels))
         return _long_values(sample, cluster, cols), pd.DataFrame(sanity_rows)
 
-    def _faithfulness(self, m: str, x: torch.Tensor, maps, t: np.ndarray, offset: int) -> dict:
+    def _shared(self, x: torch.Tensor, t: np.ndarray) -> dict:
+        """What every method's faithfulness metrics share on a chunk: the inputs' softmax
+        (``softmax`` (N, K), ``clean`` (N,) target probabilities) and each baseline image with its
+        target probability (``baseline``/``baseline_probs``), built and forwarded once per tile."""
+        bs, rows = self.cfg.batch_size, np.arange(len(x))
+
+        @torch.no_grad()
+        def softmax(z: torch.Tensor) -> np.ndarray:
+            dev = model_device(self.model)
+            parts = [torch.softmax(self.model(z[i : i + bs].to(dev)).float(), 1).cpu() for i in range(0, len(z), bs)]
+            return torch.cat(parts).numpy()
+
+        soft = softmax(x)
+        out = {"softmax": soft, "clean": soft[rows, t].astype(np.float32)}
+        out["baseline"] = {b: M.make_baseline(x, b) for b in self.cfg.baselines}
+        out["baseline_probs"] = {b: softmax(img)[rows, t].astype(np.float32) for b, img in out["baseline"].items()}
+        return out
+
+    def _faithfulness(self, m: str, x: torch.Tensor, maps, t: np.ndarray, offset: int, shared: dict) -> dict:
         """Deletion and insertion AUC per baseline, DiC/IiC, ROAD (on the first ``road_tiles`` of
-        the sample) and infidelity, keyed (method, metric)."""
+        the sample) and infidelity, keyed (method, metric); the map-independent forwards come
+        from ``shared`` (:meth:`_shared`)."""
         cfg, bs, cols = self.cfg, self.cfg.batch_size, {}
+        clean = shared["clean"]
         for base in cfg.baselines:
             for mode in ("deletion", "insertion"):
                 c = M.perturbation_curve(
-                    self.model, x, maps, targets=t, mode=mode, baseline=base, steps=cfg.steps, batch_size=bs
+                    self.model,
+                    x,
+                    maps,
+                    targets=t,
+                    mode=mode,
+                    baseline=shared["baseline"][base],
+                    steps=cfg.steps,
+                    batch_size=bs,
+                    clean_probs=clean,
+                    baseline_probs=shared["baseline_probs"][base],
                 )
                 cols[(m, f"{mode}_auc_{base}")] = M.curve_auc(c)
         for how in ("multiply", "mask"):
             cc = M.confidence_change(
-                self.model, x, maps, targets=t, how=how, threshold=cfg.mask_threshold, fill=self.black, batch_size=bs
+                self.model,
+                x,
+                maps,
+                targets=t,
+                how=how,
+                threshold=cfg.mask_threshold,
+                fill=self.black,
+                batch_size=bs,
+                clean_probs=clean,
             )
             cols[(m, f"dic_{how}")], cols[(m, f"iic_{how}")] = cc["drop"], cc["increase"]
         k = len(x) if cfg.road_tiles == 0 else max(0, min(len(x), cfg.road_tiles - offset))
         if k:
             r = M.road(
-                self.model, x[:k], maps[:k], targets=t[:k], percentiles=cfg.road_percentiles, seed=cfg.seed + offset
+                self.model,
+                x[:k],
+                maps[:k],
+                targets=t[:k],
+                percentiles=cfg.road_percentiles,
+                seed=cfg.seed + offset,
+                batch_size=bs,
+                clean_probs=clean[:k],
             )
             for name in ("morf", "lerf", "combined"):
                 col = np.full(len(x), np.nan, np.float32)
@@ -214,6 +275,7 @@ class SampleScorer:
             n_samples=cfg.infidelity_samples,
             seed=cfg.seed + offset,
             max_examples_per_batch=max(bs, cfg.infidelity_samples),
+            clean_outputs=shared["softmax"],
         )
         return cols
 
