@@ -319,14 +319,15 @@ def budget(a) -> None:
     )
     print(
         "| code | tiles scored | (tile, method) pairs | forwards per pair | of which explanation passes | "
-        "score s | score / (extract + cluster) | break-even tiles per slide at per_cluster 64 |"
+        "score s | score / (extract + cluster) | break-even tiles per slide, 10 slides x 10 clusters x 64 |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in res:
         per_pair = r["images"] / r["pairs"]
-        # score time grows with the sampled tiles, extraction with the cohort's tiles
-        s64 = r["seconds"] * (64 / a.per_cluster)
-        even = s64 / (ext / n_tiles) / a.slides
+        # score time grows with the sampled tiles, extraction and clustering with the cohort's: the
+        # slide size at which 10 slides x 10 clusters x 64 sampled tiles score as long as they extract
+        s640 = r["seconds"] / r["tiles"] * 640
+        even = s640 / (ext / n_tiles) / 10
         print(
             f"| {r['name']} | {r['tiles']} | {r['pairs']} | {per_pair:.1f} | {r['grad_images'] / r['pairs']:.1f} | "
             f"{r['seconds']} | {r['seconds'] / ext:.2f} | {even:,.0f} |"

@@ -102,3 +102,27 @@ def test_eigencam_signed_runs_on_the_device():
     out = FUSED_CAMS["eigencam_signed"](a.cuda(), None)
     assert out.device.type == "cuda"
     np.testing.assert_allclose(out.cpu().numpy(), FUSED_CAMS["eigencam_signed"](a, None).numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_metrics_on_cuda_equal_cpu():
+    """The score stage's metrics with the model on the GPU (perturbed inputs built there, ROAD's
+    imputation by the batched multigrid CG) equal the CPU's, shared inputs included."""
+    from wsi_explain import metrics as M
+    from wsi_explain.metrics._common import target_probs
+
+    x = _batch(6, 64)
+    maps = np.random.default_rng(0).random((6, 7, 7)).astype(np.float32)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        model = load_model("resnet18", num_classes=3).module.eval().to(dev)
+        t = torch.zeros(6, dtype=torch.long)
+        base = M.make_baseline(x, "blur")
+        clean, pb = target_probs(model, x, t), target_probs(model, base, t)
+        curve = M.perturbation_curve(
+            model, x, maps, targets=0, steps=5, baseline=base, clean_probs=clean, baseline_probs=pb
+        )
+        dic = M.confidence_change(model, x, maps, targets=0, clean_probs=clean)["drop"]
+        road = M.road(model, x, maps, targets=0, percentiles=(30, 70), clean_probs=clean)["combined"]
+        out[dev] = (curve, dic, road)
+    for a, b in zip(out["cpu"], out["cuda"]):
+        np.testing.assert_allclose(b, a, atol=2e-3)

@@ -158,3 +158,35 @@ def mean_pool_head(num_classes: int = 2, in_dim: int = 16) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return _MeanPool(in_dim, num_classes)
+
+
+class TinySeg(nn.Module):
+    """A toy segmentation net: (N, 3, H, W) -> (N, K, H, W) per-pixel logits (an encoder at stride
+    4, a 1 x 1 classifier, bilinear upsampling back to the input)."""
+
+    def __init__(self, num_classes: int = 2, w: int = 8) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, w, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        self.classifier = nn.Conv2d(2 * w, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.classifier(self.encoder(x))
+        return nn.functional.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def tiny_seg(num_classes: int = 2) -> nn.Module:
+    """Seeded; the last class reads every feature positively (the others negatively), so it is
+    predicted everywhere and its gradient CAMs are not cut to zero by their ReLU."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        m = TinySeg(num_classes)
+        with torch.no_grad():
+            w = m.classifier.weight
+            w.copy_(-w.abs())
+            w[-1].abs_()
+    return m

@@ -113,7 +113,12 @@ def extract(
         None, help="Layer whose input is the embedding; default: final classifier."
     ),
     region: str | None = typer.Option(
-        None, help="Segmentation models: predicted (the class's predicted pixels, default) or tile."
+        None,
+        help="Segmentation models: predicted (the class's predicted pixels, default), tile, or annotation "
+        "(the annotated area under each tile).",
+    ),
+    region_labels: str | None = typer.Option(
+        None, help="With --region annotation: comma-separated annotation classes (default: all)."
     ),
     activations: bool = typer.Option(False, help="Store spatial activations (for concepts)."),
     attr_sample: int = typer.Option(64, help="Tiles per slide for non-fused methods (0 = all)."),
@@ -147,6 +152,7 @@ def extract(
         target_layer=target_layer,
         embedding_layer=embedding_layer,
         region=region,
+        region_labels=tuple(v.strip() for v in region_labels.split(",") if v.strip()) if region_labels else (),
         activations=activations,
         attr_sample=attr_sample,
         batch_size=batch_size,

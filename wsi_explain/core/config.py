@@ -122,9 +122,11 @@ class ExtractConfig(_Frozen):
     target_layer, embedding_layer : str or None
         Module names; default: last conv block, input of the final classifier (segmentation
         models: the backbone's last stage for both, its output averaged over space).
-    region : "predicted", "tile" or None
+    region : "predicted", "tile", "annotation" or None
         Segmentation models only: the target class's logit summed over the pixels predicted as
-        that class (default) or over the whole tile (:mod:`wsi_explain.explain.segmentation`).
+        that class (default), the whole tile, or the annotated area under the tile (the slide's
+        GeoJSON or label mask, rasterised per tile) (:mod:`wsi_explain.explain.segmentation`).
+    region_labels : annotation classes whose union is the ``"annotation"`` region (default: all).
     activations : bool
         Store spatial activations for concept discovery (float16, compressed).
     attr_sample : int
@@ -153,7 +155,8 @@ class ExtractConfig(_Frozen):
     target: str = "pred"
     target_layer: str | None = None
     embedding_layer: str | None = None
-    region: Literal["predicted", "tile"] | None = None
+    region: Literal["predicted", "tile", "annotation"] | None = None
+    region_labels: tuple[str, ...] = ()
     activations: bool = False
     attr_sample: int = Field(64, ge=0)
     attr_px: int = Field(56, ge=4, le=1024)
@@ -166,11 +169,19 @@ class ExtractConfig(_Frozen):
     device: str = "auto"
     amp: bool = True
 
+    @model_validator(mode="after")
+    def _check_region(self) -> ExtractConfig:
+        if self.region_labels and self.region != "annotation":
+            raise ValueError('region_labels name annotation classes: they need region="annotation"')
+        return self
+
     def result_params(self) -> dict:
         """The fields that determine the results (hashed into the manifest)."""
         d = self.model_dump(mode="json")
         for k in ("batch_size", "workers", "chunk_tiles", "device", "attr_max_batch", "reader"):
             d.pop(k, None)
+        if not d["region_labels"]:  # absent as before it existed: older runs keep their hash
+            d.pop("region_labels")
         return d
 
 

@@ -82,13 +82,20 @@ class Attributor(ABC):
                 ]
             )
 
-    def attribute(self, inputs: torch.Tensor, *, targets: torch.Tensor | np.ndarray | int | None = None) -> np.ndarray:
+    _masks: torch.Tensor | None = None  # the current sub-batch's region masks (region "mask")
+
+    def attribute(
+        self, inputs: torch.Tensor, *, targets: torch.Tensor | np.ndarray | int | None = None, masks=None
+    ) -> np.ndarray:
         """Attribution maps of ``inputs`` for ``targets``.
 
         Parameters
         ----------
         inputs : (N, 3, H, W) float tensor, normalised as the model expects; not modified.
         targets : (N,) ints, one int for all, or None for the predicted class.
+        masks : (N, H, W) bool or float, optional
+            The tiles' regions, for a segmentation model explained with ``region="mask"``
+            (annotations rasterised to the tiles).
 
         Returns
         -------
@@ -101,13 +108,24 @@ class Attributor(ABC):
             t = torch.full((len(x),), targets, dtype=torch.long, device=self.device)
         else:
             t = torch.as_tensor(targets, dtype=torch.long, device=self.device)
+        m = None if masks is None else torch.as_tensor(np.asarray(masks)).to(self.device)
+        if self.region == "mask" and m is None:
+            raise ModelError(f'{self.name}: region "mask" needs the tiles\' masks (masks=...)')
         step = max(1, self.max_batch // max(self.expansion, 1))
         outs = []
-        for i in range(0, len(x), step):
-            with torch.enable_grad():  # callers such as captum's sensitivity_max run under no_grad
-                maps = self._attribute(x[i : i + step].clone(), t[i : i + step])
-            outs.append(maps.detach().float().cpu().numpy() if isinstance(maps, torch.Tensor) else np.float32(maps))
+        try:
+            for i in range(0, len(x), step):
+                self._masks = None if m is None else m[i : i + step]
+                with torch.enable_grad():  # callers such as captum's sensitivity_max run under no_grad
+                    maps = self._attribute(x[i : i + step].clone(), t[i : i + step])
+                outs.append(maps.detach().float().cpu().numpy() if isinstance(maps, torch.Tensor) else np.float32(maps))
+        finally:
+            self._masks = None
         return np.concatenate(outs).astype(np.float32)
+
+    def _region_args(self, x: torch.Tensor, targets: torch.Tensor) -> dict:
+        """captum's ``additional_forward_args`` for a segmentation model's region, else {}."""
+        return seg.region_args(self.module, x, targets, self.region, masks=self._masks)
 
     @abstractmethod
     def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | np.ndarray:
@@ -149,9 +167,7 @@ class CaptumAttributor(Attributor):
     def _attribute(self, x, targets):
         algo = self.method(self.module)
         x.requires_grad_(True)  # a private copy (Attributor.attribute clones); gradients are wanted
-        return self._reduce(
-            algo.attribute(x, target=targets, **self.kwargs, **seg.region_args(self.module, x, targets, self.region))
-        )
+        return self._reduce(algo.attribute(x, target=targets, **self.kwargs, **self._region_args(x, targets)))
 
 
 class _IG(CaptumAttributor):
@@ -162,16 +178,16 @@ class _IG(CaptumAttributor):
 
     last_delta: np.ndarray | None = None
 
-    def attribute(self, inputs, *, targets=None) -> np.ndarray:
+    def attribute(self, inputs, *, targets=None, masks=None) -> np.ndarray:
         self.last_delta = None  # the deltas of this call's tiles, in order
-        return super().attribute(inputs, targets=targets)
+        return super().attribute(inputs, targets=targets, masks=masks)
 
     def _attribute(self, x, targets):
         from captum.attr import IntegratedGradients
 
         # captum splits the n_steps * n scaled inputs into internal batches of max_batch
         kw = {"n_steps": 50, **self.kwargs, "internal_batch_size": self.max_batch}
-        kw.update(seg.region_args(self.module, x, targets, self.region))
+        kw.update(self._region_args(x, targets))
         attr, delta = IntegratedGradients(self.module).attribute(
             x, baselines=torch.zeros_like(x), target=targets, return_convergence_delta=True, **kw
         )
@@ -202,7 +218,7 @@ class _GradientShap(CaptumAttributor):
         per_call = max(1, self.max_batch // len(x))
         gen = torch.Generator(device="cpu").manual_seed(int(self.kwargs.get("seed", 0)))
         baselines = torch.randn((8,) + tuple(x.shape[1:]), generator=gen).to(x.device) * 0.5
-        total, done, extra = None, 0, seg.region_args(self.module, x, targets, self.region)
+        total, done, extra = None, 0, self._region_args(x, targets)
         algo = GradientShap(self.module)
         # captum samples with torch's and NumPy's global RNGs: seed both, then restore the caller's
         np_state = np.random.get_state()
@@ -234,7 +250,7 @@ class _Occlusion(CaptumAttributor):
             sliding_window_shapes=(3, w, w),
             strides=(3, stride, stride),
             perturbations_per_eval=per_eval,
-            **seg.region_args(self.module, x, targets, self.region),
+            **self._region_args(x, targets),
         )
         return self._reduce(a)
 
@@ -253,7 +269,7 @@ class _NoiseTunnel(CaptumAttributor):
                 nt_samples=n,
                 nt_samples_batch_size=max(1, self.max_batch // len(x)),
                 stdevs=float(self.kwargs.get("stdevs", 0.15)),
-                **seg.region_args(self.module, x, targets, self.region),
+                **self._region_args(x, targets),
             )
         )
 
@@ -288,7 +304,7 @@ class GradCamAttributor(Attributor):
         if hasattr(cam, "batch_size") or self.name == "scorecam":
             cam.batch_size = self.max_batch
         try:
-            tg = seg.region_targets(self.module, x, targets, self.region)
+            tg = seg.region_targets(self.module, x, targets, self.region, masks=self._masks)
             return cam(input_tensor=x, targets=tg or [ClassifierOutputTarget(int(t)) for t in targets])
         finally:
             cam.activations_and_grads.release()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from wsi_explain.core.config import ExtractConfig
 
-__all__ = ["split_methods", "build_extractors"]
+__all__ = ["split_methods", "build_extractors", "build_attributors"]
 
 
 def split_methods(methods) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -55,7 +55,17 @@ def build_extractors(cfg: ExtractConfig, tile_px: int):
                 keep_activations=cfg.activations,
                 amp=cfg.amp,
                 tile_px=tile_px,
-                region=cfg.region,
+                region="mask" if cfg.region == "annotation" else cfg.region,  # masks from the annotations
             )
         )
     return out
+
+
+def build_attributors(cfg: ExtractConfig, fx, tile_px: int) -> list:
+    """The methods of ``cfg`` outside the fused pass (captum, pytorch-grad-cam), on the extractor
+    ``fx``'s model, CAM layer and region target."""
+    from wsi_explain.explain.attributors import make_attributor
+
+    _, others = split_methods(cfg.methods)
+    opts = dict(max_batch=cfg.attr_max_batch, device=cfg.device, target_layer=fx.target_layer, region=fx.region)
+    return [make_attributor(m, fx.model, tile_px=tile_px, **opts) for m in others]

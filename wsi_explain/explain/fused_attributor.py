@@ -22,11 +22,13 @@ from wsi_explain.explain.card import LoadedModel
 __all__ = ["FusedCamGroup", "FusedCamAttributor"]
 
 
-def _digest(x: torch.Tensor, targets: torch.Tensor) -> tuple:
-    """A key for a batch: shape, dtype and a BLAKE2 digest of the inputs' and targets' bytes."""
+def _digest(x: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor | None) -> tuple:
+    """A key for a batch: its shape and a BLAKE2 digest of the inputs', targets' and masks' bytes."""
     h = hashlib.blake2b(digest_size=16)
     h.update(x.detach().float().contiguous().cpu().numpy().tobytes())
     h.update(targets.detach().to(torch.int64).cpu().numpy().tobytes())
+    if masks is not None:
+        h.update(b"masks" + torch.as_tensor(masks).detach().float().contiguous().cpu().numpy().tobytes())
     return tuple(x.shape), h.hexdigest()
 
 
@@ -70,16 +72,17 @@ class FusedCamGroup:
         self._memo: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
         self.passes = self.images = 0
 
-    def cams(self, x: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def cams(self, x: torch.Tensor, targets: torch.Tensor, masks=None) -> dict[str, torch.Tensor]:
         """Layer-resolution maps ``{method: (n, h, w) float32}`` of the batch ``x`` (n, 3, H, W)
-        for ``targets`` (n,), from the memo when this exact batch was seen."""
-        key = _digest(x, targets) if self.max_entries > 0 else None
+        for ``targets`` (n,) (and the regions ``masks`` (n, H, W) of a segmentation model's
+        ``region="mask"``), from the memo when this exact batch was seen."""
+        key = _digest(x, targets, masks) if self.max_entries > 0 else None
         hit = self._memo.get(key) if key is not None else None
         if hit is not None:
             self._memo.move_to_end(key)
             return hit
         with self._fx:
-            out = self._fx.forward(x, targets=targets)
+            out = self._fx.forward(x, targets=targets, masks=masks)
         self.passes, self.images = self.passes + 1, self.images + len(x)
         maps = {m: torch.from_numpy(np.ascontiguousarray(out.cams[m])) for m in self.methods}
         if key is not None:
@@ -119,5 +122,5 @@ class FusedCamAttributor(Attributor):
         self.group = group
 
     def _attribute(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        cam = self.group.cams(x, targets)[self.name]
+        cam = self.group.cams(x, targets, masks=self._masks)[self.name]
         return F.interpolate(cam[:, None].float(), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]

@@ -181,22 +181,23 @@ def predicted_classes(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return area_shares(out)[0].argmax(1) if isinstance(module, RegionScore) else out.argmax(1)
 
 
-def region_args(module: nn.Module, x: torch.Tensor, targets: torch.Tensor, region: str) -> dict:
-    """captum keyword arguments for a :class:`RegionScore` module (the tiles' region masks), else {}."""
+def region_args(module: nn.Module, x: torch.Tensor, targets: torch.Tensor, region: str, masks=None) -> dict:
+    """captum keyword arguments for a :class:`RegionScore` module (the tiles' region masks; ``masks``
+    (N, H, W) for ``region="mask"``), else {}."""
     if not isinstance(module, RegionScore):
         return {}
     with torch.no_grad():
         seg = module.net(x)
-    return {"additional_forward_args": (region_masks(seg, targets, region=region),)}
+    return {"additional_forward_args": (region_masks(seg, targets, region=region, masks=masks),)}
 
 
-def region_targets(module: nn.Module, x: torch.Tensor, targets: torch.Tensor, region: str) -> list | None:
+def region_targets(module: nn.Module, x: torch.Tensor, targets: torch.Tensor, region: str, masks=None) -> list | None:
     """pytorch-grad-cam targets for a :class:`RegionScore` module (``SemanticSegmentationTarget`` on
-    each tile's region), else None."""
+    each tile's region; ``masks`` (N, H, W) for ``region="mask"``), else None."""
     if not isinstance(module, RegionScore):
         return None
     from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
 
     with torch.no_grad():
-        masks = region_masks(module.net(x), targets, region=region).cpu().numpy()
+        masks = region_masks(module.net(x), targets, region=region, masks=masks).cpu().numpy()
     return [SemanticSegmentationTarget(int(t), m) for t, m in zip(targets, masks)]

@@ -69,6 +69,7 @@ def attribute_tiles(
     out_px: int = 56,
     mpp: float | None = None,
     targets: np.ndarray | None = None,
+    masks: np.ndarray | None = None,
 ) -> np.ndarray:
     """Maps of ``attributor`` for the given tiles, read from the slide in batches.
 
@@ -83,6 +84,8 @@ def attribute_tiles(
         Stored map size (area-averaged from the input size).
     targets : (m,) int, optional
         Classes to explain (default: the predicted class).
+    masks : (m, H, W) bool, optional
+        The tiles' regions (a segmentation model's region target from annotations).
 
     Returns
     -------
@@ -97,7 +100,8 @@ def attribute_tiles(
         items = [ds[int(i)] for i in ids]
         imgs = np.stack([it[1].numpy() for it in items])
         t = None if targets is None else targets[s : s + batch_size]
-        maps = attributor.attribute(normalise(imgs), targets=t)
+        m = None if masks is None else masks[s : s + batch_size]
+        maps = attributor.attribute(normalise(imgs), targets=t, masks=m)
         out[s : s + len(ids)] = _pool(maps, out_px)
     return out
 

@@ -37,6 +37,7 @@ class _SlideInfo:
     ann: object = None
     mask: np.ndarray | None = None
     classes: dict = field(default_factory=dict)
+    regions: object = None  # AnnotationRegions, for a region target from annotations
 
 
 class SampleReader:
@@ -83,6 +84,19 @@ class SampleReader:
         except (tiling.AnnotationError, OSError) as exc:  # scored without localisation, and said so
             logger.warning("slide %s: annotations unusable for localisation (%s)", info.meta.get("slide_id"), exc)
             info.ann, info.mask = None, None
+
+    def target_masks(self, sample: pd.DataFrame, px: int, labels: tuple[str, ...]) -> np.ndarray:
+        """(N, px, px) bool: the annotated area (classes ``labels``, default all) under each sampled
+        tile: the region of a segmentation model explained with ``region="annotation"``."""
+        from wsi_explain.io.regions import AnnotationRegions
+
+        out = np.zeros((len(sample), px, px), bool)
+        for sid, idx in sample.groupby("slide_id").indices.items():
+            info = self._slide(sid)
+            if info.regions is None:
+                info.regions = AnnotationRegions(info.meta, labels)
+            out[idx] = info.regions.masks(info.tiles.iloc[sample["tile_id"].to_numpy()[idx].astype(int)], px)
+        return out
 
     def images(self, sample: pd.DataFrame) -> tuple[object, np.ndarray, np.ndarray]:
         """Normalised inputs (N, 3, px, px) float32 tensor on the CPU, the extraction's targets (N,)

@@ -122,9 +122,9 @@ def curve_auc(curves: np.ndarray) -> np.ndarray:
 
 
 def _perturb_by_map(x: torch.Tensor, m01: torch.Tensor, how: str, threshold: float, fill) -> torch.Tensor:
-    m = m01[:, None]
+    m = m01[:, None].to(x.device)
     if not isinstance(fill, (int, float)):  # one value per channel
-        fill = torch.as_tensor(fill, dtype=x.dtype).reshape(1, -1, 1, 1)
+        fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
     if how == "multiply":
         return fill + (x - fill) * m
     if how == "mask":
@@ -161,7 +161,7 @@ def confidence_change(
     """
     n, _, h, w = inputs.shape
     t = as_targets(targets, n)
-    x = inputs.detach().float().cpu()
+    x = inputs.detach().float().to(model_device(model))  # perturbed where the model runs
     m01 = scale_maps(as_tensor_maps(maps, (h, w)))
     y = target_probs(model, x, t, batch_size=batch_size) if clean_probs is None else np.asarray(clean_probs, np.float32)
     o = target_probs(model, _perturb_by_map(x, m01, how, threshold, fill), t, batch_size=batch_size)

@@ -31,7 +31,7 @@ from wsi_explain.core.config import ExtractConfig
 from wsi_explain.core.errors import WsiExplainError
 from wsi_explain.core.perf import PartClock
 from wsi_explain.core.run import STAGES, RunFolder, now_iso, params_hash
-from wsi_explain.explain.extractors import build_extractors, split_methods
+from wsi_explain.explain.extractors import build_attributors, build_extractors
 from wsi_explain.explain.maps import scale_maps, softmax
 from wsi_explain.stages.driver import collect, guarded, record_failure
 
@@ -62,8 +62,8 @@ class ExtractResult:
 def _probe(fx, tile_px: int):
     import torch
 
-    with fx:
-        return fx.forward(torch.zeros(1, 3, tile_px, tile_px))
+    with fx:  # an empty region for a region target from annotations
+        return fx.forward(torch.zeros(1, 3, tile_px, tile_px), masks=torch.zeros(1, tile_px, tile_px))
 
 
 def extract_slide(
@@ -76,6 +76,7 @@ def extract_slide(
     params: str,
     mpp: float | None = None,
     on_tiles: Callable[[int], None] | None = None,
+    regions=None,
 ) -> ExtractResult:
     """Run the fused pass over one slide's tiles into ``store`` (resumable).
 
@@ -90,6 +91,8 @@ def extract_slide(
         Params hash; a store made with other params is rebuilt.
     on_tiles : callable(int), optional
         Called with the number of tiles finished after each batch (progress bars).
+    regions : :class:`~wsi_explain.io.regions.AnnotationRegions`, optional
+        The annotated area under each tile, for a segmentation model's ``region="annotation"``.
     """
     from wsi_explain.io.features import create_store, read_done, store_attrs, write_chunk
     from wsi_explain.io.loader import TileDataset, chunk_batches, tile_batches
@@ -122,12 +125,12 @@ def extract_slide(
         )
         clock = PartClock()
         for (c, _), (ids, imgs, ok, errs) in zip(flat, clock.iterate("read", loader)):
-            ok = ok.numpy().astype(bool)
             with clock("normalise"):
                 x = main.normalise(imgs)
+            masks = None if regions is None else regions.masks(tiles.iloc[ids.numpy()], tile_px)
             with clock("fused"):
-                outs = [fx.forward(x) for fx in contexts]
-            _collect(bufs.setdefault(c, {}), outs, ok, list(errs), ids.numpy(), problems)
+                outs = [fx.forward(x, masks=masks) for fx in contexts]
+            _collect(bufs.setdefault(c, {}), outs, ok.numpy().astype(bool), list(errs), ids.numpy(), problems)
             n_new += len(ids)
             if on_tiles is not None:
                 on_tiles(len(ids))
@@ -219,7 +222,7 @@ def _models(cfg: ExtractConfig, tile_px: int) -> tuple[list, list]:
 
             tune_malloc()
         _MODELS.clear()
-        _MODELS[key] = (extractors, _build_attributors(cfg, extractors[0], tile_px))
+        _MODELS[key] = (extractors, build_attributors(cfg, extractors[0], tile_px))
     return _MODELS[key]
 
 
@@ -228,6 +231,7 @@ def extract_task(sid: str, run_path: str, cfg: ExtractConfig, params: str, tile_
     bad slide: returns ``{"ok": False, "error": message}`` (:func:`~wsi_explain.stages.driver.guarded`)
     so the parent records it."""
     from wsi_explain.core.executor import worker_setup
+    from wsi_explain.io.regions import AnnotationRegions
     from wsi_explain.io.tile_table import read_tile_table
 
     device = worker_setup()
@@ -241,6 +245,7 @@ def extract_task(sid: str, run_path: str, cfg: ExtractConfig, params: str, tile_
         extractors, attributors = _models(cfg, tile_px)
         load = time.perf_counter() - t0
         tiles, meta = read_tile_table(Path(run_path) / "slides" / sid / "tiles.parquet")
+        regions = AnnotationRegions(meta, cfg.region_labels) if cfg.region == "annotation" else None
         res = extract_slide(
             meta["slide_path"],
             tiles,
@@ -250,9 +255,10 @@ def extract_task(sid: str, run_path: str, cfg: ExtractConfig, params: str, tile_
             params=params,
             mpp=meta.get("level0_mpp"),
             on_tiles=on_tiles,
+            regions=regions,
         )
         res.slide_id = sid
-        res.timings.update(_run_attributors(meta, tiles, store, extractors[0], cfg, params, attributors))
+        res.timings.update(_run_attributors(meta, tiles, store, extractors[0], cfg, params, attributors, regions))
         # the unit's honest figures: wall time from start to end (model load, fused pass and every
         # attributor) and tiles per second over it; the fused pass's own time stays in timings
         n_new, wall = res.tiles_per_s * res.seconds, time.perf_counter() - t0
@@ -365,15 +371,7 @@ def run_extract_stage(
     return [results[s] for s in ids]
 
 
-def _build_attributors(cfg: ExtractConfig, fx, tile_px: int) -> list:
-    from wsi_explain.explain.attributors import make_attributor
-
-    _, others = split_methods(cfg.methods)
-    opts = dict(max_batch=cfg.attr_max_batch, device=cfg.device, target_layer=fx.target_layer, region=fx.region)
-    return [make_attributor(m, fx.model, tile_px=tile_px, **opts) for m in others]
-
-
-def _run_attributors(meta: dict, tiles, store: Path, fx, cfg: ExtractConfig, params: str, attributors: list) -> dict:
+def _run_attributors(meta: dict, tiles, store: Path, fx, cfg: ExtractConfig, params: str, attributors, regions) -> dict:
     """Methods outside the fused pass, on a seeded sample of tiles, explaining the same targets;
     returns the seconds of each (``attr:<method>``)."""
     from wsi_explain.io.features import add_attributions, attribute_tiles, open_store
@@ -384,12 +382,9 @@ def _run_attributors(meta: dict, tiles, store: Path, fx, cfg: ExtractConfig, par
     g = open_store(store, mode="r")
     ok = np.flatnonzero(np.asarray(g["status"][:]) == STATUS_OK)
     targets_all = np.asarray(g["targets"][:], np.int64)
-    rng = np.random.default_rng(cfg.seed)
-    ids = (
-        ok
-        if cfg.attr_sample == 0 or cfg.attr_sample >= len(ok)
-        else np.sort(rng.choice(ok, cfg.attr_sample, replace=False))
-    )
+    k = len(ok) if cfg.attr_sample == 0 else min(cfg.attr_sample, len(ok))
+    ids = ok if k == len(ok) else np.sort(np.random.default_rng(cfg.seed).choice(ok, k, replace=False))
+    masks = None if regions is None else regions.masks(tiles.iloc[ids], int(tiles["tile_px"].iloc[0]))
     for att in attributors:
         name = f"attributions/{att.name}"
         if name in g and g[name].attrs.get("params") == params:
@@ -405,6 +400,7 @@ def _run_attributors(meta: dict, tiles, store: Path, fx, cfg: ExtractConfig, par
             out_px=cfg.attr_px,
             mpp=meta.get("level0_mpp"),
             targets=targets_all[ids],
+            masks=masks,
         )
         add_attributions(store, att.name, ids, maps)
         open_store(store, mode="r+")[name].attrs.update({"params": params, "out_px": cfg.attr_px})

@@ -137,6 +137,7 @@ class SampleScorer:
         )
         if self.fx.region is not None:  # a segmentation model: the run's region target
             opts["region"] = self.fx.region
+        self.annotated = self.fx.region == "mask"  # the region from the slides' annotations
         self._opts = opts
         self.group = _fused_group(self.fx.model, methods, opts)  # one fused pass for all scored CAMs
         self.explainers = {m: make_explainer(m, self.fx.model, group=self.group, **opts) for m in methods}
@@ -179,23 +180,24 @@ class SampleScorer:
         cols: dict[tuple[str, str], np.ndarray] = {}
         sanity_rows: list[dict] = []
         shared = self._shared(x, t) if "faithfulness" in groups else None
+        mk = self.reader.target_masks(sample, x.shape[-1], self.ecfg.region_labels) if self.annotated else None
         for m, ex in self.explainers.items():
-            maps = ex.attribute(x, targets=t)
+            maps = ex.attribute(x, targets=t, masks=mk)
             if "faithfulness" in groups:
                 cols.update(self._faithfulness(m, x, maps, t, offset, shared))
             if "robustness" in groups:
-                cols.update(self._robustness(m, ex, x, t, offset))
+                cols.update(self._robustness(m, ex, x, t, offset, mk))
             if regions is not None:
                 cols.update(_localisation(m, maps, regions, self.cfg.mask_threshold))
             if "sanity" in groups and self.cfg.sanity_tiles > 0 and offset == 0:
-                cols.update(self._sanity(cluster, m, x, t, sanity_rows))
+                cols.update(self._sanity(cluster, m, x, t, sanity_rows, mk))
         if "faithfulness" in groups:
             for r in self.cfg.references:  # the floor every method's number is compared with
                 maps = M.reference_maps(r, len(x), tuple(x.shape[-2:]), seed=self.cfg.seed, first=offset)
                 cols.update(self._faithfulness(r, x, maps, t, offset, shared))
         if "ensemble" in groups and self.cfg.models:
             labels = sample["label_pos"].to_numpy(np.float64) if "label_pos" in sample.columns else None
-            cols.update(self._ensemble(x, t, labels))
+            cols.update(self._ensemble(x, t, labels, mk))
         return _long_values(sample, cluster, cols), pd.DataFrame(sanity_rows)
 
     def _shared(self, x: torch.Tensor, t: np.ndarray) -> dict:
@@ -279,25 +281,28 @@ class SampleScorer:
         )
         return cols
 
-    def _robustness(self, m: str, ex, x: torch.Tensor, t: np.ndarray, offset: int) -> dict:
-        """Max-sensitivity of the method's maps, keyed (method, "sensitivity")."""
+    def _robustness(self, m: str, ex, x: torch.Tensor, t: np.ndarray, offset: int, masks) -> dict:
+        """Max-sensitivity of the method's maps, keyed (method, "sensitivity"); ``masks``: the
+        tiles' regions of a target from annotations, kept for their perturbed copies."""
         cfg = self.cfg
         sens = M.sensitivity(
-            lambda z, target=None: ex.attribute(z, targets=target),
+            lambda z, target=None, masks=None: ex.attribute(z, targets=target, masks=masks),
             x,
             targets=t,
             radius=cfg.sensitivity_radius,
             n_samples=cfg.sensitivity_samples,
             seed=cfg.seed + offset,
             max_examples_per_batch=max(cfg.batch_size, cfg.sensitivity_samples),
+            masks=masks,
         )
         return {(m, "sensitivity"): sens}
 
-    def _sanity(self, cluster: int, m: str, x: torch.Tensor, t: np.ndarray, rows: list) -> dict:
+    def _sanity(self, cluster: int, m: str, x: torch.Tensor, t: np.ndarray, rows: list, masks) -> dict:
         """The cascading randomisation on the first ``sanity_tiles`` tiles: appends the curve to
         ``rows`` and returns the per-tile values after full randomisation (NaN beyond)."""
         k = min(self.cfg.sanity_tiles, len(x))
-        steps = M.cascading_randomisation(self.model, self._sanity_explain(m), x[:k], targets=t[:k], seed=self.cfg.seed)
+        explain = self._sanity_explain(m, None if masks is None else masks[:k])
+        steps = M.cascading_randomisation(self.model, explain, x[:k], targets=t[:k], seed=self.cfg.seed)
         for st in steps:
             spearman, ssim = float(np.nanmean(st["spearman"])), float(np.nanmean(st["ssim"]))
             rows.append(
@@ -316,15 +321,15 @@ class SampleScorer:
         full_sp[:k], full_ss[:k] = steps[-1]["spearman"], steps[-1]["ssim"]
         return {(m, "sanity_spearman"): full_sp, (m, "sanity_ssim"): full_ss}
 
-    def _sanity_explain(self, method: str):
+    def _sanity_explain(self, method: str, masks):
         from wsi_explain.explain.attributors import make_explainer
 
         def explain(module, z, targets):
-            return make_explainer(method, module, **self._opts).attribute(z, targets=targets)
+            return make_explainer(method, module, **self._opts).attribute(z, targets=targets, masks=masks)
 
         return explain
 
-    def _ensemble(self, x: torch.Tensor, t: np.ndarray, labels: np.ndarray | None) -> dict:
+    def _ensemble(self, x: torch.Tensor, t: np.ndarray, labels: np.ndarray | None, masks) -> dict:
         """Spread of the run's model and the ``--models`` checkpoints on the sample."""
         from wsi_explain.explain.extractors import build_extractors
         from wsi_explain.explain.fused import FusedExtractor
@@ -350,7 +355,7 @@ class SampleScorer:
                 else fx
             )
             with f:
-                out = f.forward(x, targets=t)
+                out = f.forward(x, targets=t, masks=masks)
             probs.append(torch.softmax(torch.from_numpy(out.logits), 1).numpy())
             for m in fused:
                 cams[m].append(minmax_maps(out.cams[m]))
