@@ -326,3 +326,61 @@ def test_chunking_of_the_sample_does_not_change_values(audit_run, tmp_path, monk
         out.append(pd.read_parquet(d / "cohort/tile_metrics.parquet"))
     assert out[0]["sampled"].sum() > 8
     pd.testing.assert_frame_equal(out[0], out[1])
+
+
+def test_bad_samples_are_scored_or_skipped_with_a_reason(audit_run, slides, tmp_path, monkeypatch):
+    """Sampled tiles that no longer decode (the slide file damaged after extraction), a cluster of
+    one tile and a method whose maps are all zero: every cluster is scored or skipped with a note
+    in words (manifest, outcome, CLI), the stage finishes, and a rerun keeps the notes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from wsi_explain.explain.attributors import ATTRIBUTORS, Attributor
+
+    class Zeros(Attributor):
+        name = "zeros"
+
+        def __init__(self, model, *, name="zeros", target_layer=None, tile_px=None, **kw) -> None:
+            super().__init__(model, **kw)
+
+        def _attribute(self, x, targets):
+            return torch.zeros(len(x), *x.shape[-2:])
+
+    monkeypatch.setitem(ATTRIBUTORS, "zeros", lambda model, **kw: Zeros(model, **kw))
+    d = copy_run(audit_run, tmp_path / "run")
+    for sdir in (d / "slides").iterdir():  # the annotated slide now points at a copy whose middle tiles fail
+        t = pq.read_table(sdir / "tiles.parquet")
+        meta = json.loads(t.schema.metadata[b"wsi_explain"])
+        if meta["slide_path"] == str(slides["tiff"]):
+            meta["slide_path"] = str(slides["corrupt_middle"])
+            md = {**t.schema.metadata, b"wsi_explain": json.dumps(meta).encode()}
+            pq.write_table(t.replace_schema_metadata(md), sdir / "tiles.parquet")
+    ct = pq.read_table(d / "cohort/tiles.parquet")
+    df = ct.to_pandas()
+    df.loc[df.index[0], "cluster"] = 7  # a cluster of one tile
+    pq.write_table(
+        pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(ct.schema.metadata),
+        d / "cohort/tiles.parquet",
+    )
+    cfg = ScoreConfig(
+        **{**FAST, "per_cluster": 16, "methods": ("gradcam", "zeros"), "groups": ("faithfulness", "robustness")}
+    )
+    with RunFolder(d) as run:
+        out = run_score_stage(run, cfg)
+    assert out.status == "done"
+    notes = " | ".join(out.notes)
+    assert "sampled tiles could not be read and were left out (first: slide" in notes
+    assert "cluster 7: a single tile scored: its values have no confidence interval" in notes
+    assert "zeros maps are all zero on" in notes and "gradcam maps are all zero" not in notes
+    recs = json.loads((d / "manifest.json").read_text())["stages"]["score"]["slides"].values()
+    assert [r["sample_notes"] for r in recs] == [out.notes]
+    tm = pd.read_parquet(d / "cohort/tile_metrics.parquet")
+    assert (
+        tm.loc[tm["cluster"] == 7, "sampled"].sum() == 1
+        and tm.loc[tm["sampled"], "gradcam:deletion_auc_constant"].notna().all()
+    )
+    assert (tm.loc[tm["sampled"], "zeros:sensitivity"] == 0).all()  # captum: a map that never changes
+    with RunFolder(d) as run:
+        again = run_score_stage(run, cfg)
+    assert again.status == "skipped" and again.notes == out.notes

@@ -107,6 +107,8 @@ def print_score_summary(run_path: Path, out, console) -> None:
             r["method"], r["metric"], f"{r['value']:.3g}", f"[{r['ci_low']:.3g}, {r['ci_high']:.3g}]", str(r["n_tiles"])
         )
     console.print(table)
+    for note in getattr(out, "notes", []):  # what some clusters' scores rest on
+        console.print(f"note: {note}", highlight=False)
     from wsi_explain.report.sentences import gain_sentences
 
     for line in gain_sentences(cohort):

@@ -102,11 +102,13 @@ class SampleReader:
         """Normalised inputs (N, 3, px, px) float32 tensor on the CPU, the extraction's targets (N,)
         int64, and an ok flag per tile (N,) bool (a tile that cannot be decoded is logged)."""
         imgs, tg, ok = [], [], []
+        self.errors = []  # (slide_id, tile_id, message) of this call's unreadable tiles
         for sid, tid in zip(sample["slide_id"], sample["tile_id"]):
             info = self._slide(sid)
             _, img, good, err = info.dataset[int(tid)]
             if not good:
                 logger.warning("slide %s tile %d: %s (left out of the metrics)", sid, tid, err)
+                self.errors.append((sid, int(tid), err))
             imgs.append(np.asarray(img))
             tg.append(info.targets[int(tid)])
             ok.append(bool(good))

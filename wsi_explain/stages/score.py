@@ -56,6 +56,8 @@ class ScoreOutcome:
     n_sampled: int = 0
     seconds: float = 0.0
     sanity: dict = field(default_factory=dict)
+    #: per cluster, what its scores rest on when the sample was not a plain one (in words)
+    notes: list = field(default_factory=list)
 
 
 def _cheap_metrics(run: RunFolder, tiles: pd.DataFrame, cfg: ScoreConfig, positive: int) -> pd.DataFrame:
@@ -228,24 +230,25 @@ def _sampled_metrics(
     parts_dir: Path,
     progress,
 ) -> tuple[list, list]:
-    """The expensive metrics on each cluster's sample -> (long value tables, sanity tables), one per
-    cluster. Each cluster's result is written to ``parts_dir`` as it finishes, so a killed run
-    resumes at the first cluster not done."""
+    """The expensive metrics on each cluster's sample -> (long value tables, sanity tables, one per
+    cluster; the sample notes in words). Each cluster's result is written to ``parts_dir`` as it
+    finishes, so a killed run resumes at the first cluster not done."""
     from wsi_explain.stages.score_sample import SampleScorer, sample_clusters
 
     groups = set(cfg.groups)
     if not (
         groups & {"faithfulness", "robustness", "localisation", "sanity"} or (groups & {"ensemble"} and cfg.models)
     ):
-        return [], []
+        return [], [], []
     samples = sample_clusters(tiles, per_cluster=cfg.per_cluster, seed=cfg.seed, include_noise=cfg.include_noise)
     parts_dir.mkdir(parents=True, exist_ok=True)
-    long_parts, sanity_parts = [], []
+    long_parts, sanity_parts, notes = [], [], []
     scorer = None
     for i, (c, sample) in enumerate(samples.items()):
         progress("sampled metrics", i, len(samples))
         vpath, spath = parts_dir / f"cluster_{c}.parquet", parts_dir / f"sanity_{c}.parquet"
-        if vpath.exists() and spath.exists():  # done before the run was killed
+        npath = parts_dir / f"notes_{c}.json"
+        if vpath.exists() and spath.exists() and npath.exists():  # done before the run was killed
             values, sanity = pd.read_parquet(vpath), pd.read_parquet(spath)
         else:
             if scorer is None:
@@ -256,10 +259,12 @@ def _sampled_metrics(
             values, sanity = scorer.score(c, sample)
             atomic_write_parquet(values, vpath)
             atomic_write_parquet(sanity, spath)
+            atomic_write_json(npath, scorer.notes)  # last: the cluster's part is complete
         long_parts.append(values)
         sanity_parts.append(sanity)
+        notes += json.loads(npath.read_text())
     progress("sampled metrics", len(samples), len(samples))
-    return long_parts, sanity_parts
+    return long_parts, sanity_parts, notes
 
 
 def _merge_sampled(wide: pd.DataFrame, long_parts: list) -> int:
@@ -332,7 +337,14 @@ def run_score_stage(
     run.set_config(STAGE, cfg.model_dump(mode="json"))
     if run.is_done(STAGE, COHORT, params=params, fingerprint=fp):
         rec = run.slide_record(STAGE, COHORT)
-        return ScoreOutcome("skipped", rec.get("n_rows", 0), rec.get("n_sampled", 0), 0.0, rec.get("sanity", {}))
+        return ScoreOutcome(
+            "skipped",
+            rec.get("n_rows", 0),
+            rec.get("n_sampled", 0),
+            0.0,
+            rec.get("sanity", {}),
+            rec.get("sample_notes", []),
+        )
     start = now_iso()
     progress = on_progress or (lambda what, done, total: None)
     groups = set(cfg.groups)
@@ -359,7 +371,7 @@ def run_score_stage(
     meta = {"config": cfg.model_dump(mode="json"), "methods": list(methods), "sanity": sanity_verdict}
     agg = _write_tables(cdir, wide, agg, {**meta, "cohort_row": COHORT_ROW, "positive_class": positive})
     shutil.rmtree(cdir / ".score_parts", ignore_errors=True)
-    out = ScoreOutcome("done", len(agg), n_sampled, time.perf_counter() - t0, sanity_verdict)
+    out = ScoreOutcome("done", len(agg), n_sampled, time.perf_counter() - t0, sanity_verdict, parts[2])
     run.record(
         STAGE,
         COHORT,
@@ -372,6 +384,7 @@ def run_score_stage(
         methods=list(methods),
         sanity=sanity_verdict,
         confounder_notes=notes,
+        sample_notes=parts[2],
         start=start,
         end=now_iso(),
         seconds=round(out.seconds, 3),

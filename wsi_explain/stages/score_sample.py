@@ -74,6 +74,30 @@ def _fused_group(model, methods: tuple[str, ...], opts: dict):
     return FusedCamGroup(model, methods=fused, **keep)
 
 
+def _sample_notes(cluster: int, n: int, unread: list, zero: dict) -> list[str]:
+    """What a cluster's scores rest on when the sample was not a plain one, in words: unreadable
+    tiles left out, a single tile (no interval), methods whose maps are all zero on some tiles."""
+    notes = []
+    if unread:
+        sid, tid, err = unread[0]
+        left = n - len(unread)
+        tail = f"scored on the other {left}" if left else "nothing left to score: the cluster has no sampled values"
+        notes.append(
+            f"cluster {cluster}: {len(unread)} of {n} sampled tiles could not be read and were left out "
+            f"(first: slide {sid} tile {tid}: {err}); {tail}"
+        )
+    if n - len(unread) == 1:
+        notes.append(f"cluster {cluster}: a single tile scored: its values have no confidence interval")
+    for m, k in zero.items():
+        if k:
+            notes.append(
+                f"cluster {cluster}: {m} maps are all zero on {k} of {n - len(unread)} tiles: there its "
+                "sensitivity reads 0 (a map that never changes) and deletion/insertion remove pixels in index "
+                "order, so those values say nothing about the method"
+            )
+    return notes
+
+
 def sample_clusters(
     tiles: pd.DataFrame, *, per_cluster: int, seed: int, include_noise: bool = True
 ) -> dict[int, pd.DataFrame]:
@@ -161,11 +185,13 @@ class SampleScorer:
             first ``sanity_tiles`` tiles)
         """
         vals, san = [], []
+        self._unread, self._zero = [], {}
         for s0 in range(0, len(sample), self.CHUNK):
             v, sn = self._score_chunk(cluster, sample.iloc[s0 : s0 + self.CHUNK].reset_index(drop=True), s0)
             vals.append(v)
             san.append(sn)
         values = pd.concat([v for v in vals if len(v)], ignore_index=True) if any(len(v) for v in vals) else vals[0]
+        self.notes = _sample_notes(cluster, len(sample), self._unread, self._zero)
         return values, (pd.concat(san, ignore_index=True) if san else pd.DataFrame())
 
     def _score_chunk(self, cluster: int, sample: pd.DataFrame, offset: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -173,6 +199,7 @@ class SampleScorer:
         row in the sample, which seeds the noisy metrics)."""
         groups = set(self.cfg.groups)
         x, t, ok = self.reader.images(sample)
+        self._unread += self.reader.errors
         sample, x, t = sample[ok].reset_index(drop=True), x[torch.from_numpy(ok)], t[ok]
         if len(sample) == 0:
             return pd.DataFrame(columns=VALUE_COLUMNS), pd.DataFrame()
@@ -183,6 +210,7 @@ class SampleScorer:
         mk = self.reader.target_masks(sample, x.shape[-1], self.ecfg.region_labels) if self.annotated else None
         for m, ex in self.explainers.items():
             maps = ex.attribute(x, targets=t, masks=mk)
+            self._zero[m] = self._zero.get(m, 0) + int((~np.asarray(maps).any(axis=(1, 2))).sum())
             if "faithfulness" in groups:
                 cols.update(self._faithfulness(m, x, maps, t, offset, shared))
             if "robustness" in groups:
