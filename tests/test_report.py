@@ -216,6 +216,9 @@ def test_templates_escape_every_user_controlled_field(tmp_path, field):
             clusters=[cluster],
             metrics_table=table,
             gains=[f"{v('method', 'gradcam')}: deletion_auc_blur better than the random map"],
+            sample_notes=[
+                f"cluster 0: 1 of 3 sampled tiles could not be read (first: slide {sid} tile 2: {v('error', 'x')})"
+            ],
             confounders=[f"within label 0 slides, the positive probability rises with {v('nuisance column', 'ink')}"],
             selftest={
                 "header": ("plant", "recall"),
@@ -251,6 +254,9 @@ def test_templates_escape_every_user_controlled_field(tmp_path, field):
             composition_table=table,
             metrics_table=None,
             gains=[f"{v('method', 'gradcam')}: deletion_auc_blur better than the random map"],
+            sample_notes=[
+                f"cluster 0: 1 of 3 sampled tiles could not be read (first: slide {sid} tile 2: {v('error', 'x')})"
+            ],
             sections=[{"title": "Representative tiles", "tiles": [{"slide": sid, "tile": 1, "src": ""}]}],
         ),
         render(

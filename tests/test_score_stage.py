@@ -383,4 +383,12 @@ def test_bad_samples_are_scored_or_skipped_with_a_reason(audit_run, slides, tmp_
     assert (tm.loc[tm["sampled"], "zeros:sensitivity"] == 0).all()  # captum: a map that never changes
     with RunFolder(d) as run:
         again = run_score_stage(run, cfg)
+        from wsi_explain.stages.report import run_report_stage
+
+        run_report_stage(run, thumb_px=32)
     assert again.status == "skipped" and again.notes == out.notes
+    unread = next(n for n in out.notes if "could not be read" in n)
+    page = (d / "report" / "clusters" / f"cluster_{unread.split(':')[0].split()[1]}.html").read_text()
+    assert "About the scored sample" in page and "could not be read and were left out" in page
+    index = (d / "report" / "index.html").read_text()
+    assert "cluster 7: a single tile scored" in index and "zeros maps are all zero" in index

@@ -281,7 +281,7 @@ def index_page(ctx: ReportContext, failed: list[dict]) -> Path:
         metrics_table=fragment(viz.metric_table_html(ctx.metrics, cluster=-2, info=metric_info))
         if ctx.metrics is not None
         else None,
-        gains=_gains(ctx, -2),
+        **_scored(ctx, -2),
         confounders=_confounder_lines(ctx),
         selftest=_selftest(ctx),
         sanity=sanity,
@@ -362,13 +362,14 @@ def _selftest(ctx: ReportContext) -> dict | None:
     return {"header": SELFTEST_HEADER, "rows": selftest_rows(figures), "lines": selftest_sentences(figures)}
 
 
-def _gains(ctx: ReportContext, cluster: int) -> list[str]:
-    """The "better than the random map by X [CI]" sentences of one cluster (or the cohort, -2)."""
+def _scored(ctx: ReportContext, cluster: int) -> dict:
+    """A cluster's (the cohort's: -2) ``gains`` against the reference maps and ``sample_notes``."""
     from wsi_explain.report.sentences import gain_sentences
 
-    if ctx.metrics is None:
-        return []
-    return gain_sentences(ctx.metrics[ctx.metrics.cluster == cluster])
+    notes = (ctx.run.slide_record("score", "cohort") or {}).get("sample_notes") or []
+    mine = [n for n in notes if cluster == -2 or n.startswith(f"cluster {cluster}:")]
+    gains = [] if ctx.metrics is None else gain_sentences(ctx.metrics[ctx.metrics.cluster == cluster])
+    return {"gains": gains, "sample_notes": mine}
 
 
 def cluster_page(ctx: ReportContext, row: dict) -> Path:
@@ -414,6 +415,6 @@ def cluster_page(ctx: ReportContext, row: dict) -> Path:
         metrics_table=fragment(viz.metric_table_html(ctx.metrics, cluster=c, info=metric_info))
         if mine is not None
         else None,
-        gains=_gains(ctx, c),
+        **_scored(ctx, c),
         sections=sections,
     )
