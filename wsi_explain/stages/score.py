@@ -319,6 +319,14 @@ def _fingerprint(cluster_record: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def _skipped(rec: dict) -> ScoreOutcome:
+    """The outcome of a rerun with the same inputs and parameters: the recorded figures and notes."""
+    get = rec.get
+    return ScoreOutcome(
+        "skipped", get("n_rows", 0), get("n_sampled", 0), 0.0, get("sanity", {}), get("sample_notes", [])
+    )
+
+
 def run_score_stage(
     run: RunFolder, cfg: ScoreConfig, *, on_progress: Callable[[str, int, int], None] | None = None
 ) -> ScoreOutcome:
@@ -336,15 +344,7 @@ def run_score_stage(
     fp = _fingerprint(crec)
     run.set_config(STAGE, cfg.model_dump(mode="json"))
     if run.is_done(STAGE, COHORT, params=params, fingerprint=fp):
-        rec = run.slide_record(STAGE, COHORT)
-        return ScoreOutcome(
-            "skipped",
-            rec.get("n_rows", 0),
-            rec.get("n_sampled", 0),
-            0.0,
-            rec.get("sanity", {}),
-            rec.get("sample_notes", []),
-        )
+        return _skipped(run.slide_record(STAGE, COHORT))
     start = now_iso()
     progress = on_progress or (lambda what, done, total: None)
     groups = set(cfg.groups)
