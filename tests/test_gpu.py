@@ -81,6 +81,7 @@ def test_extract_stage_on_cuda_equals_cpu(tiled, tmp_path):
         batch_size=16,
         chunk_tiles=64,
         workers=2,
+        amp=False,  # autocast has its own test; here the arrays must be the CPU's
     )
     arrays = {}
     for device in ("cpu", "cuda"):
@@ -108,6 +109,7 @@ def test_metrics_on_cuda_equal_cpu():
     """The score stage's metrics with the model on the GPU (perturbed inputs built there, ROAD's
     imputation by the batched multigrid CG) equal the CPU's, shared inputs included."""
     from wsi_explain import metrics as M
+    from wsi_explain.explain.attributors import make_explainer
     from wsi_explain.metrics._common import target_probs
 
     x = _batch(6, 64)
@@ -123,6 +125,54 @@ def test_metrics_on_cuda_equal_cpu():
         )
         dic = M.confidence_change(model, x, maps, targets=0, clean_probs=clean)["drop"]
         road = M.road(model, x, maps, targets=0, percentiles=(30, 70), clean_probs=clean)["combined"]
-        out[dev] = (curve, dic, road)
+        # the explainers the score stage recomputes maps with, targets given as a tensor on the device
+        cam = make_explainer("gradcam", model, target_layer="layer4", tile_px=64, device=dev)
+        cam = cam.attribute(x, targets=t.to(dev))
+        out[dev] = (curve, dic, road, cam)
     for a, b in zip(out["cpu"], out["cuda"]):
         np.testing.assert_allclose(b, a, atol=2e-3)
+
+
+def _synchronising_calls(fn) -> int:
+    """How many times ``fn`` waits for the GPU from the host (``.cpu()``, ``.item()``, a device to
+    host copy...), counted by torch's sync debug mode, which warns at each of them."""
+    import warnings
+
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_metrics_on_cuda_wait_for_the_gpu_per_batch_not_per_tile():
+    """No host round trip per tile: the host waits for the GPU as often for 16 tiles as for 4 (one
+    batch each), while the perturbations, ROAD's imputation and the forwards all run on the device."""
+    from wsi_explain import metrics as M
+    from wsi_explain.metrics._common import target_probs
+
+    model = load_model("resnet18", num_classes=3).module.eval().cuda()
+    counts = {}
+    for n in (4, 32):
+        x = _batch(n, 64).cuda()
+        maps = np.random.default_rng(n).random((n, 7, 7)).astype(np.float32)
+        t = torch.zeros(n, dtype=torch.long)
+        base = M.make_baseline(x, "blur")
+        clean, pb = target_probs(model, x, t), target_probs(model, base, t)
+
+        def score(x=x, maps=maps, base=base, clean=clean, pb=pb):
+            kw = dict(targets=0, batch_size=64)
+            M.perturbation_curve(model, x, maps, steps=5, baseline=base, clean_probs=clean, baseline_probs=pb, **kw)
+            M.confidence_change(model, x, maps, clean_probs=clean, **kw)
+            M.road(model, x, maps, percentiles=(30, 70), clean_probs=clean, **kw)
+
+        score()  # warm-up: cuDNN autotuning and first allocations may wait for the device
+        counts[n] = _synchronising_calls(score)
+    print("host waits for the GPU, per call of the three metrics:", counts)
+    # a wait per tile would add 28 or more; the solver may take a few more iterations for more tiles
+    assert counts[32] <= counts[4] + 6, counts

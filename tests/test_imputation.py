@@ -102,3 +102,23 @@ def test_road_scores_equal_pytorch_grad_cams_with_the_same_noise():
     np.testing.assert_allclose(ours["morf"], morf, atol=1e-5)
     np.testing.assert_allclose(ours["lerf"], lerf, atol=1e-5)
     assert np.abs(other - morf).max() > 10 * np.abs(ours["morf"] - morf).max()
+
+
+def test_road_scores_do_not_depend_on_how_many_chunks_share_a_solve():
+    """On a GPU several chunks of CHUNK tiles are imputed in one solve (one wait for the device per
+    iteration for all of them); the noise stays drawn per chunk, so the scores are the same."""
+    from tests.tiny_models import tiny_cnn
+    from wsi_explain.metrics._common import CHUNK
+
+    model = tiny_cnn(2).eval()
+    n = 2 * CHUNK + 3  # three chunks, the last one short
+    x = he_tiles(48, n)
+    before = x.clone()
+    maps = smooth_maps(n, (48, 48), seed=2)
+    kw = dict(targets=1, percentiles=(25, 75), seed=3)
+    one = M.road(model, x, maps, **kw)
+    for per_solve in (2, 3):
+        grouped = M.road(model, x, maps, chunks_per_solve=per_solve, **kw)
+        for k in ("morf", "lerf", "combined"):
+            np.testing.assert_allclose(grouped[k], one[k], atol=1e-6, err_msg=f"{k}, {per_solve} chunks per solve")
+    assert torch.equal(x, before)

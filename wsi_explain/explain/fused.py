@@ -243,7 +243,10 @@ class FusedExtractor:
             seg, (logits, class_probs) = logits, self._area_logits(logits)
         logits_f = logits.float()
         if targets is not None:
-            targets = torch.as_tensor(np.asarray(targets), dtype=torch.long, device=logits.device)
+            if isinstance(targets, torch.Tensor):  # any device (the score stage's are on the model's)
+                targets = targets.to(device=logits.device, dtype=torch.long)
+            else:
+                targets = torch.as_tensor(np.asarray(targets), dtype=torch.long, device=logits.device)
         elif self.target == "pred":
             targets = logits_f.detach().argmax(1)
         else:
