@@ -170,10 +170,10 @@ def pgc_targets(module, x: torch.Tensor, segmentation: bool) -> list:
     pred = out.argmax(1)
     k = out.shape[1]
     cls = torch.stack([(pred == c).float().mean((1, 2)) for c in range(k)], 1).argmax(1)
-    return [SemanticSegmentationTarget(int(c), (p == c).float().numpy()) for c, p in zip(cls, pred)]
+    return [SemanticSegmentationTarget(int(c), (p == c).float().cpu().numpy()) for c, p in zip(cls, pred)]
 
 
-def cam_rows(archs: list[str], reps: int, pgc_reps: int, imgs: np.ndarray) -> None:
+def cam_rows(archs: list[str], reps: int, pgc_reps: int, imgs: np.ndarray, device: str = "cpu") -> None:
     """In memory only: bare forward, the fused six CAMs and pytorch-grad-cam's six, for models
     beyond CNN classifiers (segmentation nets with a region target, ViTs with their token
     reshape). Prints a Markdown table."""
@@ -185,13 +185,15 @@ def cam_rows(archs: list[str], reps: int, pgc_reps: int, imgs: np.ndarray) -> No
     rows = []
     for arch in archs:
         lm = load_model(arch, num_classes=2)
-        fx = FusedExtractor(lm, methods=METHODS, tile_px=224)
+        fx = FusedExtractor(lm, methods=METHODS, tile_px=224, device=device)
         x = fx.normalise(imgs).contiguous(memory_format=torch.channels_last)
         module = lm.module.to(memory_format=torch.channels_last).eval()
+        dev = x.device
 
         def bare_call():
-            with torch.inference_mode():
+            with torch.inference_mode(), fx.autocast():
                 module(x)
+            sync(dev)
 
         def fused_call():
             with fx:
@@ -212,13 +214,15 @@ def cam_rows(archs: list[str], reps: int, pgc_reps: int, imgs: np.ndarray) -> No
                     cam(input_tensor=xc, targets=targets)
                 finally:
                     cam.activations_and_grads.release()
+        sync(dev)
         ref = pgc_reps * len(x) / (time.perf_counter() - t0)
         rows.append((arch, "region (predicted)" if seg else "class", r["bare"], r["fused"], ref))
         print(
             f"{arch}: bare {r['bare']:.1f}, fused {r['fused']:.1f}, pytorch-grad-cam x6 {ref:.2f} tiles/s", flush=True
         )
     print(
-        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, batch {BATCH}, 224 px\n"
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, batch {BATCH}, 224 px, "
+        f"device {device}{' ' + torch.cuda.get_device_name(device) if device.startswith('cuda') else ''}\n"
     )
     print(
         "| model | target | bare forward (tiles/s) | fused 6 CAMs (tiles/s) | fused time / bare | pytorch-grad-cam 6 CAMs (tiles/s) | fused speed-up vs pgc |"
@@ -226,6 +230,49 @@ def cam_rows(archs: list[str], reps: int, pgc_reps: int, imgs: np.ndarray) -> No
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for arch, kind, bare, fus, ref in rows:
         print(f"| {arch} | {kind} | {bare:.1f} | {fus:.1f} | {bare / fus:.2f}x | {ref:.2f} | {fus / ref:.1f}x |")
+
+
+def method_rows(archs: list[str], reps: int, imgs: np.ndarray, device: str = "cpu") -> None:
+    """Where the fused pass's time goes: the pass with no CAM (forward with the hooks, embeddings and
+    logits to the host), with one method at a time, and with all six, each against the bare forward
+    in the same interleaved rounds. Prints a Markdown table of time / bare."""
+    rows = []
+    for arch in archs:
+        lm = load_model(arch, num_classes=1000 if arch == "efficientnet_lite0" else 2)
+        five = tuple(m for m in METHODS if m != "eigencam")
+        sets = {
+            "no CAM": (),
+            **{m: (m,) for m in METHODS},
+            "eigencam_signed": ("eigencam_signed",),
+            "all six": METHODS,
+            "five + eigencam_signed": (*five, "eigencam_signed"),
+        }
+        fxs = {k: FusedExtractor(lm, methods=v, tile_px=224, device=device) for k, v in sets.items()}
+        first = next(iter(fxs.values()))
+        x = first.normalise(imgs).contiguous(memory_format=torch.channels_last)
+        module = lm.module.to(memory_format=torch.channels_last).eval()
+
+        def bare_call():
+            with torch.inference_mode(), first.autocast():
+                module(x)
+            sync(x.device)
+
+        def call(fx):
+            def run():
+                with fx:
+                    fx(x)
+
+            return run
+
+        r = interleaved({"bare": bare_call, **{k: call(fx) for k, fx in fxs.items()}}, reps, len(x))
+        rows.append((arch, r))
+        print(f"{arch}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()) + " tiles/s", flush=True)
+    names = ["no CAM", *METHODS, "eigencam_signed", "all six", "five + eigencam_signed"]
+    print(f"\nfused pass time / bare forward, batch {BATCH}, 224 px, device {device}\n")
+    print("| model | bare (tiles/s) | " + " | ".join(names) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in names) + " |")
+    for arch, r in rows:
+        print(f"| {arch} | {r['bare']:.0f} | " + " | ".join(f"{r['bare'] / r[k]:.2f}x" for k in names) + " |")
 
 
 def pipeline(
@@ -313,6 +360,7 @@ def main() -> None:
         action="store_true",
         help="in-memory rows only (bare, fused, pytorch-grad-cam), e.g. --archs fcn_resnet50 timm:vit_small_patch16_224",
     )
+    ap.add_argument("--per-method", action="store_true", help="in memory: the fused pass with each CAM alone")
     args = ap.parse_args()
     device = torch.device(args.device)
     tune_malloc()
@@ -323,8 +371,10 @@ def main() -> None:
     grid = tiling.make_grid(reader, tiling.detect_tissue(reader), tiling.GridSpec(tile_px=224, mpp=0.5))
     tiles = grid.iloc[: args.tiles].reset_index(drop=True)
     imgs = np.stack([tiling.read_tile(reader, tiles.iloc[i]) for i in range(BATCH)])
+    if args.per_method:
+        return method_rows(args.archs, args.reps, imgs, args.device)
     if args.cams_only:
-        return cam_rows(args.archs, args.reps, args.pgc_reps, imgs)
+        return cam_rows(args.archs, args.reps, args.pgc_reps, imgs, args.device)
     rows = []
     for arch in args.archs:
         lm = load_model(arch, num_classes=1000 if arch == "efficientnet_lite0" else 2)

@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from common import peak_mb  # noqa: E402
 
 
-def throughput(n: int, arch: str) -> list[tuple[str, float, float]]:
+def throughput(n: int, arch: str, device: str = "cpu") -> list[tuple[str, float, float]]:
     import torch
     import torchvision
 
@@ -59,12 +59,13 @@ def throughput(n: int, arch: str) -> list[tuple[str, float, float]]:
 
     tune_malloc()
     torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)(weights=None).eval().to(memory_format=torch.channels_last)
+    dev = torch.device(device)
+    model = getattr(torchvision.models, arch)(weights=None).eval().to(dev, memory_format=torch.channels_last)
     img, _ = synthetic_he(224 * 4, 224 * (n // 4 + 1), seed=3)
     tiles = np.stack([img[(i % 4) * 224 : (i % 4 + 1) * 224, (i // 4) * 224 : (i // 4 + 1) * 224] for i in range(n)])
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-    x = ((torch.from_numpy(tiles).float() / 255 - mean) / std).permute(0, 3, 1, 2).contiguous()
-    ex = make_explainer("gradcam", model, target_layer="layer4", tile_px=224)
+    x = ((torch.from_numpy(tiles).float() / 255 - mean) / std).permute(0, 3, 1, 2).contiguous().to(dev)
+    ex = make_explainer("gradcam", model, target_layer="layer4", tile_px=224, device=device)
     with torch.no_grad():
         t = model(x[:2]).argmax(1)
     targets = np.zeros(n, np.int64)
@@ -72,8 +73,12 @@ def throughput(n: int, arch: str) -> list[tuple[str, float, float]]:
     def timed(fn, warm=True):
         if warm:
             fn()  # warm-up on the first call is cheap relative to the runs; time a second run
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         return time.perf_counter() - t0
 
     def fwd():
@@ -112,7 +117,11 @@ def throughput(n: int, arch: str) -> list[tuple[str, float, float]]:
         "Gini + entropy (stored 7x7 maps)": lambda: (M.gini(maps[:, ::32, ::32]), M.entropy(maps[:, ::32, ::32])),
     }
     for name, fn in cases.items():
-        s = timed(fn, warm="reference" not in name)  # the reference needs no warm-up (and is slow)
+        try:
+            s = timed(fn, warm="reference" not in name)  # the reference needs no warm-up (and is slow)
+        except Exception as e:  # one failing row (a reference on a device it does not support) loses only itself
+            print(f"  {name}: failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            continue
         rows.append((name, n / s, s / base))
         print(f"  {name}: {n / s:.1f} tiles/s", file=sys.stderr, flush=True)
     del t
@@ -188,7 +197,9 @@ def score_child(run_dir: str, per_cluster: int) -> dict:
     }
 
 
-def _build_cohort(root: Path, slides: int, slide_tiles: int, tile_px: int, arch: str, clusters: int) -> tuple:
+def _build_cohort(
+    root: Path, slides: int, slide_tiles: int, tile_px: int, arch: str, clusters: int, workers: int = 0
+) -> tuple:
     """Generated cohort, tiled, extracted (six CAMs) and clustered; returns (run folder, seconds per stage)."""
     from tests.conftest import synthetic_he
     from tiling import write_pyramidal_tiff
@@ -208,7 +219,7 @@ def _build_cohort(root: Path, slides: int, slide_tiles: int, tile_px: int, arch:
         run_tile_stage(run, discover_slides(paths), TileConfig(tile_px=tile_px, mpp_target=0.5, min_tissue=0.0))
         secs["tile"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        run_extract_stage(run, ExtractConfig(arch=arch, num_classes=2, workers=0))
+        run_extract_stage(run, ExtractConfig(arch=arch, num_classes=2, workers=workers))
         secs["extract"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         run_cluster_stage(run, ClusterConfig(method="kmeans", k=clusters, pca=16))
@@ -281,7 +292,7 @@ def budget(a) -> None:
     rev = rev.strip() + (" + uncommitted changes" if dirty else "")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        run_dir, secs = _build_cohort(tmp, a.slides, a.slide_tiles, a.tile_px, a.arch, a.clusters)
+        run_dir, secs = _build_cohort(tmp, a.slides, a.slide_tiles, a.tile_px, a.arch, a.clusters, a.workers)
         import pandas as pd
 
         n_tiles = len(pd.read_parquet(run_dir / "cohort" / "tiles.parquet", columns=["tile_id"]))
@@ -296,7 +307,7 @@ def budget(a) -> None:
             codes.append((f"this checkout, steps {a.before_steps} (the old default)", REPO, {"steps": a.before_steps}))
         try:
             for i, (name, code, over) in enumerate(codes):
-                env = {**os.environ, "PYTHONPATH": str(code)}
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
                 cmd = [sys.executable, __file__, "--budget-child", str(run_dir), str(a.per_cluster), str(i), str(code)]
                 cmd += ["--overrides", json.dumps(over)]
                 p = subprocess.run(cmd, capture_output=True, text=True, cwd=code, env=env)
@@ -314,8 +325,13 @@ def budget(a) -> None:
         f"### Default scorecard: {a.slides} slides, {n_tiles} tiles of {a.tile_px} px, {a.arch} (random init), "
         f"{a.clusters} clusters, per_cluster {a.per_cluster}\n"
     )
+    import torch
+
+    dev = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU"
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {dev}, torch {torch.__version__}\n")
     print(
-        f"tile {secs['tile']:.1f} s, extract (six fused CAMs) {secs['extract']:.1f} s, cluster {secs['cluster']:.1f} s\n"
+        f"tile {secs['tile']:.1f} s, extract (six fused CAMs, {a.workers} reader workers) {secs['extract']:.1f} s, "
+        f"cluster {secs['cluster']:.1f} s\n"
     )
     print(
         "| code | tiles scored | (tile, method) pairs | forwards per pair | of which explanation passes | "
@@ -339,6 +355,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--device", default="cpu", help="part 1's device: cpu or cuda[:N]")
     ap.add_argument("--sample", type=int, default=64)
     ap.add_argument("--tile-px", type=int, default=128)
     ap.add_argument("--child", nargs=2)
@@ -349,6 +366,7 @@ def main() -> None:
     ap.add_argument("--slide-tiles", type=int, default=100)
     ap.add_argument("--clusters", type=int, default=10)
     ap.add_argument("--per-cluster", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=0, help="the budget cohort's extraction reader workers")
     ap.add_argument("--budget-child", nargs=4)
     ap.add_argument("--overrides", default="{}", help="ScoreConfig fields of a budget child (JSON)")
     ap.add_argument("--before-steps", type=int, default=16, help="the deletion steps of the --before default")
@@ -373,10 +391,11 @@ def main() -> None:
         f"threads {torch.get_num_threads()})\n"
     )
     print(
-        f"Command: `.venv/bin/python benchmarks/bench_metrics.py --n {a.n} --arch {a.arch} --sample {a.sample} --tile-px {a.tile_px}`\n"
+        f"Command: `.venv/bin/python benchmarks/bench_metrics.py --n {a.n} --arch {a.arch} --device {a.device} --sample {a.sample} --tile-px {a.tile_px}`\n"
     )
-    rows = throughput(a.n, a.arch)
-    print(f"### Throughput on {a.n} tiles of 224 px, {a.arch} (random init), Grad-CAM maps\n")
+    rows = throughput(a.n, a.arch, a.device)
+    gpu = f" on {torch.cuda.get_device_name(a.device)}" if a.device.startswith("cuda") else ""
+    print(f"### Throughput on {a.n} tiles of 224 px, {a.arch} (random init), Grad-CAM maps{gpu}\n")
     print("| metric | tiles/s | cost in forwards per tile |\n| --- | ---: | ---: |")
     for name, tps, ratio in rows:
         print(f"| {name} | {tps:.1f} | {ratio:.1f} |")
