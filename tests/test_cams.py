@@ -210,3 +210,26 @@ def test_signed_eigencam_in_the_fused_pass(model_and_batch):
             h.remove()
     ref = np.maximum(get_2d_projection_with_sign_correction(seen["a"].float().numpy()), 0)
     np.testing.assert_allclose(out.cams["eigencam_signed"], ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(24, 512, 7, 7), (6, 384, 14, 14), (2, 256, 28, 28)], ids=["7x7", "14x14", "28x28"])
+def test_top_eigenvector_by_squaring_equals_eigh(shape):
+    """``eigencam_signed``'s GPU route (repeated squaring, products only) against ``eigh`` (its CPU
+    route): the same map once the sign rule is applied, on ReLU'd activations of three grid sizes."""
+    from wsi_explain.explain.cams import top_eigenvector
+
+    a = torch.relu(torch.randn(*shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
+    x = a.flatten(2).transpose(1, 2)
+    x = x - x.mean(1, keepdim=True)
+    gram = x @ x.transpose(1, 2)
+    before = gram.clone()
+    evals, evecs = torch.linalg.eigh(gram)
+    v, lam = top_eigenvector(gram)
+    assert torch.equal(gram, before)
+    np.testing.assert_allclose(lam.numpy(), evals[:, -1].numpy(), rtol=1e-10)
+    ref = evecs[..., -1] * evals[:, -1:].sqrt()
+    ours = v * lam[:, None].sqrt()
+    ours = ours * torch.sign((ours * ref).sum(1, keepdim=True))
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-8 * ref.abs().max().item())
+    zero_v, zero_lam = top_eigenvector(torch.zeros(2, 5, 5, dtype=torch.float64))
+    assert not zero_v.any() and not zero_lam.any()
