@@ -271,14 +271,18 @@ def test_cli_extract(run_dir, tmp_path):
         "0",
         "--target",
         "tumour",
+        "--decoder",
+        "openslide",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "tiles/s" in res.stdout and "2 slide(s) extracted, 0 failed" in res.stdout
     g = zarr.open_group(str(run_dir / "slides/generic/features.zarr"), mode="r")
     assert g.attrs["class_names"] == ["benign", "tumour"] and (np.asarray(g["targets"][:]) == 1).all()
-    bad = subprocess.run(cmd[:-2] + ["--target", "nonsense"], capture_output=True, text=True, cwd=REPO)
+    bad = subprocess.run(cmd[:-4] + ["--target", "nonsense"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "nonsense" in bad.stderr
+    bad = subprocess.run(cmd[:-1] + ["nvjpeg"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "decoder" in bad.stderr and "openslide" in bad.stderr
     unsafe = tmp_path / "unsafe.pt"
     from tests.tiny_models import Unsafe
 
@@ -290,14 +294,19 @@ def test_cli_extract(run_dir, tmp_path):
 
 
 def test_readers_give_identical_results(tiled, tmp_path):
-    """Threads, worker processes and the calling thread read the same tiles into the same arrays."""
+    """Threads, worker processes and the calling thread read the same tiles into the same arrays,
+    whether the TIFF's tiles are decoded directly (the default) or by OpenSlide; the decoder is an
+    execution setting, outside the results' hash."""
     out = {}
-    for reader, workers in (("threads", 2), ("processes", 2), ("threads", 0)):
-        d = copy_run(tiled, tmp_path / f"{reader}{workers}")
+    runs = (("threads", 2, "auto"), ("processes", 2, "auto"), ("threads", 0, "auto"), ("threads", 2, "openslide"))
+    for reader, workers, decoder in runs:
+        d = copy_run(tiled, tmp_path / f"{reader}{workers}{decoder}")
         with RunFolder(d) as run:
-            run_extract_stage(run, _cfg(reader=reader, workers=workers), slide_ids=["corrupt_middle"])
-        out[(reader, workers)] = _arrays(d / "slides/corrupt_middle/features.zarr")
-    ref = out[("threads", 0)]
+            cfg = _cfg(reader=reader, workers=workers, decoder=decoder)
+            run_extract_stage(run, cfg, slide_ids=["corrupt_middle"])
+        out[(reader, workers, decoder)] = _arrays(d / "slides/corrupt_middle/features.zarr")
+    assert _cfg(decoder="openslide").result_params() == _cfg().result_params()
+    ref = out[("threads", 0, "auto")]
     assert (ref["status"] == STATUS_READ_ERROR).any()  # decode failures included
     for key, arrs in out.items():
         for k in ref:

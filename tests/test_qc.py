@@ -81,6 +81,13 @@ def test_tile_read_errors_are_nan_or_raised(slides):
         assert qc.drop(index=errors)["brightness"].notna().all()
         with pytest.raises(tiling.TileReadError, match="corrupt_middle"):
             tiling.compute_tile_qc(r, tiles, tm.stains, threads=1)
+    # only the tiles that touch the broken JPEG data fail: an OpenSlide handle fails every read after
+    # its first failure, so it is re-opened; the direct TIFF decoder has no such state. Both agree.
+    with tiling.TiffTileReader(slides["corrupt_middle"]) as d:
+        direct = []
+        tiling.compute_tile_qc(d, tiles, tm.stains, threads=2, on_error=lambda i, e: direct.append(i))
+    assert sorted(errors) == sorted(direct)
+    assert set(range(max(errors), len(tiles))) - set(errors)  # tiles after the broken ones are measured
 
 
 def test_staining_strength_follows_the_planted_stain(real_fields):

@@ -104,3 +104,67 @@ def test_real_aperio_slide(cmu_slide):
         assert tile.shape == (224, 224, 3)
         # H&E: tissue tiles are far from white
         assert tile.mean() < 200
+
+
+def _random_regions(reader, n, rng):
+    """``n`` (location, level, size) reads over every level: on the level's pixel grid (the direct
+    decoder's) or between its pixels (OpenSlide's), some past the slide's edges."""
+    for i in range(n):
+        level = i % reader.info.level_count
+        d = reader.info.level_downsamples[level]
+        w, h = reader.info.level_dimensions[level]
+        x, y = int(rng.integers(-40, w + 10)), int(rng.integers(-40, h + 10))
+        loc = (round(x * d), round(y * d)) if i % 5 else (int(x * d) + 1, int(y * d) + 1)
+        yield loc, level, (int(rng.integers(1, 400)), int(rng.integers(1, 400)))
+
+
+@pytest.mark.parametrize("kind", ["tiff", "svs"])
+def test_direct_tiff_decoder_gives_openslides_pixels(slides, kind):
+    from tiling.tiffreader import TiffTileReader
+
+    rng = np.random.default_rng(3)
+    with OpenSlideReader(slides[kind]) as ref, TiffTileReader(slides[kind], cache_mb=2) as ours:
+        assert ours.info == ref.info
+        for loc, level, size in _random_regions(ref, 120, rng):
+            a, b = ref.read_region(loc, level, size), ours.read_region(loc, level, size)
+            assert b.shape == a.shape and b.dtype == np.uint8
+            np.testing.assert_array_equal(b, a, err_msg=f"{kind} level {level} at {loc}, {size}")
+        assert ours._cached_bytes <= 2e6 or len(ours._cache) == 1  # the cache stays within its bound
+        np.testing.assert_array_equal(
+            ours.read_level(ref.info.level_count - 1), ref.read_level(ref.info.level_count - 1)
+        )
+
+
+@pytest.mark.real_data
+def test_direct_tiff_decoder_on_a_real_aperio_slide(cmu_slide):
+    rng = np.random.default_rng(4)
+    with OpenSlideReader(cmu_slide) as ref, open_slide(cmu_slide, decoder="auto") as ours:
+        assert type(ours).__name__ == "TiffTileReader"
+        for loc, level, size in _random_regions(ref, 60, rng):
+            np.testing.assert_array_equal(ours.read_region(loc, level, size), ref.read_region(loc, level, size))
+
+
+def test_open_slide_decoder_choice_and_errors(slides, tmp_path):
+    from tiling.tiffreader import TiffTileReader, tiff_levels
+
+    assert type(open_slide(slides["tiff"])).__name__ == "OpenSlideReader"  # the default
+    assert isinstance(open_slide(slides["svs"], decoder="auto"), TiffTileReader)
+    with OpenSlideReader(slides["tiff"]) as r:
+        assert tiff_levels(slides["tiff"], r.info.level_dimensions) is not None
+        assert tiff_levels(slides["tiff"], [(7, 7)]) is None  # no page of that size: OpenSlide reads it
+    with pytest.raises(ValueError, match="decoder"):
+        open_slide(slides["tiff"], decoder="nvjpeg")
+    with pytest.raises(tiling.SlideError, match="empty.svs"):
+        open_slide(slides["empty"], decoder="auto")
+    # a tile whose JPEG data is zeroed: an error naming the file and the tile, the reader still usable
+    with TiffTileReader(slides["corrupt_middle"]) as r:
+        w, h = r.info.level_dimensions[0]
+        with pytest.raises(tiling.TileReadError, match=r"corrupt_middle\.tif.*failed to decode region at .*TIFF tile"):
+            for y in range(0, h, 256):
+                r.read_region((w // 2, y), 0, (64, 64))
+        assert r.read_region((0, 0), 0, (32, 32)).shape == (32, 32, 3)
+    # worker processes re-open it by path
+    r2 = pickle.loads(pickle.dumps(TiffTileReader(slides["tiff"])))
+    np.testing.assert_array_equal(
+        r2.read_region((100, 100), 0, (50, 50)), open_slide(slides["tiff"]).read_region((100, 100), 0, (50, 50))
+    )

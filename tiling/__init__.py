@@ -32,6 +32,7 @@ from .qc import QC_COLUMNS, compute_tile_qc, sharpness, tile_measures
 from .readers import ArrayReader, OpenSlideReader, SlideInfo, SlideReader, open_slide
 from .stain import StainVectors, estimate_stains, glass_level, optical_density, standard_stains
 from .thumbnail import grid_thumbnail
+from .tiffreader import TiffTileReader
 from .tissue import MASK_CODES, TissueMask, detect_tissue, tissue_mask_from_rgb
 from .writer import write_pyramidal_tiff, write_svs, write_tiled_tiff
 
@@ -60,6 +61,7 @@ __all__ = [
     "SlideReader",
     "TILE_COLUMNS",
     "TileReadError",
+    "TiffTileReader",
     "TissueMask",
     "compute_tile_qc",
     "detect_ink",

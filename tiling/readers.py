@@ -302,11 +302,14 @@ class ArrayReader:
         pass
 
 
-def open_slide(path: str | Path, *, mpp: float | None = None) -> SlideReader:
+def open_slide(path: str | Path, *, mpp: float | None = None, decoder: str = "openslide") -> SlideReader:
     """Open a slide file with the right reader.
 
     PNG and JPEG files become an :class:`ArrayReader` (they need ``mpp``, since they carry none);
-    everything else is opened with OpenSlide.
+    everything else is opened with OpenSlide. ``decoder="auto"`` reads the pixels of a tiled TIFF
+    (generic pyramidal TIFF, Aperio SVS with JPEG tiles) straight from its tiles
+    (:class:`~tiling.tiffreader.TiffTileReader`, same pixels, about half OpenSlide's time per tile)
+    and any other file with OpenSlide; ``"tiff"`` requires the direct reader.
 
     Raises
     ------
@@ -330,4 +333,16 @@ def open_slide(path: str | Path, *, mpp: float | None = None) -> SlideReader:
         while min(arr.shape[0], arr.shape[1]) // (d[-1] * 4) >= 64:
             d.append(d[-1] * 4)
         return ArrayReader(arr, mpp=mpp, downsamples=tuple(d), name=str(path))
+    if decoder not in ("openslide", "auto", "tiff"):
+        raise ValueError(f"decoder must be 'openslide', 'auto' or 'tiff', got {decoder!r}")
+    if decoder != "openslide":
+        from .tiffreader import TiffTileReader, tiff_levels
+
+        if decoder == "tiff":
+            return TiffTileReader(path, mpp=mpp)
+        reader = OpenSlideReader(path, mpp=mpp)
+        if tiff_levels(path, reader.info.level_dimensions) is not None:
+            reader.close()
+            return TiffTileReader(path, mpp=mpp)
+        return reader
     return OpenSlideReader(path, mpp=mpp)

@@ -125,6 +125,9 @@ def extract(
     batch_size: int = typer.Option(32),
     workers: int = typer.Option(2, help="Tile-reading threads or processes (0: read in the main thread)."),
     reader: str = typer.Option("auto", help="auto (threads on CPU, processes on CUDA), threads or processes."),
+    decoder: str = typer.Option(
+        "auto", help="auto (tiled TIFF/SVS tiles decoded directly, else OpenSlide) or openslide."
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     seed: int = typer.Option(0),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -158,6 +161,7 @@ def extract(
         batch_size=batch_size,
         workers=workers,
         reader=reader,
+        decoder=decoder,
         device=device,
         seed=seed,
     )

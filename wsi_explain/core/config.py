@@ -140,6 +140,9 @@ class ExtractConfig(_Frozen):
         How tiles are read: background threads in the main process, or DataLoader worker
         processes; "auto" = threads on CPU (worker processes cost throughput on small CPUs),
         processes on CUDA (the CPU is then free to decode).
+    decoder : {"auto", "openslide"}
+        "auto" decodes a tiled TIFF's (or SVS's) tiles directly, the same pixels in a fraction of
+        OpenSlide's time (:class:`tiling.tiffreader.TiffTileReader`); other files use OpenSlide.
     batch_size, workers, chunk_tiles, device, amp :
         Execution settings; they do not change the results, so they are not in the params hash.
     """
@@ -165,6 +168,7 @@ class ExtractConfig(_Frozen):
     batch_size: int = Field(32, ge=1, le=4096)
     workers: int = Field(2, ge=0, le=64)
     reader: Literal["auto", "threads", "processes"] = "auto"
+    decoder: Literal["auto", "openslide"] = "auto"
     chunk_tiles: int = Field(256, ge=1, le=65536)
     device: str = "auto"
     amp: bool = True
@@ -178,7 +182,7 @@ class ExtractConfig(_Frozen):
     def result_params(self) -> dict:
         """The fields that determine the results (hashed into the manifest)."""
         d = self.model_dump(mode="json")
-        for k in ("batch_size", "workers", "chunk_tiles", "device", "attr_max_batch", "reader"):
+        for k in ("batch_size", "workers", "chunk_tiles", "device", "attr_max_batch", "reader", "decoder"):
             d.pop(k, None)
         if not d["region_labels"]:  # absent as before it existed: older runs keep their hash
             d.pop("region_labels")
@@ -191,15 +195,11 @@ class ClusterConfig(_Frozen):
     Attributes
     ----------
     method : {"hdbscan", "kmeans"}
-    k : int
-        Clusters for k-means.
-    min_cluster_size : int or None
-        HDBSCAN's; None = max(5, min(100, n // 50)).
+    k : int, clusters for k-means.
+    min_cluster_size : int or None, HDBSCAN's; None = max(5, min(100, n // 50)).
     min_samples : int or None
-    pca : int
-        PCA dimensions before the k-NN (0 = none).
-    l2 : bool
-        L2-normalise embeddings (after PCA).
+    pca : int, PCA dimensions before the k-NN (0 = none).
+    l2 : bool, L2-normalise embeddings (after PCA).
     n_neighbors, min_dist : UMAP's.
     cluster_dims : int
         UMAP dimensions HDBSCAN clusters in (the 2-D one is for display).

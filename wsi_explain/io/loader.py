@@ -35,11 +35,14 @@ class TileDataset(Dataset):
         The slide's tile table (x, y, level, read_w, read_h, tile_px).
     mpp : float, optional
         Level-0 µm per pixel override used at tiling time.
+    decoder : {"auto", "openslide"}
+        :func:`tiling.open_slide`'s: "auto" decodes a tiled TIFF's tiles directly (same pixels).
     """
 
-    def __init__(self, path: str, tiles: pd.DataFrame, *, mpp: float | None = None) -> None:
+    def __init__(self, path: str, tiles: pd.DataFrame, *, mpp: float | None = None, decoder: str = "auto") -> None:
         self.path = str(path)
         self.mpp = mpp
+        self.decoder = decoder
         cols = ["x", "y", "level", "read_w", "read_h", "tile_px"]
         self._rows = tiles[cols].to_numpy(np.int64)
         self._local = threading.local()  # one slide handle per reading thread (and per process)
@@ -50,7 +53,7 @@ class TileDataset(Dataset):
     def _get_reader(self):
         loc = self._local
         if getattr(loc, "reader", None) is None or loc.pid != os.getpid():
-            loc.reader = tiling.open_slide(self.path, mpp=self.mpp)
+            loc.reader = tiling.open_slide(self.path, mpp=self.mpp, decoder=self.decoder)
             loc.pid = os.getpid()
         return loc.reader
 

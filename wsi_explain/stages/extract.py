@@ -108,7 +108,7 @@ def extract_slide(
     )
     done = read_done(g)
     pending = np.flatnonzero(~done)
-    dataset = TileDataset(slide_path, tiles, mpp=mpp)
+    dataset = TileDataset(slide_path, tiles, mpp=mpp, decoder=cfg.decoder)
     chunks = chunk_batches(pending, chunk=cfg.chunk_tiles, batch=cfg.batch_size)
     problems: list[str] = []
     n_new = 0

@@ -67,7 +67,7 @@ def tile_slide(source: SlideSource, cfg: TileConfig, out_dir: Path, *, fingerpri
         Any per-slide problem (open, mpp, tissue, decode, annotations), naming the slide.
     """
     t0 = time.perf_counter()
-    reader = tiling.open_slide(source.path, mpp=source.mpp)
+    reader = tiling.open_slide(source.path, mpp=source.mpp, decoder="auto")
     try:
         tissue = tiling.detect_tissue(
             reader, target_mpp=cfg.tissue_mpp, min_object_um2=cfg.min_object_um2, find_ink=cfg.find_ink
