@@ -77,7 +77,9 @@ class TiffTileReader:
     """A tiled TIFF (generic pyramidal TIFF, Aperio SVS with JPEG tiles) read tile by tile.
 
     Same interface and pixels as :class:`~tiling.readers.OpenSlideReader`, whose metadata
-    (``info``), associated images and reads of regions off the level's pixel grid it uses.
+    (``info``), associated images and reads of regions off the level's pixel grid it uses. Unlike an
+    OpenSlide handle it is not thread-safe (one file position, one cache): one reader per thread, as
+    the extraction's readers and the QC's threads have (a pickled copy re-opens the file).
 
     Parameters
     ----------
