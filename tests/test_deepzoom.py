@@ -224,3 +224,26 @@ def test_a_moved_slide_is_named_and_the_rest_works(audit_run, tmp_path):
     assert not any("could not be built" in t for t in texts)
     status = doc.get_model_by_name("dz_status")
     assert "gone.svs" in status.text and "cannot be shown" in status.text
+
+
+def test_tiles_decoded_directly_equal_openslides_in_every_thread(pyramid):
+    """The tile server reads a tiled TIFF through one direct decoder per serving thread (the decoder
+    is not thread-safe); what it serves is OpenSlide's pixels."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tiling import TiffTileReader
+
+    dz, _ = pyramid
+    tiles = [(z, x, y) for z in (2, 3, 4) for x in range(3) for y in range(2)]
+    assert isinstance(dz._direct("generic"), TiffTileReader)
+    with ThreadPoolExecutor(4) as pool:
+        direct = list(pool.map(lambda t: dz.tissue_rgb("generic", *t), tiles))
+    dz._local.readers = {"generic": None}  # this thread: OpenSlide's reader
+    try:
+        for t, got in zip(tiles, direct):
+            ref = dz.tissue_rgb("generic", *t)
+            assert (got is None) == (ref is None)
+            if ref is not None:
+                np.testing.assert_array_equal(got, ref, err_msg=str(t))
+    finally:
+        dz._local.readers = {}
