@@ -152,6 +152,14 @@ def test_open_slide_decoder_choice_and_errors(slides, tmp_path):
     with OpenSlideReader(slides["tiff"]) as r:
         assert tiff_levels(slides["tiff"], r.info.level_dimensions) is not None
         assert tiff_levels(slides["tiff"], [(7, 7)]) is None  # no page of that size: OpenSlide reads it
+    # uncompressed YCbCr would come out of tifffile unconverted: left to OpenSlide; plain RGB is read
+    import tifffile
+
+    img = np.zeros((64, 64, 3), np.uint8)
+    tifffile.imwrite(tmp_path / "ycc.tif", img, tile=(16, 16), photometric="ycbcr", subsampling=(1, 1))
+    tifffile.imwrite(tmp_path / "rgb.tif", img, tile=(16, 16), photometric="rgb")
+    assert tiff_levels(tmp_path / "ycc.tif", [(64, 64)]) is None
+    assert tiff_levels(tmp_path / "rgb.tif", [(64, 64)]) == [0]
     with pytest.raises(ValueError, match="decoder"):
         open_slide(slides["tiff"], decoder="nvjpeg")
     with pytest.raises(tiling.SlideError, match="empty.svs"):

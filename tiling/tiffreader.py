@@ -61,7 +61,7 @@ def tiff_levels(path: str | Path, level_dimensions) -> list[int] | None:
                     and p.samplesperpixel == 3
                     and p.bitspersample == 8
                     and p.planarconfig == 1
-                    and p.photometric in (2, 6)  # RGB, YCbCr
+                    and (p.photometric == 2 or (p.photometric == 6 and p.compression == 7))  # RGB; YCbCr in JPEG
                     and p.imagedepth == 1
                 ]
                 if not match:
