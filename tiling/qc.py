@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import TileReadError
-from .readers import OpenSlideReader, SlideReader
+from .readers import SlideReader
 from .stain import FOREGROUND_OD, StainVectors, od_lut, standard_stains
 
 __all__ = ["QC_COLUMNS", "sharpness", "tile_measures", "compute_tile_qc"]
@@ -204,7 +204,6 @@ def compute_tile_qc(
     out = np.full((len(rows), len(cols)), np.nan, np.float32)
 
     def work(part: range, r: SlideReader) -> None:
-        own = r is not reader
         try:
             for i in part:
                 try:
@@ -213,15 +212,10 @@ def compute_tile_qc(
                     if on_error is None:
                         raise
                     on_error(i, exc)
-                    if isinstance(r, OpenSlideReader):  # its handle fails every read after a failure
-                        fresh = pickle.loads(pickle.dumps(r))
-                        if own:
-                            r.close()
-                        r, own = fresh, True
                     continue
                 out[i] = [m[c] for c in cols]
         finally:
-            if own:
+            if r is not reader:
                 r.close()
 
     n_threads = max(1, min(int(threads), len(rows) // 64 + 1))

@@ -199,6 +199,11 @@ class OpenSlideReader:
                 (int(location[0]), int(location[1])), int(level), (int(size[0]), int(size[1]))
             )
         except openslide.OpenSlideError as exc:
+            # an OpenSlide handle fails every read after a failed one: re-open it, so that the next
+            # region (QC, extraction and deep zoom read on past a corrupt tile) is read for real
+            self._slide.close()
+            self._slide = None
+            self._open()
             raise TileReadError(
                 self._path, f"failed to decode region at {tuple(location)} (level {level}, size {tuple(size)}): {exc}"
             ) from exc
@@ -335,14 +340,14 @@ def open_slide(path: str | Path, *, mpp: float | None = None, decoder: str = "op
         return ArrayReader(arr, mpp=mpp, downsamples=tuple(d), name=str(path))
     if decoder not in ("openslide", "auto", "tiff"):
         raise ValueError(f"decoder must be 'openslide', 'auto' or 'tiff', got {decoder!r}")
-    if decoder != "openslide":
-        from .tiffreader import TiffTileReader, tiff_levels
+    if decoder == "openslide":
+        return OpenSlideReader(path, mpp=mpp)
+    from .tiffreader import TiffTileReader
 
-        if decoder == "tiff":
-            return TiffTileReader(path, mpp=mpp)
-        reader = OpenSlideReader(path, mpp=mpp)
-        if tiff_levels(path, reader.info.level_dimensions) is not None:
-            reader.close()
-            return TiffTileReader(path, mpp=mpp)
+    if decoder == "tiff":
+        return TiffTileReader(path, mpp=mpp)
+    reader = OpenSlideReader(path, mpp=mpp)
+    try:
+        return TiffTileReader(path, mpp=mpp, openslide=reader)
+    except SlideOpenError:  # not a tiled TIFF it decodes: OpenSlide reads the pixels too
         return reader
-    return OpenSlideReader(path, mpp=mpp)

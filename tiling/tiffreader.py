@@ -88,6 +88,8 @@ class TiffTileReader:
         Level-0 µm per pixel override.
     cache_mb : float
         Decoded tiles kept (least recently used dropped first); 32 MB hold 42 tiles of 512 px.
+    openslide : OpenSlideReader, optional
+        The file's OpenSlide reader when the caller already opened it (then owned by this reader).
 
     Raises
     ------
@@ -96,15 +98,23 @@ class TiffTileReader:
         (:func:`tiff_levels`; :func:`~tiling.readers.open_slide` then uses OpenSlide).
     """
 
-    def __init__(self, path: str | Path, *, mpp: float | None = None, cache_mb: float = 32.0) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        mpp: float | None = None,
+        cache_mb: float = 32.0,
+        openslide: OpenSlideReader | None = None,
+    ) -> None:
         self._path = Path(path)
         self._mpp = mpp
         self._cache_mb = cache_mb
-        self._os = OpenSlideReader(path, mpp=mpp)
+        self._os = openslide if openslide is not None else OpenSlideReader(path, mpp=mpp)
         self.info = self._os.info
         pages = tiff_levels(self._path, self.info.level_dimensions)
         if pages is None:
-            self._os.close()
+            if openslide is None:  # a handle given by the caller stays the caller's
+                self._os.close()
             raise SlideOpenError(self._path, "not a tiled 8-bit RGB TIFF with JPEG, deflate, LZW or no compression")
         self._open_tiff(pages)
 
@@ -127,7 +137,7 @@ class TiffTileReader:
     def path(self) -> Path:
         return self._path
 
-    def _tile(self, level: int, index: int, where: str = "") -> np.ndarray | None:
+    def _tile(self, level: int, index: int, region: tuple = ()) -> np.ndarray | None:
         """Decoded tile ``index`` of ``level`` (th, tw, 3) uint8, None where the file has none."""
         key = (level, index)
         hit = self._cache.get(key)
@@ -144,6 +154,7 @@ class TiffTileReader:
             data = fh.read(count)
             tile = page.decode(data, index, jpegtables=page.jpegtables)[0][0]
         except Exception as exc:  # imagecodecs' and tifffile's errors have no common base
+            where = f" at {tuple(region[0])} (level {level}, size {tuple(region[1])})" if region else ""
             raise TileReadError(
                 self._path,
                 f"failed to decode region{where}: TIFF tile {index} of level {level} ({type(exc).__name__}: {exc})",
@@ -173,7 +184,7 @@ class TiffTileReader:
         cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
         for r in range(cy0 // th, (cy1 - 1) // th + 1 if cy1 > cy0 else cy0 // th):
             for c in range(cx0 // tw, (cx1 - 1) // tw + 1 if cx1 > cx0 else cx0 // tw):
-                tile = self._tile(level, r * across + c, f" at {tuple(location)} (level {level}, size {tuple(size)})")
+                tile = self._tile(level, r * across + c, (location, size))
                 if tile is None:
                     continue
                 # the part of this tile inside both the region and the image, in level pixels

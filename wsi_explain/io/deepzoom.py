@@ -184,14 +184,13 @@ class DeepZoomTiles:
             mine = self._local.readers = {}
         if slide_id not in mine:
             from tiling.errors import SlideError
-            from tiling.tiffreader import TiffTileReader, tiff_levels
+            from tiling.tiffreader import TiffTileReader
 
-            s, info = self.slides[slide_id], self._reader(slide_id).info
+            s = self.slides[slide_id]
             try:
-                ok = tiff_levels(s.path, info.level_dimensions) is not None
-                mine[slide_id] = TiffTileReader(s.path, mpp=s.mpp, cache_mb=8) if ok else None
-            except SlideError:
-                mine[slide_id] = None  # OpenSlide's reader serves it
+                mine[slide_id] = TiffTileReader(s.path, mpp=s.mpp, cache_mb=8)
+            except SlideError:  # another format (or unreadable): the shared OpenSlide reader serves it
+                mine[slide_id] = None
         return mine[slide_id]
 
     def _coarsest(self, slide_id: str) -> np.ndarray:
