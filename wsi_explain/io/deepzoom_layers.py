@@ -121,29 +121,20 @@ class OverlayTiles:
 
     def methods(self, slide_id: str) -> list[str]:
         """The maps stored for a slide (CAMs, then attributions)."""
-        from wsi_explain.io.features import open_store
+        from wsi_explain.io.features import open_store, stored_methods
 
         if slide_id not in self._methods:
             p = self.run_path / "slides" / slide_id / "features.zarr"
-            g = open_store(p) if slide_id in self._tiles and p.exists() else {}
-            out = sorted(g["cams"].keys()) if "cams" in g else []
-            self._methods[slide_id] = out + (sorted(g["attributions"].keys()) if "attributions" in g else [])
+            self._methods[slide_id] = stored_methods(open_store(p)) if slide_id in self._tiles and p.exists() else []
         return self._methods[slide_id]
 
     def _maps(self, slide_id: str, method: str) -> tuple[np.ndarray, np.ndarray]:
-        from wsi_explain.io.features import open_store, read_cams
+        from wsi_explain.io.features import open_store, read_maps
 
         t = self._tiles[slide_id]
         g = open_store(self.run_path / "slides" / slide_id / "features.zarr")
-        ids = t["tile_id"].to_numpy(np.int64)
-        boxes = t[["x", "y", "size0"]].to_numpy(np.float64)
-        if f"cams/{method}" in g:
-            return boxes, read_cams(g, method, ids)
-        have = np.asarray(g[f"attributions/{method}/tile_ids"][:], np.int64)
-        rows = {int(k): i for i, k in enumerate(have)}
-        sel = [i for i, k in enumerate(ids) if int(k) in rows]
-        maps = np.asarray(g[f"attributions/{method}/maps"][:], np.float32)
-        return boxes[sel], maps[[rows[int(ids[i])] for i in sel]]
+        have, maps = read_maps(g, method, t["tile_id"].to_numpy(np.int64))
+        return t[["x", "y", "size0"]].to_numpy(np.float64)[have], maps
 
     def _check_method(self, slide_id: str, method: str) -> None:
         if not isinstance(method, str) or not SAFE_ID.match(method) or method not in self.methods(slide_id):

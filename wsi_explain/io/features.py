@@ -16,10 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 __all__ = [
     "open_store",
     "read_cams",
+    "stored_methods",
+    "read_maps",
     "attribute_tiles",
     "add_attributions",
     "create_store",
@@ -47,6 +50,38 @@ def read_cams(store, method: str, idx: np.ndarray | slice | None = None) -> np.n
         maps = np.asarray(store[f"cams/{method}"].oindex[np.asarray(sel)], np.float32)
         scale = np.asarray(store[f"cams_scale/{method}"].oindex[np.asarray(sel)], np.float32)
     return maps * scale[:, None, None]
+
+
+def stored_methods(store) -> list[str]:
+    """The maps a slide's store holds: its fused CAMs (every tile), then the attributions of its
+    sampled tiles, each sorted by name."""
+    cams = sorted(store["cams"].keys()) if "cams" in store else []
+    return cams + (sorted(store["attributions"].keys()) if "attributions" in store else [])
+
+
+def read_maps(store, method: str, tile_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A stored method's maps for the tiles ``tile_ids`` (m,) int.
+
+    Returns
+    -------
+    have : (m,) bool, the tiles that have the map (all of them for a fused CAM; the sampled ones
+        for an attribution).
+    maps : (have.sum(), h, w) float32, in the order of ``tile_ids``: raw CAMs (:func:`read_cams`) or
+        the attribution maps as stored.
+
+    Raises KeyError for a method the store does not hold.
+    """
+    ids = np.asarray(tile_ids, np.int64).reshape(-1)
+    if f"cams/{method}" in store:
+        return np.ones(len(ids), bool), read_cams(store, method, ids)
+    if f"attributions/{method}" not in store:
+        raise KeyError(f"no stored maps for method {method!r}")
+    have_ids = np.asarray(store[f"attributions/{method}/tile_ids"][:], np.int64)
+    pos = pd.Index(have_ids).get_indexer(ids)
+    have = pos >= 0
+    arr = store[f"attributions/{method}/maps"]
+    maps = np.asarray(arr.oindex[pos[have]], np.float32) if have.any() else np.zeros((0,) + arr.shape[1:], np.float32)
+    return have, maps
 
 
 def _pool(maps: np.ndarray, px: int) -> np.ndarray:

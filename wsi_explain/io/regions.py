@@ -46,21 +46,28 @@ class AnnotationRegions:
                 "(give them to `wsi-explain tile` with --annotations)",
             )
 
-    def masks(self, tiles: pd.DataFrame, px: int) -> np.ndarray:
-        """(n, px, px) bool: the annotated area of the chosen classes under each tile (rows of the
-        slide's tile table, level-0 geometry), at ``px`` pixels per tile edge."""
+    def class_masks(self, tiles: pd.DataFrame, px: int) -> dict[str, np.ndarray]:
+        """{annotation class: (n, px, px) bool} under each tile (rows of the slide's tile table,
+        level-0 geometry), at ``px`` pixels per tile edge; every class (a label mask's background,
+        class 0, is none)."""
         import tiling
 
+        if self.ann is not None:
+            return tiling.geojson_tile_masks(tiles, self.ann, px=px)
+        dims = tuple(self.meta["level0_dimensions"])
+        lab = tiling.mask_tile_labels(tiles, self.mask, slide_dimensions=dims, px=px)
+        return {name: lab == i for i, name in self.classes.items()}
+
+    def masks(self, tiles: pd.DataFrame, px: int, labels: tuple[str, ...] | None = None) -> np.ndarray:
+        """(n, px, px) bool: the annotated area of the chosen classes (``labels``, default the
+        instance's) under each tile, at ``px`` pixels per tile edge."""
+        import tiling
+
+        chosen = self.labels if labels is None else {tiling.label_column(lab) for lab in labels}
         out = np.zeros((len(tiles), px, px), bool)
         if not len(tiles):
             return out
-        if self.ann is not None:
-            per_class = tiling.geojson_tile_masks(tiles, self.ann, px=px)
-        else:
-            dims = tuple(self.meta["level0_dimensions"])
-            lab = tiling.mask_tile_labels(tiles, self.mask, slide_dimensions=dims, px=px)
-            per_class = {name: lab == i for i, name in self.classes.items()}
-        for name, mk in per_class.items():
-            if not self.labels or tiling.label_column(name) in self.labels:
+        for name, mk in self.class_masks(tiles, px).items():
+            if not chosen or tiling.label_column(name) in chosen:
                 out |= mk
         return out

@@ -5,7 +5,7 @@ every sampled tile of that slide."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +34,7 @@ class _SlideInfo:
     meta: dict
     targets: np.ndarray
     dataset: object  # TileDataset: one slide handle per slide, reused for every sampled tile
-    ann: object = None
-    mask: np.ndarray | None = None
-    classes: dict = field(default_factory=dict)
-    regions: object = None  # AnnotationRegions, for a region target from annotations
+    annotations: object = None  # AnnotationRegions, None for a slide without usable annotations
 
 
 class SampleReader:
@@ -73,29 +70,26 @@ class SampleReader:
 
     def _load_annotations(self, info: _SlideInfo) -> None:
         import tiling
+        from wsi_explain.io.regions import AnnotationRegions
 
+        if not (info.meta.get("annotations") or info.meta.get("label_mask")):
+            return
         try:
-            if info.meta.get("annotations"):
-                info.ann = tiling.read_geojson(info.meta["annotations"])
-            elif info.meta.get("label_mask"):
-                info.mask = tiling.read_label_mask(info.meta["label_mask"])
-                names = info.meta.get("label_classes") or {}
-                info.classes = {int(i): names.get(str(int(i)), f"class_{int(i)}") for i in np.unique(info.mask)}
+            info.annotations = AnnotationRegions(info.meta)
         except (tiling.AnnotationError, OSError) as exc:  # scored without localisation, and said so
             logger.warning("slide %s: annotations unusable for localisation (%s)", info.meta.get("slide_id"), exc)
-            info.ann, info.mask = None, None
 
     def target_masks(self, sample: pd.DataFrame, px: int, labels: tuple[str, ...]) -> np.ndarray:
         """(N, px, px) bool: the annotated area (classes ``labels``, default all) under each sampled
-        tile: the region of a segmentation model explained with ``region="annotation"``."""
+        tile: the region of a segmentation model explained with ``region="annotation"``. A slide
+        without usable annotations raises the error that names it."""
         from wsi_explain.io.regions import AnnotationRegions
 
         out = np.zeros((len(sample), px, px), bool)
         for sid, idx in sample.groupby("slide_id").indices.items():
             info = self._slide(sid)
-            if info.regions is None:
-                info.regions = AnnotationRegions(info.meta, labels)
-            out[idx] = info.regions.masks(info.tiles.iloc[sample["tile_id"].to_numpy()[idx].astype(int)], px)
+            ann = info.annotations or AnnotationRegions(info.meta)  # raises, naming the slide
+            out[idx] = ann.masks(info.tiles.iloc[sample["tile_id"].to_numpy()[idx].astype(int)], px, labels)
         return out
 
     def images(self, sample: pd.DataFrame) -> tuple[object, np.ndarray, np.ndarray]:
@@ -126,16 +120,9 @@ class SampleReader:
         any_ann = False
         for sid, idx in sample.groupby("slide_id").indices.items():
             info = self._slide(sid)
-            rows = info.tiles.iloc[sample["tile_id"].to_numpy()[idx].astype(int)]
-            if info.ann is not None:
-                masks = tiling.geojson_tile_masks(rows, info.ann, px=px)
-            elif info.mask is not None:
-                lab = tiling.mask_tile_labels(
-                    rows, info.mask, slide_dimensions=tuple(info.meta["level0_dimensions"]), px=px
-                )
-                masks = {name: lab == i for i, name in info.classes.items() if i != 0}
-            else:
+            if info.annotations is None:
                 continue
+            masks = info.annotations.class_masks(info.tiles.iloc[sample["tile_id"].to_numpy()[idx].astype(int)], px)
             any_ann = True
             grades = grades_for(list(masks), self.positive, self.grades)
             pos = {tiling.label_column(p) for p in self.positive}

@@ -47,9 +47,9 @@ class TileImages:
         return sorted(self._tiles)
 
     def methods(self, slide_id: str) -> list[str]:
-        _, _, g = self._slide(slide_id)
-        out = sorted(g["cams"].keys()) if "cams" in g else []
-        return out + (sorted(g["attributions"].keys()) if "attributions" in g else [])
+        from wsi_explain.io.features import stored_methods
+
+        return stored_methods(self._slide(slide_id)[2])
 
     def check(self, slide_id: str, tile_id: int) -> None:
         """Raise :class:`TileImageError` unless the tile is in the cohort (ids come from URLs)."""
@@ -82,17 +82,14 @@ class TileImages:
 
     def map(self, slide_id: str, tile_id: int, method: str) -> np.ndarray | None:
         """The stored map of a method for a tile (raw, at its stored resolution), or None."""
-        from wsi_explain.io.features import read_cams
+        from wsi_explain.io.features import read_maps
 
         _, _, g = self._slide(slide_id)
-        if f"cams/{method}" in g:
-            return read_cams(g, method, np.array([int(tile_id)]))[0]
-        if f"attributions/{method}" in g:
-            ids = np.asarray(g[f"attributions/{method}/tile_ids"][:])
-            hit = np.flatnonzero(ids == int(tile_id))
-            if len(hit):
-                return np.asarray(g[f"attributions/{method}/maps"][int(hit[0])], np.float32)
-        return None
+        try:
+            have, maps = read_maps(g, method, np.array([int(tile_id)]))
+        except KeyError:
+            return None
+        return maps[0] if have[0] else None
 
     def png(self, slide_id: str, tile_id: int, *, method: str = "none", size: int = 128, fmt: str = "png") -> bytes:
         """PNG (or ``fmt="jpeg"``) of a tile: plain (``method="none"``), with one method's overlay,

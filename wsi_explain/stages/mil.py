@@ -73,10 +73,6 @@ def _score(model, bag: np.ndarray, target: int) -> tuple[float, int]:
     return float(p[target]), int(p.argmax())
 
 
-def _prob(model, bag: np.ndarray, target: int) -> float:
-    return _score(model, bag, target)[0]
-
-
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman of the finite pairs (NaN with fewer than 3, or a constant side)."""
     from wsi_explain.metrics.sanity import spearman_rows
@@ -128,7 +124,7 @@ def _counterfactuals(model, bags: dict, rel: dict, tiles: pd.DataFrame, cfg: Mil
         for sid, (e, _) in bags.items()
     }
     for sid, (emb, ok) in bags.items():
-        cl, before = cl_of[sid], _prob(model, emb[ok], cfg.target)
+        cl, before = cl_of[sid], _score(model, emb[ok], cfg.target)[0]
         for c in clusters:
             if (cl[ok] == c).any():
                 keep = ok & (cl != c)
@@ -147,7 +143,7 @@ def _counterfactuals(model, bags: dict, rel: dict, tiles: pd.DataFrame, cfg: Mil
             pool = np.concatenate(pool) if pool else np.zeros((0, emb.shape[1]), np.float32)
             if len(pool):
                 add = pool[rng.choice(len(pool), min(cfg.add_tiles, len(pool)), replace=False)]
-                after = _prob(model, np.concatenate([emb[ok], add]), cfg.target)
+                after = _score(model, np.concatenate([emb[ok], add]), cfg.target)[0]
                 rows.append(("add_cluster_to_negative", c, sid, before, after, f"{len(add)} tiles added", -1))
     cols = ["kind", "cluster", "slide_id", "prob_before", "prob_after", "note", "pred_after"]
     out = pd.DataFrame(rows, columns=cols)

@@ -62,7 +62,7 @@ class ScoreOutcome:
 
 def _cheap_metrics(run: RunFolder, tiles: pd.DataFrame, cfg: ScoreConfig, positive: int) -> pd.DataFrame:
     """Complexity of every stored map and the stored ensemble's spread, slide by slide."""
-    from wsi_explain.io.features import open_store, read_cams
+    from wsi_explain.io.features import open_store, read_maps, stored_methods
     from wsi_explain.io.tile_table import read_tile_table, tissue_cells
 
     groups = set(cfg.groups)
@@ -75,18 +75,10 @@ def _cheap_metrics(run: RunFolder, tiles: pd.DataFrame, cfg: ScoreConfig, positi
         out = pd.DataFrame(index=df.index)
         scale = float(meta["tissue_mask_scale"])
         if "complexity" in groups:
-            for m in list(g["cams"].keys()) if "cams" in g else []:
-                maps = read_cams(g, m, ids)
-                cells = tissue_cells(df, sdir / "tissue.png", scale, *maps.shape[1:])
-                out[f"{m}:gini"], out[f"{m}:entropy"] = M.gini(maps), M.entropy(maps)
-                out[f"{m}:tissue_share"] = M.mass_share(maps, cells)
-            for m in list(g["attributions"].keys()) if "attributions" in g else []:
-                a_ids = np.asarray(g[f"attributions/{m}/tile_ids"][:], np.int64)
-                pos = pd.Index(a_ids).get_indexer(ids)
-                have = pos >= 0
+            for m in stored_methods(g):  # CAMs on every tile, attributions on the sampled ones
+                have, maps = read_maps(g, m, ids)
                 if not have.any():
                     continue
-                maps = np.asarray(g[f"attributions/{m}/maps"].oindex[pos[have]], np.float32)
                 cells = tissue_cells(df[have], sdir / "tissue.png", scale, *maps.shape[1:])
                 for name, fn in (("gini", M.gini), ("entropy", M.entropy)):
                     col = np.full(len(df), np.nan, np.float32)
