@@ -128,3 +128,56 @@ def test_score_stage_keeps_the_annotated_region(seg_run):
     tm = pd.read_parquet(run_dir / "cohort" / "tile_metrics.parquet")
     s = tm.loc[tm["sampled"], ["gradcam:sensitivity", "hirescam:sensitivity", "gradcam:deletion_auc_blur"]]
     assert np.isfinite(s.to_numpy()).any(axis=0).all()
+
+
+def test_score_stage_reads_the_metrics_over_the_annotated_region(seg_run):
+    """The score stage's faithfulness metrics read each tile's target probability over its
+    annotated region (the region the maps explain), fixed from the unperturbed tile: the stage's
+    values equal the metric functions called with those regions, and differ from the whole tile's
+    reading on tiles the annotation covers in part."""
+    import wsi_explain.metrics as M
+    from wsi_explain.core.config import ScoreConfig
+    from wsi_explain.io.regions import AnnotationRegions
+    from wsi_explain.io.tile_table import read_tile_table
+    from wsi_explain.metrics._common import target_probs
+    from wsi_explain.stages.score_sample import SampleScorer
+
+    run_dir, ecfg, res = seg_run
+    sid = next(s for s, r in res.items() if r.status == "done")
+    tiles, meta = read_tile_table(run_dir / "slides" / sid / "tiles.parquet")
+    inside = AnnotationRegions(meta).masks(tiles, 32).mean((1, 2))
+    part = np.flatnonzero((inside > 0.1) & (inside < 0.9))[:6]
+    assert len(part) >= 3
+    sample = tiles.iloc[part][["tile_id"]].assign(slide_id=sid).reset_index(drop=True)
+    cfg = ScoreConfig(steps=4, baselines=("blur",), road_percentiles=(50,), infidelity_samples=2, references=())
+    scorer = SampleScorer(run_dir, cfg, ecfg, ("gradcam",), ("Tumour",), 32)
+    x, t, ok = scorer.reader.images(sample)
+    assert ok.all()
+    mk = scorer.reader.target_masks(sample, 32, ecfg.region_labels)
+    sh = scorer._shared(x, t, mk)
+    regions = sh["regions"]
+    assert torch.equal(regions, torch.as_tensor(mk).float())
+    assert np.allclose(sh["clean"], target_probs(scorer.model, x, torch.as_tensor(t), regions=regions), atol=1e-6)
+    assert not np.allclose(
+        sh["clean"], target_probs(scorer.model, x, torch.as_tensor(t)), atol=1e-4
+    )  # not the whole tile
+    maps = M.reference_maps("random", len(x), (32, 32), seed=0)
+    cols = scorer._faithfulness("random", x, maps, t, 0, sh)
+    kw = dict(targets=t, regions=regions)
+    curve = M.perturbation_curve(scorer.model, x, maps, baseline=sh["baseline"]["blur"], steps=4, **kw)
+    assert np.allclose(cols[("random", "deletion_auc_blur")], M.curve_auc(curve), atol=1e-6)
+    dic = M.confidence_change(scorer.model, x, maps, how="mask", threshold=cfg.mask_threshold, fill=scorer.black, **kw)
+    assert np.allclose(cols[("random", "dic_mask")], dic["drop"], atol=1e-6)
+    road = M.road(scorer.model, x, maps, percentiles=(50,), seed=cfg.seed, **kw)
+    assert np.allclose(cols[("random", "road_combined")], road["combined"], atol=1e-6)
+    inf = M.infidelity_score(
+        scorer.model,
+        x,
+        maps,
+        noise_std=cfg.infidelity_noise,
+        n_samples=2,
+        seed=cfg.seed,
+        max_examples_per_batch=max(cfg.batch_size, 2),
+        **kw,
+    )
+    assert np.allclose(cols[("random", "infidelity")], inf, rtol=1e-5, atol=1e-8)

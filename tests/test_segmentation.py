@@ -149,21 +149,122 @@ def test_captum_methods_take_the_region_target():
         assert sc.target_layer == "net.backbone.16" and sc.layer is dict(lm.module.named_modules())["net.backbone.16"]
 
 
-def test_metrics_read_the_soft_area_share():
-    from wsi_explain.explain.segmentation import AreaShareNet, metric_module
+def test_metrics_read_the_region_target():
+    """The metrics' module reads the target class's mean probability over each tile's region
+    (fixed from the unperturbed tile): the soft area share without regions or on an empty region,
+    the same weights and layer names as the network."""
+    from wsi_explain.explain.segmentation import RegionProbNet, metric_module, metric_regions
     from wsi_explain.metrics._common import target_probs
 
     lm = load_model("lraspp_mobilenet_v3_large", num_classes=3)
     m = metric_module(lm.module)
-    assert isinstance(m, AreaShareNet) and m.net is lm.module.net  # the same weights and layer names
+    assert isinstance(m, RegionProbNet) and m.net is lm.module.net  # the same weights and layer names
     assert {n for n, _ in m.named_modules()} == {n for n, _ in lm.module.named_modules()}
-    x = torch.randn(2, 3, PX, PX, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(3, 3, PX, PX, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        soft = torch.softmax(lm.module(x), 1).mean((2, 3))
-    p = target_probs(m, x, torch.tensor([0, 2]))
-    assert np.allclose(p, [soft[0, 0], soft[1, 2]], atol=1e-5)
+        seg = lm.module(x)
+    t = torch.stack([torch.bincount(p.flatten(), minlength=3).argmax() for p in seg.argmax(1)])  # largest area
+    soft = torch.softmax(seg, 1)
+    assert np.allclose(target_probs(m, x, t), soft.mean((2, 3))[torch.arange(3), t], atol=1e-5)
+    regions = metric_regions(m, x, t, region="predicted", batch_size=2)
+    assert regions.shape == (3, PX, PX) and torch.equal(regions, (seg.argmax(1) == t[:, None, None]).float())
+    regions[2] = 0  # an empty region reads the whole tile
+    want = [float((soft[i, t[i]] * regions[i]).sum() / regions[i].sum()) for i in range(2)]
+    want.append(float(soft[2, t[2]].mean()))
+    assert np.allclose(target_probs(m, x, t, regions=regions), want, atol=1e-5)
+    given = torch.zeros(3, PX // 2, PX // 2)
+    given[:, :10, :10] = 1  # a given mask, resized to the tile (nearest)
+    big = metric_regions(m, x, t, region="mask", masks=given)
+    assert big.shape == (3, PX, PX) and int(big[0].sum()) == 400
+    assert metric_regions(load_model("resnet18", num_classes=3).module, x, t, region=None) is None
     clf = load_model("resnet18", num_classes=3)
     assert metric_module(clf.module) is clf.module
+
+
+class _OneRegion(torch.nn.Module):
+    """A classifier-shaped view of a RegionProbNet that reads every input over one fixed region."""
+
+    def __init__(self, net, region):
+        super().__init__()
+        self.net, self.region = net, region
+
+    def forward(self, x):
+        return self.net(x, self.region.expand(len(x), -1, -1))
+
+
+def test_every_faithfulness_metric_reads_each_tiles_own_region():
+    """Deletion/insertion, DiC, ROAD and infidelity with ``regions``: each tile's values equal the
+    same metric on that tile alone with a model that reads that tile's region (so the regions
+    follow their tiles through batching, imputation and captum's expansion), and differ from the
+    whole-tile reading."""
+    import wsi_explain.metrics as M
+    from wsi_explain.explain.segmentation import metric_module, metric_regions
+
+    torch.manual_seed(0)
+    m = metric_module(load_model("lraspp_mobilenet_v3_large", num_classes=2).module)
+    with torch.no_grad():  # a random-init head is nearly flat: sharpen it so that regions differ
+        for conv in (m.net.classifier.low_classifier, m.net.classifier.high_classifier):
+            conv.weight.mul_(200.0)
+    x = torch.randn(2, 3, PX, PX, generator=torch.Generator().manual_seed(8))
+    maps = torch.rand(2, 6, 6, generator=torch.Generator().manual_seed(9)).numpy()
+    t = torch.tensor([0, 1])
+    regions = metric_regions(m, x, t, region="predicted")
+    assert all(0.05 < float(r.mean()) < 0.95 for r in regions), regions.mean((1, 2))
+    x0 = x.clone()
+
+    def run(model, z, mp, tt, **kw):
+        out = {
+            "del": M.perturbation_curve(model, z, mp, targets=tt, steps=4, batch_size=3, **kw),
+            "ins": M.perturbation_curve(model, z, mp, targets=tt, mode="insertion", steps=4, **kw),
+            "dic": M.confidence_change(model, z, mp, targets=tt, how="mask", **kw)["score_perturbed"],
+        }
+        out.update(
+            {f"road_{k}": v for k, v in M.road(model, z, mp, targets=tt, percentiles=(30, 70), noise=0.0, **kw).items()}
+        )
+        return out
+
+    both = run(m, x, maps, t, regions=regions)
+    whole = run(m, x, maps, t)
+    for i in range(2):
+        alone = run(_OneRegion(m, regions[i : i + 1]), x[i : i + 1], maps[i : i + 1], t[i : i + 1])
+        for k, v in alone.items():
+            assert np.allclose(both[k][i], v[0], atol=1e-5), (k, i)
+        inf = M.infidelity_score(
+            m, x[i : i + 1], maps[i : i + 1], targets=t[i : i + 1], n_samples=4, regions=regions[i : i + 1]
+        )
+        ref = M.infidelity_score(
+            _OneRegion(m, regions[i : i + 1]), x[i : i + 1], maps[i : i + 1], targets=t[i : i + 1], n_samples=4
+        )
+        assert np.allclose(inf, ref, rtol=1e-4, atol=1e-7), i
+    assert not np.allclose(both["del"], whole["del"], atol=1e-4)  # the region is not the tile
+    assert torch.equal(x, x0)  # inputs not modified
+
+
+def test_a_perturbation_outside_the_region_leaves_the_score_unchanged():
+    """With a per-pixel segmentation net (1 x 1 convolution), the deletion curve read over the
+    predicted region stays at the clean probability while only pixels outside the region are
+    removed, and falls once the region's own pixels go; read over the whole tile it moves at once."""
+    import wsi_explain.metrics as M
+    from wsi_explain.explain.segmentation import SegmentationNet, metric_module, metric_regions
+
+    net = torch.nn.Conv2d(3, 2, 1)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[[[4.0]], [[0.0]], [[0.0]]], [[[-4.0]], [[0.0]], [[0.0]]]]))
+        net.bias.zero_()
+    m = metric_module(SegmentationNet(net).eval())
+    x = torch.full((1, 3, 16, 16), -0.1)  # class 1, weakly (probability of class 0: 0.31) ...
+    x[:, :, :, :8] = 1.0  # ... but class 0 on the left half
+    t = torch.tensor([0])
+    regions = metric_regions(m, x, t, region="predicted")
+    assert int(regions.sum()) == 128
+    maps = np.zeros((1, 16, 16), np.float32)
+    maps[0, :, 8:] = 1.0  # the right half (outside the region) is the most relevant
+    base = torch.full_like(x, -1.0)  # a deleted pixel is class 1, surely
+    kw = dict(targets=t, baseline=base, steps=4)
+    inside = M.perturbation_curve(m, x, maps, regions=regions, **kw)[0]
+    tile = M.perturbation_curve(m, x, maps, **kw)[0]
+    assert np.allclose(inside[:3], inside[0]) and inside[0] > 0.99 and inside[4] < 0.01
+    assert tile[2] < tile[1] - 0.05 < tile[0] - 0.1  # the whole-tile reading drops as soon as the right half goes
 
 
 @pytest.mark.slow
@@ -223,4 +324,5 @@ def test_run_on_the_demo_cohort_with_a_segmentation_model(demo_run, tmp_path):
         __import__("pyarrow.parquet").parquet.read_schema(run / "cohort/tiles.parquet").metadata[b"wsi_explain"]
     )
     assert meta["task"] == "segmentation"
-    assert "The model segments" in (run / "report/index.html").read_text()
+    html = (run / "report/index.html").read_text()
+    assert "The model segments" in html and "mean probability over that same region" in html

@@ -30,7 +30,8 @@ __all__ = [
     "segmentation_layer",
     "TORCHVISION_SEGMENTATION",
     "RegionScore",
-    "AreaShareNet",
+    "RegionProbNet",
+    "metric_regions",
     "as_region_module",
     "metric_module",
     "predicted_classes",
@@ -159,19 +160,63 @@ def as_region_module(module: nn.Module) -> nn.Module:
     return RegionScore(module) if type(module) is SegmentationNet else module
 
 
-class AreaShareNet(SegmentationNet):
-    """(N, K) log of each class's mean softmax probability over the tile: its softmax is the soft
-    area share of each class. What the saliency metrics perturb and read for a segmentation model
-    (their "target probability" becomes the target class's soft area share). Shares the network
-    (and so the layer names) of the :class:`SegmentationNet` it was made from."""
+class RegionProbNet(SegmentationNet):
+    """What the saliency metrics perturb and read for a segmentation model: ``forward(x, regions)``
+    -> (N, K) log of each class's mean softmax probability over each tile's region ``regions``
+    (N, H, W) (0/1 or weights; resized to the logits' size, nearest), so that its softmax is the
+    region's mean probability of each class, a probability like a classifier's. The region is the
+    one the explanation targets, fixed from the unperturbed tile (:func:`metric_regions`): the
+    metrics read how much of the region's score survives a perturbation. Without regions, or for
+    a tile whose region is empty, the whole tile (its classes' soft area shares). Shares the
+    network (and so the layer names) of the :class:`SegmentationNet` it was made from."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.log(torch.softmax(super().forward(x).float(), 1).mean((2, 3)) + _EPS)
+    def forward(self, x: torch.Tensor, regions: torch.Tensor | None = None) -> torch.Tensor:
+        prob = torch.softmax(super().forward(x).float(), 1)
+        if regions is None:
+            return torch.log(prob.mean((2, 3)) + _EPS)
+        r = regions.to(device=prob.device, dtype=prob.dtype)
+        if r.ndim != 3 or r.shape[0] != len(x):
+            raise ModelError(f"regions must be (N, H, W) for {len(x)} tiles, got {tuple(r.shape)}")
+        if r.shape[1:] != prob.shape[2:]:
+            r = nn.functional.interpolate(r[:, None], size=prob.shape[2:], mode="nearest")[:, 0]
+        area = r.sum((1, 2))
+        r = torch.where((area > 0)[:, None, None], r, torch.ones_like(r))  # an empty region: the tile
+        return torch.log((prob * r[:, None]).sum((2, 3)) / r.sum((1, 2))[:, None] + _EPS)
 
 
 def metric_module(module: nn.Module) -> nn.Module:
-    """The module the metrics call: :class:`AreaShareNet` for a segmentation net, else itself."""
-    return AreaShareNet(module.net).eval() if type(module) is SegmentationNet else module
+    """The module the metrics call: :class:`RegionProbNet` for a segmentation net, else itself."""
+    return RegionProbNet(module.net).eval() if type(module) is SegmentationNet else module
+
+
+@torch.no_grad()
+def metric_regions(
+    module: nn.Module,
+    x: torch.Tensor,
+    targets,
+    *,
+    region: str | None,
+    masks=None,
+    batch_size: int = 32,
+) -> torch.Tensor | None:
+    """(N, H, W) float32 region of each unperturbed tile that the metrics read a segmentation
+    model's target probability over (on CPU), or None for a classifier (``region`` None).
+
+    The explanation's own region target (:func:`region_masks` of the unperturbed logits): the
+    pixels predicted as the target class (``"predicted"``), the whole tile (``"tile"``) or the
+    given ``masks`` (N, H', W') (``"mask"``). ``module``: the :class:`SegmentationNet` (or its
+    :class:`RegionProbNet`); ``x`` (N, 3, H, W) normalised tiles; ``targets`` (N,) classes.
+    """
+    if region is None or not isinstance(module, SegmentationNet):
+        return None
+    t = torch.as_tensor(targets, dtype=torch.long).reshape(-1).expand(len(x))
+    dev = next(module.parameters()).device
+    out = []
+    for s in range(0, len(x), batch_size):
+        seg = SegmentationNet.forward(module, x[s : s + batch_size].to(dev))
+        m = None if masks is None else torch.as_tensor(masks[s : s + batch_size])
+        out.append(region_masks(seg, t[s : s + batch_size].to(dev), region=region, masks=m).cpu())
+    return torch.cat(out)
 
 
 def predicted_classes(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

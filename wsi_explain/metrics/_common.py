@@ -12,6 +12,7 @@ import torch.nn.functional as F
 __all__ = [
     "as_tensor_maps",
     "target_probs",
+    "softmax_outputs",
     "stream_probs",
     "as_targets",
     "model_device",
@@ -56,21 +57,59 @@ def model_device(model) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-@torch.no_grad()
-def target_probs(model: Forward, x: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 32) -> np.ndarray:
-    """Softmax probability of ``targets`` (N,) for inputs ``x`` (N, 3, H, W), in batches -> (N,) float32."""
+def _softmax(model: Forward, x: torch.Tensor, regions: torch.Tensor | None) -> torch.Tensor:
+    """(B, K) softmax of one batch, on the model's device: ``model(x)``, or ``model(x, regions)``
+    when the batch has regions (a segmentation model's
+    :class:`~wsi_explain.explain.segmentation.RegionProbNet`)."""
     dev = model_device(model)
+    out = model(x.to(dev)) if regions is None else model(x.to(dev), regions.to(dev))
+    return torch.softmax(out.float(), 1)
+
+
+def _probs(model: Forward, x: torch.Tensor, targets: torch.Tensor, regions: torch.Tensor | None) -> torch.Tensor:
+    """(B,) softmax probability of ``targets`` for one batch, on the model's device."""
+    p = _softmax(model, x, regions)
+    return p.gather(1, targets[:, None].to(p.device))[:, 0]
+
+
+@torch.no_grad()
+def softmax_outputs(
+    model: Forward, x: torch.Tensor, *, batch_size: int = 32, regions: torch.Tensor | None = None
+) -> np.ndarray:
+    """The model's softmax (N, K) float32 for inputs ``x`` (N, 3, H, W), in batches; ``regions``
+    (N, H, W) as in :func:`target_probs`."""
+    parts = []
+    for s in range(0, len(x), batch_size):
+        parts.append(_softmax(model, x[s : s + batch_size], None if regions is None else regions[s : s + batch_size]))
+    return torch.cat([p.cpu() for p in parts]).numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def target_probs(
+    model: Forward,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    batch_size: int = 32,
+    regions: torch.Tensor | None = None,
+) -> np.ndarray:
+    """Softmax probability of ``targets`` (N,) for inputs ``x`` (N, 3, H, W), in batches -> (N,) float32.
+
+    ``regions`` (N, H, W), optional: the region each input's score is read over, passed to the
+    model as ``model(x, regions)`` (a segmentation model's region target:
+    :class:`~wsi_explain.explain.segmentation.RegionProbNet`).
+    """
     out = []
     for s in range(0, len(x), batch_size):
-        p = torch.softmax(model(x[s : s + batch_size].to(dev)).float(), 1)
-        out.append(p.gather(1, targets[s : s + batch_size, None].to(p.device))[:, 0].cpu())
+        r = None if regions is None else regions[s : s + batch_size]
+        out.append(_probs(model, x[s : s + batch_size], targets[s : s + batch_size], r).cpu())
     return torch.cat(out).numpy().astype(np.float32)
 
 
 @torch.no_grad()
 def stream_probs(
     model: Forward,
-    build: Callable[[torch.Tensor], torch.Tensor],
+    build: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
     n_items: int,
     targets: torch.Tensor,
     *,
@@ -78,15 +117,16 @@ def stream_probs(
 ) -> np.ndarray:
     """Softmax probability of ``targets`` (n_items,) for ``n_items`` perturbed inputs that are only
     built batch by batch: ``build(idx)`` returns the inputs (len(idx), 3, H, W) of the item indices
-    ``idx`` (int64, on CPU). Every forward is a full batch whatever the items are (steps of a curve,
-    tiles, methods), and no more than one batch of perturbed inputs exists at once -> (n_items,) float32.
+    ``idx`` (int64, on CPU), or (inputs, regions (len(idx), H, W)) for a model read over regions.
+    Every forward is a full batch whatever the items are (steps of a curve, tiles, methods), and no
+    more than one batch of perturbed inputs exists at once -> (n_items,) float32.
     """
-    dev = model_device(model)
     out = []
     for s in range(0, n_items, batch_size):
         idx = torch.arange(s, min(n_items, s + batch_size))
-        p = torch.softmax(model(build(idx).to(dev)).float(), 1)
-        out.append(p.gather(1, targets[idx, None].to(p.device))[:, 0].cpu())
+        b = build(idx)
+        z, r = b if isinstance(b, tuple) else (b, None)
+        out.append(_probs(model, z, targets[idx], r).cpu())
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
 
 

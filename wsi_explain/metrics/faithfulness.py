@@ -24,7 +24,16 @@ import torch
 
 from wsi_explain.explain.maps import scale_maps
 
-from ._common import as_targets, as_tensor_maps, chunks, model_device, seeded, stream_probs, target_probs
+from ._common import (
+    as_targets,
+    as_tensor_maps,
+    chunks,
+    model_device,
+    seeded,
+    softmax_outputs,
+    stream_probs,
+    target_probs,
+)
 
 __all__ = ["perturbation_curve", "curve_auc", "make_baseline", "confidence_change", "road", "infidelity_score"]
 
@@ -58,6 +67,7 @@ def perturbation_curve(
     batch_size: int = 32,
     clean_probs: np.ndarray | None = None,
     baseline_probs: np.ndarray | None = None,
+    regions: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Target probability as pixels are removed (deletion) or revealed (insertion), most relevant first.
 
@@ -75,6 +85,11 @@ def perturbation_curve(
         The target probability of the inputs and of the baseline images, when the caller already
         has them (they do not depend on the map: one forward per tile serves every method). The
         curve's two ends are then not forwarded again.
+    regions : (N, H, W) float tensor, optional
+        For a segmentation model (:class:`~wsi_explain.explain.segmentation.RegionProbNet`): the
+        region of each input its target probability is read over, fixed from the unperturbed input
+        (:func:`~wsi_explain.explain.segmentation.metric_regions`); every perturbed copy of an input
+        is read over that input's region.
 
     Returns
     -------
@@ -107,7 +122,8 @@ def perturbation_curve(
     def build(idx: torch.Tensor) -> torch.Tensor:
         j, k = tile_of[idx].to(dev), ks[step_of[idx].to(dev)]
         hit = (rank[j] < k[:, None]).reshape(-1, 1, h, w)
-        return torch.where(hit, base[j], x[j]) if mode == "deletion" else torch.where(hit, x[j], base[j])
+        z = torch.where(hit, base[j], x[j]) if mode == "deletion" else torch.where(hit, x[j], base[j])
+        return z if regions is None else (z, regions[tile_of[idx]])
 
     probs = stream_probs(model, build, len(step_of), t[tile_of], batch_size=batch_size)
     for a, i in enumerate(todo):
@@ -143,6 +159,7 @@ def confidence_change(
     fill: float | tuple[float, ...] = 0.0,
     batch_size: int = 32,
     clean_probs: np.ndarray | None = None,
+    regions: torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
     """Drop and Increase in Confidence when only what the map shows is kept.
 
@@ -152,6 +169,7 @@ def confidence_change(
     normalised value of black per channel, ``-mean / std``, to darken to black); ``how="mask"``
     keeps the pixels where the map is at least ``threshold`` and sets the rest to ``fill``.
     ``clean_probs`` (N,): the inputs' target probability when the caller has it (not forwarded again).
+    ``regions`` (N, H, W): a segmentation model's region per input (as in :func:`perturbation_curve`).
 
     Returns
     -------
@@ -163,8 +181,9 @@ def confidence_change(
     t = as_targets(targets, n)
     x = inputs.detach().float().to(model_device(model))  # perturbed where the model runs
     m01 = scale_maps(as_tensor_maps(maps, (h, w)))
-    y = target_probs(model, x, t, batch_size=batch_size) if clean_probs is None else np.asarray(clean_probs, np.float32)
-    o = target_probs(model, _perturb_by_map(x, m01, how, threshold, fill), t, batch_size=batch_size)
+    kw = dict(batch_size=batch_size, regions=regions)
+    y = target_probs(model, x, t, **kw) if clean_probs is None else np.asarray(clean_probs, np.float32)
+    o = target_probs(model, _perturb_by_map(x, m01, how, threshold, fill), t, **kw)
     drop_abs = np.maximum(y - o, 0).astype(np.float32)
     return {
         "score": y,
@@ -192,6 +211,7 @@ def road(
     noise: float = 0.01,
     clean_probs: np.ndarray | None = None,
     chunks_per_solve: int | None = None,
+    regions: torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
     """ROAD (Rong et al., 2022): the change in target probability when pixels are imputed by noisy
     linear imputation, most relevant first (MoRF) and least relevant first (LeRF).
@@ -220,6 +240,11 @@ def road(
         Chunks of :data:`CHUNK` inputs imputed in one batched solve (the scores do not depend on
         it): default 1 on CPU, :data:`ROAD_GPU_CHUNKS` on a GPU, where each solve's conjugate-
         gradient loop waits for the device once per iteration.
+    regions : (N, H, W) float tensor, optional
+        For a segmentation model (:class:`~wsi_explain.explain.segmentation.RegionProbNet`): the
+        region of each input its target probability is read over, fixed from the unperturbed input
+        (:func:`~wsi_explain.explain.segmentation.metric_regions`); every perturbed copy of an input
+        is read over that input's region.
 
     Returns
     -------
@@ -234,7 +259,10 @@ def road(
     dev = model_device(model)
     x = inputs.detach().float()
     cams = scale_maps(as_tensor_maps(maps, (h, w))).cpu()
-    base = target_probs(model, x, t, batch_size=batch_size) if clean_probs is None else np.asarray(clean_probs)
+    if clean_probs is None:
+        base = target_probs(model, x, t, batch_size=batch_size, regions=regions)
+    else:
+        base = np.asarray(clean_probs)
     k = len(percentiles)
     scores = np.zeros((2, k, n), np.float32)
     # the noise is drawn per chunk of CHUNK inputs (the reference's draws); on a GPU several chunks
@@ -250,7 +278,8 @@ def road(
         draws = [_road_noise(r.reshape(-1, h * w), c, seed + s0, noise) for r, (s0, _, _) in zip(removed, sub)]
         imputed += torch.cat(draws).view_as(imputed).to(dev)
         tt = torch.cat([t[s0:s1].repeat(2 * k) for s0, s1, _ in sub])
-        probs = target_probs(model, imputed, tt, batch_size=batch_size)
+        rr = None if regions is None else torch.cat([regions[s0:s1].repeat(2 * k, 1, 1) for s0, s1, _ in sub])
+        probs = target_probs(model, imputed, tt, batch_size=batch_size, regions=rr)
         at = 0
         for s0, s1, _ in sub:
             m = s1 - s0
@@ -295,6 +324,7 @@ def infidelity_score(
     max_examples_per_batch: int | None = 64,
     seed: int = 0,
     clean_outputs: np.ndarray | None = None,
+    regions: torch.Tensor | None = None,
 ) -> np.ndarray:
     """captum's ``infidelity`` (Yeh et al., 2019) of the maps, with Gaussian perturbations.
 
@@ -306,7 +336,9 @@ def infidelity_score(
     forward (at least one chunk). captum forwards the unperturbed chunk once per batch of
     perturbations: that output is computed once per chunk here, or taken from ``clean_outputs``
     (N, K), the inputs' softmax when the caller has it, so the cost is ``n_samples`` forwards per
-    input. Returns (N,) float32.
+    input. ``regions`` (N, H, W): a segmentation model's region per input (as in
+    :func:`perturbation_curve`), handed to captum as an additional forward argument, which it
+    repeats with each input's perturbations. Returns (N,) float32.
     """
     from captum.metrics import infidelity
 
@@ -315,14 +347,12 @@ def infidelity_score(
     x = inputs.detach().float().cpu()
     attr = as_tensor_maps(maps, (h, w))[:, None].expand_as(x).contiguous()
 
-    dev = model_device(model)
     clean: dict[str, torch.Tensor] = {}  # the current chunk's inputs and their softmax
 
-    def forward(z):
+    def forward(z, r=None):
         if "x" in clean and z.shape == clean["x"].shape and torch.equal(z, clean["x"]):
             return clean["p"]
-        with torch.no_grad():
-            return torch.softmax(model(z.to(dev)).float(), 1).cpu()
+        return torch.from_numpy(softmax_outputs(model, z, batch_size=len(z), regions=r))
 
     def perturb(z):
         noise = torch.randn_like(z) * noise_std
@@ -332,7 +362,8 @@ def infidelity_score(
     for s0, s1, mepb in chunks(n, n_samples, max_examples_per_batch):
         clean.clear()
         p = None if clean_outputs is None else torch.as_tensor(np.asarray(clean_outputs[s0:s1], np.float32))
-        clean.update(x=x[s0:s1], p=forward(x[s0:s1]) if p is None else p)
+        r = None if regions is None else regions[s0:s1].float().cpu()
+        clean.update(x=x[s0:s1], p=forward(x[s0:s1], r) if p is None else p)
         with seeded(seed + s0):
             out.append(
                 infidelity(
@@ -340,6 +371,7 @@ def infidelity_score(
                     perturb,
                     x[s0:s1],
                     attr[s0:s1],
+                    additional_forward_args=None if r is None else (r,),
                     target=t[s0:s1],
                     n_perturb_samples=n_samples,
                     max_examples_per_batch=mepb,

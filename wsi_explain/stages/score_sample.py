@@ -18,7 +18,7 @@ from wsi_explain import metrics as M
 from wsi_explain.core.config import ExtractConfig, ScoreConfig
 from wsi_explain.explain.maps import minmax_maps
 from wsi_explain.io.samples import SampleReader, grades_for
-from wsi_explain.metrics._common import model_device
+from wsi_explain.metrics._common import softmax_outputs
 
 __all__ = ["SampleScorer", "sample_clusters", "grades_for"]
 
@@ -63,11 +63,10 @@ def _long_values(sample: pd.DataFrame, cluster: int, cols: dict) -> pd.DataFrame
 def _fused_group(model, methods: tuple[str, ...], opts: dict):
     """A :class:`~wsi_explain.explain.fused_attributor.FusedCamGroup` of the fused CAMs among
     ``methods`` (None with fewer than two: nothing to share)."""
-    from wsi_explain.explain.cams import FUSED_CAMS
+    from wsi_explain.explain.extractors import split_methods
     from wsi_explain.explain.fused_attributor import FusedCamGroup
-    from wsi_explain.explain.rollout import ROLLOUT
 
-    fused = tuple(m for m in methods if m in FUSED_CAMS or m == ROLLOUT)
+    fused, _ = split_methods(methods)
     if len(fused) < 2:
         return None
     keep = {k: opts[k] for k in ("target_layer", "tile_px", "device", "region") if k in opts}
@@ -152,7 +151,7 @@ class SampleScorer:
         self.fx = build_extractors(ecfg, tile_px)[0]
         from wsi_explain.explain.segmentation import metric_module
 
-        self.model = metric_module(self.fx.module)  # a segmentation net: its classes' soft area shares
+        self.model = metric_module(self.fx.module)  # a segmentation net: read over its region target
         self.ecfg = ecfg
         card = self.fx.model.card
         self.black = tuple(-m / s for m, s in zip(card.mean, card.std))
@@ -206,8 +205,8 @@ class SampleScorer:
         regions = self.reader.regions(sample, x.shape[-1]) if "localisation" in groups else None
         cols: dict[tuple[str, str], np.ndarray] = {}
         sanity_rows: list[dict] = []
-        shared = self._shared(x, t) if "faithfulness" in groups else None
         mk = self.reader.target_masks(sample, x.shape[-1], self.ecfg.region_labels) if self.annotated else None
+        shared = self._shared(x, t, mk) if "faithfulness" in groups else None
         for m, ex in self.explainers.items():
             maps = ex.attribute(x, targets=t, masks=mk)
             self._zero[m] = self._zero.get(m, 0) + int((~np.asarray(maps).any(axis=(1, 2))).sum())
@@ -228,20 +227,22 @@ class SampleScorer:
             cols.update(self._ensemble(x, t, labels, mk))
         return _long_values(sample, cluster, cols), pd.DataFrame(sanity_rows)
 
-    def _shared(self, x: torch.Tensor, t: np.ndarray) -> dict:
+    def _shared(self, x: torch.Tensor, t: np.ndarray, masks) -> dict:
         """What every method's faithfulness metrics share on a chunk: the inputs' softmax
-        (``softmax`` (N, K), ``clean`` (N,) target probabilities) and each baseline image with its
-        target probability (``baseline``/``baseline_probs``), built and forwarded once per tile."""
-        bs, rows = self.cfg.batch_size, np.arange(len(x))
+        (``softmax`` (N, K), ``clean`` (N,) target probabilities), each baseline image with its
+        target probability (``baseline``/``baseline_probs``), built and forwarded once per tile, and
+        for a segmentation model the region each tile's probability is read over (``regions``
+        (N, H, W), the run's region target on the unperturbed tile; None for a classifier)."""
+        from wsi_explain.explain.segmentation import metric_regions
 
-        @torch.no_grad()
+        bs, rows = self.cfg.batch_size, np.arange(len(x))
+        regions = metric_regions(self.model, x, t, region=self.fx.region, masks=masks, batch_size=bs)
+
         def softmax(z: torch.Tensor) -> np.ndarray:
-            dev = model_device(self.model)
-            parts = [torch.softmax(self.model(z[i : i + bs].to(dev)).float(), 1).cpu() for i in range(0, len(z), bs)]
-            return torch.cat(parts).numpy()
+            return softmax_outputs(self.model, z, batch_size=bs, regions=regions)
 
         soft = softmax(x)
-        out = {"softmax": soft, "clean": soft[rows, t].astype(np.float32)}
+        out = {"softmax": soft, "clean": soft[rows, t].astype(np.float32), "regions": regions}
         out["baseline"] = {b: M.make_baseline(x, b) for b in self.cfg.baselines}
         out["baseline_probs"] = {b: softmax(img)[rows, t].astype(np.float32) for b, img in out["baseline"].items()}
         return out
@@ -251,20 +252,20 @@ class SampleScorer:
         the sample) and infidelity, keyed (method, metric); the map-independent forwards come
         from ``shared`` (:meth:`_shared`)."""
         cfg, bs, cols = self.cfg, self.cfg.batch_size, {}
-        clean = shared["clean"]
+        clean, reg = shared["clean"], shared["regions"]
+        kw = dict(targets=t, batch_size=bs, regions=reg)
         for base in cfg.baselines:
             for mode in ("deletion", "insertion"):
                 c = M.perturbation_curve(
                     self.model,
                     x,
                     maps,
-                    targets=t,
                     mode=mode,
                     baseline=shared["baseline"][base],
                     steps=cfg.steps,
-                    batch_size=bs,
                     clean_probs=clean,
                     baseline_probs=shared["baseline_probs"][base],
+                    **kw,
                 )
                 cols[(m, f"{mode}_auc_{base}")] = M.curve_auc(c)
         for how in ("multiply", "mask"):
@@ -272,12 +273,11 @@ class SampleScorer:
                 self.model,
                 x,
                 maps,
-                targets=t,
                 how=how,
                 threshold=cfg.mask_threshold,
                 fill=self.black,
-                batch_size=bs,
                 clean_probs=clean,
+                **kw,
             )
             cols[(m, f"dic_{how}")], cols[(m, f"iic_{how}")] = cc["drop"], cc["increase"]
         k = len(x) if cfg.road_tiles == 0 else max(0, min(len(x), cfg.road_tiles - offset))
@@ -291,6 +291,7 @@ class SampleScorer:
                 seed=cfg.seed + offset,
                 batch_size=bs,
                 clean_probs=clean[:k],
+                regions=None if reg is None else reg[:k],
             )
             for name in ("morf", "lerf", "combined"):
                 col = np.full(len(x), np.nan, np.float32)
@@ -306,6 +307,7 @@ class SampleScorer:
             seed=cfg.seed + offset,
             max_examples_per_batch=max(bs, cfg.infidelity_samples),
             clean_outputs=shared["softmax"],
+            regions=reg,
         )
         return cols
 
