@@ -166,6 +166,8 @@ def test_score_stage_reads_the_metrics_over_the_annotated_region(seg_run):
     kw = dict(targets=t, regions=regions)
     curve = M.perturbation_curve(scorer.model, x, maps, baseline=sh["baseline"]["blur"], steps=4, **kw)
     assert np.allclose(cols[("random", "deletion_auc_blur")], M.curve_auc(curve), atol=1e-6)
+    whole = M.perturbation_curve(scorer.model, x, maps, baseline=sh["baseline"]["blur"], steps=4, targets=t)
+    assert not np.allclose(cols[("random", "deletion_auc_blur")], M.curve_auc(whole), atol=1e-4)  # not the tile
     dic = M.confidence_change(scorer.model, x, maps, how="mask", threshold=cfg.mask_threshold, fill=scorer.black, **kw)
     assert np.allclose(cols[("random", "dic_mask")], dic["drop"], atol=1e-6)
     road = M.road(scorer.model, x, maps, percentiles=(50,), seed=cfg.seed, **kw)
@@ -181,3 +183,27 @@ def test_score_stage_reads_the_metrics_over_the_annotated_region(seg_run):
         **kw,
     )
     assert np.allclose(cols[("random", "infidelity")], inf, rtol=1e-5, atol=1e-8)
+
+
+def test_stored_maps_are_listed_and_read_by_tile_id(tmp_path):
+    """``stored_methods`` lists CAMs then attributions; ``read_maps`` returns CAMs for every tile
+    (times their stored scale) and attributions for the sampled tiles only, in the asked order
+    (a repeated id in the store: its first map); an unknown method is a KeyError."""
+    import zarr
+
+    from wsi_explain.io.features import add_attributions, open_store, read_maps, stored_methods
+
+    g = zarr.open_group(str(tmp_path / "f.zarr"), mode="w")
+    cams = np.arange(5 * 2 * 2, dtype=np.float32).reshape(5, 2, 2)
+    g.create_array("cams/gradcam", data=cams.astype(np.float16))
+    g.create_array("cams_scale/gradcam", data=np.full(5, 2.0, np.float32))
+    maps = np.arange(3 * 4 * 4, dtype=np.float32).reshape(3, 4, 4)
+    add_attributions(tmp_path / "f.zarr", "saliency", np.array([4, 1, 4]), maps)
+    g = open_store(tmp_path / "f.zarr")
+    assert stored_methods(g) == ["gradcam", "saliency"]
+    have, got = read_maps(g, "gradcam", np.array([3, 0]))
+    assert have.all() and np.array_equal(got, 2 * cams[[3, 0]])
+    have, got = read_maps(g, "saliency", np.array([0, 4, 1, 2]))
+    assert have.tolist() == [False, True, True, False] and np.array_equal(got, maps[[0, 1]])
+    with pytest.raises(KeyError, match="nope"):
+        read_maps(g, "nope", np.array([0]))

@@ -176,9 +176,10 @@ def test_metrics_read_the_region_target():
     given[:, :10, :10] = 1  # a given mask, resized to the tile (nearest)
     big = metric_regions(m, x, t, region="mask", masks=given)
     assert big.shape == (3, PX, PX) and int(big[0].sum()) == 400
-    assert metric_regions(load_model("resnet18", num_classes=3).module, x, t, region=None) is None
     clf = load_model("resnet18", num_classes=3)
     assert metric_module(clf.module) is clf.module
+    assert metric_regions(clf.module, x, t, region="predicted") is None  # a classifier: no region
+    assert metric_regions(m, x, t, region=None) is None
 
 
 class _OneRegion(torch.nn.Module):
@@ -190,6 +191,18 @@ class _OneRegion(torch.nn.Module):
 
     def forward(self, x):
         return self.net(x, self.region.expand(len(x), -1, -1))
+
+
+class _NearestRegion(torch.nn.Module):
+    """Reads each input over the region of the clean tile nearest to it (a perturbed copy's own)."""
+
+    def __init__(self, net, tiles, regions):
+        super().__init__()
+        self.net, self.tiles, self.regions = net, tiles, regions
+
+    def forward(self, x):
+        d = torch.cdist(x.flatten(1), self.tiles.flatten(1))
+        return self.net(x, self.regions[d.argmin(1)])
 
 
 def test_every_faithfulness_metric_reads_each_tiles_own_region():
@@ -229,13 +242,12 @@ def test_every_faithfulness_metric_reads_each_tiles_own_region():
         alone = run(_OneRegion(m, regions[i : i + 1]), x[i : i + 1], maps[i : i + 1], t[i : i + 1])
         for k, v in alone.items():
             assert np.allclose(both[k][i], v[0], atol=1e-5), (k, i)
-        inf = M.infidelity_score(
-            m, x[i : i + 1], maps[i : i + 1], targets=t[i : i + 1], n_samples=4, regions=regions[i : i + 1]
-        )
-        ref = M.infidelity_score(
-            _OneRegion(m, regions[i : i + 1]), x[i : i + 1], maps[i : i + 1], targets=t[i : i + 1], n_samples=4
-        )
-        assert np.allclose(inf, ref, rtol=1e-4, atol=1e-7), i
+    # infidelity on both tiles at once: captum repeats each tile's region with its perturbed copies
+    # (a reference model finds each row's tile as the nearest clean tile, and reads its region)
+    inf = M.infidelity_score(m, x, maps, targets=t, n_samples=4, max_examples_per_batch=3, regions=regions)
+    ref = M.infidelity_score(_NearestRegion(m, x, regions), x, maps, targets=t, n_samples=4, max_examples_per_batch=3)
+    assert np.allclose(inf, ref, rtol=1e-4, atol=1e-7)
+    assert not np.allclose(inf, M.infidelity_score(m, x, maps, targets=t, n_samples=4), rtol=1e-3)
     assert not np.allclose(both["del"], whole["del"], atol=1e-4)  # the region is not the tile
     assert torch.equal(x, x0)  # inputs not modified
 

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 __all__ = [
     "open_store",
@@ -77,8 +76,10 @@ def read_maps(store, method: str, tile_ids: np.ndarray) -> tuple[np.ndarray, np.
     if f"attributions/{method}" not in store:
         raise KeyError(f"no stored maps for method {method!r}")
     have_ids = np.asarray(store[f"attributions/{method}/tile_ids"][:], np.int64)
-    pos = pd.Index(have_ids).get_indexer(ids)
-    have = pos >= 0
+    uniq, first = np.unique(have_ids, return_index=True)  # a repeated id: its first map
+    j = np.clip(np.searchsorted(uniq, ids), 0, max(len(uniq) - 1, 0))
+    have = (uniq[j] == ids) if len(uniq) else np.zeros(len(ids), bool)
+    pos = first[j] if len(uniq) else np.zeros(len(ids), np.int64)
     arr = store[f"attributions/{method}/maps"]
     maps = np.asarray(arr.oindex[pos[have]], np.float32) if have.any() else np.zeros((0,) + arr.shape[1:], np.float32)
     return have, maps

@@ -82,13 +82,12 @@ class TileImages:
 
     def map(self, slide_id: str, tile_id: int, method: str) -> np.ndarray | None:
         """The stored map of a method for a tile (raw, at its stored resolution), or None."""
-        from wsi_explain.io.features import read_maps
+        from wsi_explain.io.features import read_maps, stored_methods
 
         _, _, g = self._slide(slide_id)
-        try:
-            have, maps = read_maps(g, method, np.array([int(tile_id)]))
-        except KeyError:
+        if method not in stored_methods(g):
             return None
+        have, maps = read_maps(g, method, np.array([int(tile_id)]))
         return maps[0] if have[0] else None
 
     def png(self, slide_id: str, tile_id: int, *, method: str = "none", size: int = 128, fmt: str = "png") -> bytes:
