@@ -14,8 +14,9 @@ Laplace problem):
   multigrid V-cycle (damped-Jacobi smoothing, bilinear prolongation, its transpose as restriction,
   the masked operator rediscretised on each coarser grid, a coarse pixel removed when all its
   children are), for a whole batch of planes (tiles x percentiles x orders x channels) at once,
-  with no host round trip. The V-cycle keeps the iteration count at 10-25 whatever the hole size
-  (plain CG needs hundreds on the large, smooth holes that CAM thresholds cut).
+  with no host round trip. The V-cycle keeps the iteration count at 7-14 whatever the hole size
+  (plain CG needs hundreds on the large, smooth holes that CAM thresholds cut); its interpolation
+  keeps constants up to the image's edge (without that, holes along the edge took 19-25).
 - **CPU: exact sparse LU.** On a CPU the same iterations cost more than a direct solve (measured:
   1.16 s against 0.91 s for the 8 imputations of one 224 px tile with 2 threads, even with the
   iterations in fused numba loops), so CPU tensors get the reference's LU made cheap: the system
@@ -86,12 +87,24 @@ def _bilinear_kernel(like: torch.Tensor) -> torch.Tensor:
 def _restrict(r: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Transpose of :func:`_prolong`: (B, H, W) -> (B, ceil(H / 2), ceil(W / 2))."""
     h, w = r.shape[-2:]
-    return F.conv2d(F.pad(r[:, None], (0, w % 2, 0, h % 2)), p, stride=2, padding=1)[:, 0]
+    hc, wc = (h + 1) // 2, (w + 1) // 2
+    z = F.pad(r[:, None], (2, 2 * wc + 2 - w, 2, 2 * hc + 2 - h))  # fine pixels -2 .. 2 * (size + 1) - 1
+    out = F.conv2d(z, p, stride=2, padding=1)[:, 0]  # coarse cells -1 .. size (the replicated ones)
+    out[:, 1] += out[:, 0]
+    out[:, hc] += out[:, hc + 1]
+    out[:, :, 1] += out[:, :, 0]
+    out[:, :, wc] += out[:, :, wc + 1]
+    return out[:, 1 : hc + 1, 1 : wc + 1]
 
 
 def _prolong(e: torch.Tensor, p: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear interpolation (weights 3/4, 1/4) of a coarse correction to ``size``."""
-    return F.conv_transpose2d(e[:, None], p, stride=2, padding=1)[:, 0, : size[0], : size[1]]
+    """Bilinear interpolation (weights 3/4, 1/4) of a coarse correction to ``size``. Beyond the
+    image's edge the coarse grid is extended by its edge values, so that the interpolation keeps
+    constants there: the image's edge is a natural (Neumann) boundary of the system, and an
+    interpolation that fades to zero there leaves the smooth errors of holes touching the edge to
+    the smoother (measured: two-grid convergence 0.6-0.7 per cycle on CAM masks instead of 0.13-0.15)."""
+    ep = F.pad(e[:, None], (1, 1, 1, 1), mode="replicate")
+    return F.conv_transpose2d(ep, p, stride=2, padding=1)[:, 0, 2 : 2 + size[0], 2 : 2 + size[1]]
 
 
 def _coarse_share(m: torch.Tensor) -> torch.Tensor:
@@ -170,7 +183,7 @@ def linear_impute(
         right-hand side. The default keeps imputed values within about 1e-4 of the reference's
         sparse LU solution on 224 px H&E tiles (measured in the tests, bound 1e-3).
     max_iter : int
-        Preconditioned CG iterations at most (about 6-12 are needed; a warning is logged past it).
+        Preconditioned CG iterations at most (7-14 are needed at 224 px; a warning is logged past it).
         Both apply to the iterative (GPU) solver only; the CPU path is exact (float64 LU).
     dtype : torch.dtype
         Precision of the iterative solve (float32 suffices for the tolerance).
