@@ -99,11 +99,8 @@ def target_probs(
     model as ``model(x, regions)`` (a segmentation model's region target:
     :class:`~wsi_explain.explain.segmentation.RegionProbNet`).
     """
-    out = []
-    for s in range(0, len(x), batch_size):
-        r = None if regions is None else regions[s : s + batch_size]
-        out.append(_probs(model, x[s : s + batch_size], targets[s : s + batch_size], r).cpu())
-    return torch.cat(out).numpy().astype(np.float32)
+    p = softmax_outputs(model, x, batch_size=batch_size, regions=regions)
+    return p[np.arange(len(p)), torch.as_tensor(targets).cpu().numpy()]
 
 
 @torch.no_grad()
