@@ -24,6 +24,7 @@ def reference_class(method: str):
         "hirescam": pgc.HiResCAM,
         "layercam": pgc.LayerCAM,
         "eigencam": pgc.EigenCAM,
+        "segeigencam": pgc.SegEigenCAM,
     }[method]
 
 
@@ -63,6 +64,23 @@ def test_fused_cams_equal_pytorch_grad_cam(model_and_batch, target):
         ours = scale_cam_image(scale_cam_image(out.cams[m], (px, px)))
         diff = np.abs(ours - ref).max()
         assert diff <= 1e-4, f"{m}: max abs difference {diff}"
+
+
+def test_seg_eigen_cam_equals_pytorch_grad_cam(model_and_batch):
+    """Seg-Eigen-CAM (``|G| * A``, sign-corrected first component) in the fused pass, beside a
+    gradient CAM, equals pytorch-grad-cam's ``SegEigenCAM`` for a class target, and the maps are
+    not all zero (the sign rule keeps the larger end positive)."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    lm, x, px = model_and_batch
+    fx = FusedExtractor(lm, methods=("gradcam", "segeigencam"), tile_px=px)
+    with fx:
+        out = fx(x)
+    layer = dict(lm.module.named_modules())[fx.target_layer]
+    ref = reference_cam(lm.module, layer, x, out.targets, "segeigencam")
+    assert (out.cams["segeigencam"].reshape(len(x), -1).max(1) > 0).all()
+    ours = scale_cam_image(scale_cam_image(out.cams["segeigencam"], (px, px)))
+    assert np.abs(ours - ref).max() <= 1e-4
 
 
 def test_no_backward_through_trunk_or_weights(model_and_batch):
@@ -125,7 +143,7 @@ def test_registry_holds_the_six_default_cams_and_each_gives_maps():
     from wsi_explain.core.config import ExtractConfig
 
     assert tuple(ExtractConfig().methods) == METHODS
-    assert set(FUSED_CAMS) == set(METHODS) | {"eigencam_signed"}
+    assert set(FUSED_CAMS) == set(METHODS) | {"eigencam_signed", "segeigencam"}
     a = torch.rand(3, 8, 5, 5)
     g = torch.randn(3, 8, 5, 5)
     for name, fn in FUSED_CAMS.items():

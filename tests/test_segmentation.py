@@ -41,7 +41,8 @@ def test_region_cams_equal_pytorch_grad_cam(seg_model, region):
 
     lm, x = seg_model
     assert lm.card.task == "segmentation"
-    fx = FusedExtractor(lm, methods=METHODS, target="pred" if region == "predicted" else 1, tile_px=PX, region=region)
+    methods = (*METHODS, "segeigencam")  # Seg-Eigen-CAM: built for segmentation models
+    fx = FusedExtractor(lm, methods=methods, target="pred" if region == "predicted" else 1, tile_px=PX, region=region)
     assert fx.target_layer.startswith("net.backbone.")
     before = x.clone()
     with fx:
@@ -54,7 +55,7 @@ def test_region_cams_equal_pytorch_grad_cam(seg_model, region):
     masks = (pred == t) if region == "predicted" else np.ones_like(pred, bool)
     assert masks.any()
     layer = dict(lm.module.named_modules())[fx.target_layer]
-    for m in METHODS:
+    for m in methods:
         ref = _reference(lm.module, layer, x, out.targets, masks, m)
         ours = scale_cam_image(scale_cam_image(out.cams[m], (PX, PX)))
         diff = np.abs(ours - ref).max()

@@ -116,7 +116,8 @@ class ExtractConfig(_Frozen):
     trust_checkpoint : bool
         Allow full unpickling of checkpoints that need it.
     methods : tuple of str
-        Fused CAMs (gradcam, gradcampp, xgradcam, hirescam, layercam, eigencam, eigencam_signed).
+        Fused CAMs (gradcam, gradcampp, xgradcam, hirescam, layercam, eigencam, eigencam_signed,
+        segeigencam).
     target : str
         "pred" (predicted class) or a class index / name explained by the CAMs.
     target_layer, embedding_layer : str or None

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-__all__ = ["FUSED_CAMS", "first_component", "fused_cams", "register_cam"]
+__all__ = ["FUSED_CAMS", "first_component", "fused_cams", "register_cam", "signed_projection"]
 
 CamFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -113,16 +113,43 @@ def _eigencam(A: torch.Tensor, G: torch.Tensor | None) -> torch.Tensor:
 def _eigencam_signed(A: torch.Tensor, G: torch.Tensor | None) -> torch.Tensor:
     """EigenCAM with a sign that does not depend on LAPACK (Seg-Eigen-CAM's rule, pytorch-grad-cam's
     ``get_2d_projection_with_sign_correction``): each tile's projection is negated when its most
-    negative value outweighs its most positive one.
+    negative value outweighs its most positive one (:func:`signed_projection`).
 
-    With that rule any SVD gives the same map, so it is computed on the layer's device as the top
-    eigenvector of each tile's (hw, hw) Gram matrix, batched, in float64 (float32 on MPS): by
-    ``torch.linalg.eigh`` on the CPU, by repeated squaring (:func:`top_eigenvector`) on a GPU, where
-    ``eigh`` factors matrices larger than 32 x 32 one at a time (7-32x a forward on an H200).
     Plain ``eigencam`` keeps the reference's arbitrary sign: on real H&E through EfficientNet-Lite0
     that sign is the one this rule rejects on ~16 % of tiles (the ReLU'd map then shows the other
     end of the component), and where no component dominates round-off can flip it
     (benchmarks/RESULTS.md); this variant is free of both.
+    """
+    return signed_projection(A)
+
+
+@register_cam("segeigencam")
+def _segeigencam(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Seg-Eigen-CAM (Chung & Ying 2025, pytorch-grad-cam's ``SegEigenCAM``): the sign-corrected
+    first principal component of the gradient-weighted activations ``|G| * A``, built for
+    segmentation models (the gradient of the region score localises, the component summarises)."""
+    return signed_projection(G.abs() * A)
+
+
+def signed_projection(A: torch.Tensor) -> torch.Tensor:
+    """Each tile's centred (hw, C) matrix projected on its first principal component, the sign
+    chosen so that the projection's largest magnitude is positive.
+
+    Parameters
+    ----------
+    A : (N, C, h, w) float tensor, any device; NaN read as 0, not modified.
+
+    Returns
+    -------
+    (N, h, w) float32 on ``A``'s device: ``X @ VT[0]`` with ``X`` the centred matrix, negated where
+    ``|min| > |max|`` (Seg-Eigen-CAM's Eq. 13), before any ReLU.
+
+    Notes
+    -----
+    With the sign fixed by the map itself any SVD gives the same map, so it is computed as the top
+    eigenvector of each tile's (hw, hw) Gram matrix, batched, in float64 (float32 on MPS): by
+    ``torch.linalg.eigh`` on the CPU, by repeated squaring (:func:`top_eigenvector`) on a GPU,
+    where ``eigh`` factors matrices larger than 32 x 32 one at a time (7-32x a forward on an H200).
     """
     dtype = torch.float32 if A.device.type == "mps" else torch.float64
     a = A.detach().to(dtype)
