@@ -71,19 +71,38 @@ def test_integrated_gradients_large_n_steps_small_budget(model, x):
 
 
 def test_integrated_gradients_checks_its_convergence(model, x, caplog):
-    """captum's convergence delta is kept per tile; few steps give a larger completeness error and
-    a warning that names n_steps, the default 50 steps a small one."""
+    """captum's convergence delta is kept per tile with the steps that gave each map; without
+    refinement (max_steps = n_steps) 2 steps leave large completeness errors and a warning that
+    names the cap; with refinement every tile ends within the tolerance or at the cap, each map is
+    captum's IG at that tile's own step count, and tiles already within it are not recomputed."""
     import logging
 
-    many = make_attributor("integratedgradients", model, max_batch=16)
-    many.attribute(x, targets=1)
-    few = make_attributor("integratedgradients", model, max_batch=16, attribute_kwargs={"n_steps": 2})
-    with caplog.at_level(logging.WARNING, logger="wsi_explain.explain.attributors"):
+    from captum.attr import IntegratedGradients
+
+    before = x.clone()
+    few = make_attributor("integratedgradients", model, max_batch=16, attribute_kwargs={"n_steps": 2, "max_steps": 2})
+    with caplog.at_level(logging.WARNING, logger="wsi_explain.explain.integrated_gradients"):
         few.attribute(x, targets=1)
-    assert many.last_delta.shape == (len(x),) and few.last_delta.shape == (len(x),)
-    assert few.last_delta.mean() > 3 * many.last_delta.mean()
-    assert few.last_delta.max() > 0.5 and "n_steps=2" in caplog.text  # 2 steps: far from complete
-    assert many.last_delta.max() < few.last_delta.max()
+    assert few.last_delta.shape == (len(x),) and few.last_delta.max() > 0.5  # 2 steps: far from complete
+    assert (few.last_diagnostics["n_steps"] == 2).all() and "ig_max_steps" in caplog.text
+    tol = 0.02
+    fine = make_attributor(
+        "integratedgradients", model, max_batch=16, attribute_kwargs={"n_steps": 2, "max_steps": 256, "tolerance": tol}
+    )
+    maps = fine.attribute(x, targets=1)
+    assert torch.equal(x, before)
+    err, steps = fine.last_diagnostics["completeness_error"], fine.last_diagnostics["n_steps"]
+    assert ((err <= tol) | (steps == 256)).all() and (steps > 2).any()
+    assert set(steps.tolist()) <= {2, 4, 8, 16, 32, 64, 128, 256}
+    assert (steps[few.last_delta <= tol] == 2).all()  # within the tolerance at once: left as it was
+    assert err.mean() < few.last_delta.mean() / 3
+    for i in np.flatnonzero(steps > 2)[:2]:  # a refined map is IG at its recorded steps
+        ref = IntegratedGradients(model.module).attribute(
+            x[i : i + 1], baselines=torch.zeros_like(x[i : i + 1]), target=1, n_steps=int(steps[i])
+        )
+        np.testing.assert_allclose(
+            maps[i], ref.sum(1)[0].detach().numpy(), rtol=1e-3, atol=1e-5 * float(ref.abs().max())
+        )
 
 
 def test_gradientshap_splits_samples_exactly(model, x):

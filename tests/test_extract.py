@@ -198,6 +198,11 @@ def test_activations_and_other_methods(run_dir, caplog):
         ids = np.asarray(g[f"attributions/{m}/tile_ids"][:])
         maps = np.asarray(g[f"attributions/{m}/maps"][:])
         assert len(ids) == 6 and maps.shape == (6, 8, 8) and np.isfinite(maps).all() and np.abs(maps).max() > 0
+    # Integrated Gradients' completeness error and steps are stored per tile, beside its maps
+    err, steps = (np.asarray(g[f"attributions/integratedgradients/{k}"][:]) for k in ("completeness_error", "n_steps"))
+    assert err.shape == steps.shape == (6,) and np.isfinite(err).all() and (steps >= cfg.ig_steps).all()
+    assert ((err <= cfg.ig_tolerance) | (steps == cfg.ig_max_steps)).all()
+    assert "completeness_error" not in g["attributions/saliency"]
     # honest timings: the unit's seconds are its wall time (model load, fused pass and both
     # attributors), the parts are in timings, and `status` shows them
     rec = json.loads((run_dir / "manifest.json").read_text())["stages"]["extract"]["slides"]["generic"]

@@ -221,7 +221,7 @@ def test_qwk_with_isup_grades_before_and_without_each_cluster(audit_run, tmp_pat
 
     from tests.conftest import copy_run
     from wsi_explain import RunFolder
-    from wsi_explain.core.config import MilConfig
+    from wsi_explain.core.stage_configs import MilConfig
     from wsi_explain.stages.mil import run_mil_stage
 
     run = copy_run(audit_run, tmp_path / "run")

@@ -35,7 +35,7 @@ def mil(
     setup_logging(verbose)
     from rich.console import Console
 
-    from wsi_explain.core.config import MilConfig
+    from wsi_explain.core.stage_configs import MilConfig
     from wsi_explain.stages.mil import run_mil_stage
 
     cfg = make_config(

@@ -47,7 +47,7 @@ def selftest(
     setup_logging(verbose)
     from rich.console import Console
 
-    from wsi_explain.core.config import SelftestConfig
+    from wsi_explain.core.stage_configs import SelftestConfig
     from wsi_explain.stages.selftest import run_selftest
 
     cfg = make_config(

@@ -122,6 +122,11 @@ def extract(
     ),
     activations: bool = typer.Option(False, help="Store spatial activations (for concepts)."),
     attr_sample: int = typer.Option(64, help="Tiles per slide for non-fused methods (0 = all)."),
+    ig_steps: int = typer.Option(50, help="Integrated Gradients: steps of the first pass."),
+    ig_max_steps: int = typer.Option(
+        200, help="Integrated Gradients: tiles above --ig-tolerance are refined (steps doubled) up to this."
+    ),
+    ig_tolerance: float = typer.Option(0.05, help="Integrated Gradients: relative completeness error allowed."),
     batch_size: int = typer.Option(32),
     workers: int = typer.Option(2, help="Tile-reading threads or processes (0: read in the main thread)."),
     reader: str = typer.Option("auto", help="auto (threads on CPU, processes on CUDA), threads or processes."),
@@ -158,6 +163,9 @@ def extract(
         region_labels=tuple(v.strip() for v in region_labels.split(",") if v.strip()) if region_labels else (),
         activations=activations,
         attr_sample=attr_sample,
+        ig_steps=ig_steps,
+        ig_max_steps=ig_max_steps,
+        ig_tolerance=ig_tolerance,
         batch_size=batch_size,
         workers=workers,
         reader=reader,

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["TileConfig", "ExtractConfig", "ClusterConfig", "ScoreConfig", "SelftestConfig", "METRIC_GROUPS"]
+__all__ = ["TileConfig", "ExtractConfig", "ClusterConfig", "ScoreConfig", "METRIC_GROUPS"]
 
 
 class _Frozen(BaseModel):
@@ -137,6 +137,11 @@ class ExtractConfig(_Frozen):
         Their maps are stored at this size (area-averaged).
     attr_max_batch : int
         Most images their model calls see at once (memory bound), however many steps or samples.
+    ig_steps, ig_max_steps, ig_tolerance :
+        Integrated Gradients (when in ``methods``): Gauss-Legendre steps of the first pass; tiles
+        whose relative completeness error ``|sum(attr) - (f(x) - f(b))| / |f(x) - f(b)|`` exceeds
+        ``ig_tolerance`` are recomputed with twice the steps, up to ``ig_max_steps`` (equal to
+        ``ig_steps``: no refinement) (:mod:`wsi_explain.explain.integrated_gradients`).
     reader : {"auto", "threads", "processes"}
         How tiles are read: background threads in the main process, or DataLoader worker
         processes; "auto" = threads on CPU (worker processes cost throughput on small CPUs),
@@ -165,6 +170,9 @@ class ExtractConfig(_Frozen):
     attr_sample: int = Field(64, ge=0)
     attr_px: int = Field(56, ge=4, le=1024)
     attr_max_batch: int = Field(32, ge=1, le=4096)
+    ig_steps: int = Field(50, ge=2, le=4096)
+    ig_max_steps: int = Field(200, ge=2, le=8192)
+    ig_tolerance: float = Field(0.05, gt=0, le=10)
     seed: int = 0
     batch_size: int = Field(32, ge=1, le=4096)
     workers: int = Field(2, ge=0, le=64)
@@ -178,6 +186,8 @@ class ExtractConfig(_Frozen):
     def _check_region(self) -> ExtractConfig:
         if self.region_labels and self.region != "annotation":
             raise ValueError('region_labels name annotation classes: they need region="annotation"')
+        if self.ig_max_steps < self.ig_steps:
+            raise ValueError(f"ig_max_steps ({self.ig_max_steps}) must be at least ig_steps ({self.ig_steps})")
         return self
 
     def result_params(self) -> dict:
@@ -187,6 +197,9 @@ class ExtractConfig(_Frozen):
             d.pop(k, None)
         if not d["region_labels"]:  # absent as before it existed: older runs keep their hash
             d.pop("region_labels")
+        if "integratedgradients" not in self.methods:  # they change nothing else
+            for k in ("ig_steps", "ig_max_steps", "ig_tolerance"):
+                d.pop(k)
         return d
 
 
@@ -349,72 +362,3 @@ class ScoreConfig(_Frozen):
         for k in ("batch_size", "device"):
             d.pop(k, None)
         return d
-
-
-class SelftestConfig(_Frozen):
-    """Parameters of the self-test (``wsi-explain selftest``, the ``selftest:`` section of ``run``).
-
-    Attributes
-    ----------
-    n_slides, tiles_per_slide : int
-        Size of the planted cohort built from the run's clean tiles (slides cycle through the
-        plant kinds; labels alternate, so every kind has positive and negative slides).
-    kinds : tuple of {"ink", "blur", "stain"}
-        Shortcuts planted (:mod:`tiling.plants`).
-    control : bool
-        Also audit the same cohort with nothing planted (its flags are false flags).
-    n_boot : int
-        Bootstrap resamples of the confounder scan (over slides).
-    seed : int
-    """
-
-    n_slides: int = Field(18, ge=2, le=1000)
-    tiles_per_slide: int = Field(25, ge=4, le=400)
-    kinds: tuple[Literal["ink", "blur", "stain"], ...] = ("ink", "blur", "stain")
-    control: bool = True
-    n_boot: int = Field(200, ge=0, le=100_000)
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _check(self) -> SelftestConfig:
-        if not self.kinds:
-            raise ValueError("give at least one plant kind")
-        if self.n_slides < 2 * len(self.kinds):
-            raise ValueError(f"n_slides ({self.n_slides}) must be at least two per plant kind ({2 * len(self.kinds)})")
-        return self
-
-
-class MilConfig(_Frozen):
-    """Parameters of the MIL stage (``wsi-explain mil``): a slide-level head over the stored tile
-    embeddings and the relevance of each tile for its decision.
-
-    Attributes
-    ----------
-    head : str
-        ``abmil``, ``gated_abmil``, ``clam_sb``, an entry point ``package.module:factory`` or a
-        TorchScript file (:func:`wsi_explain.explain.mil.load_mil_head`).
-    weights : str, optional
-        State dict of the head (loaded with ``weights_only=True`` unless ``trust_checkpoint``).
-    n_classes, target : int
-        Classes of the head and the class whose logit is explained.
-    ig_steps : int
-        Integrated Gradients intervals (trapezoid rule); ``baseline`` "zero" or "mean".
-    loo_sample : int
-        Tiles per slide left out one at a time (seeded sample; the ground truth of faithfulness).
-    topk_share : float
-        Share of the most relevant tiles (by IG) removed in the counterfactual bags.
-    add_tiles : int
-        Tiles of a cluster added to each negative bag in the counterfactual bags.
-    """
-
-    head: str = "abmil"
-    weights: str | None = None
-    trust_checkpoint: bool = False
-    n_classes: int = Field(2, ge=1, le=1000)
-    target: int = Field(1, ge=0)
-    ig_steps: int = Field(32, ge=2, le=4096)
-    baseline: Literal["zero", "mean"] = "zero"
-    loo_sample: int = Field(64, ge=1, le=100_000)
-    topk_share: float = Field(0.1, gt=0, lt=1)
-    add_tiles: int = Field(16, ge=1, le=10_000)
-    seed: int = 0

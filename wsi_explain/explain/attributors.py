@@ -170,45 +170,6 @@ class CaptumAttributor(Attributor):
         return self._reduce(algo.attribute(x, target=targets, **self.kwargs, **self._region_args(x, targets)))
 
 
-class _IG(CaptumAttributor):
-    """Integrated Gradients from a black (zero) baseline, 50 steps by default (``n_steps``), with
-    captum's convergence delta checked: the completeness error ``sum(attributions) - (f(x) -
-    f(baseline))`` relative to ``f(x) - f(baseline)`` is kept per tile in :attr:`last_delta`, and a
-    warning says when it exceeds :data:`IG_DELTA_WARN` (raise ``n_steps``)."""
-
-    last_delta: np.ndarray | None = None
-
-    def attribute(self, inputs, *, targets=None, masks=None) -> np.ndarray:
-        self.last_delta = None  # the deltas of this call's tiles, in order
-        return super().attribute(inputs, targets=targets, masks=masks)
-
-    def _attribute(self, x, targets):
-        from captum.attr import IntegratedGradients
-
-        # captum splits the n_steps * n scaled inputs into internal batches of max_batch
-        kw = {"n_steps": 50, **self.kwargs, "internal_batch_size": self.max_batch}
-        kw.update(self._region_args(x, targets))
-        attr, delta = IntegratedGradients(self.module).attribute(
-            x, baselines=torch.zeros_like(x), target=targets, return_convergence_delta=True, **kw
-        )
-        total = attr.detach().flatten(1).sum(1).double()
-        d = delta.detach().double().reshape(-1)
-        rel = (d.abs() / (total - d).abs().clamp_min(1e-6)).cpu().numpy().astype(np.float32)
-        self.last_delta = rel if self.last_delta is None else np.concatenate([self.last_delta, rel])
-        if rel.max() > IG_DELTA_WARN:
-            logger.warning(
-                "integrated gradients: completeness error up to %.0f %% of f(x) - f(baseline) with n_steps=%d; "
-                "raise n_steps for faithful maps",
-                100 * rel.max(),
-                kw["n_steps"],
-            )
-        return self._reduce(attr)
-
-
-#: relative completeness error of Integrated Gradients above which a warning is logged
-IG_DELTA_WARN = 0.05
-
-
 class _GradientShap(CaptumAttributor):
     def _attribute(self, x, targets):
         from captum.attr import GradientShap
@@ -371,11 +332,20 @@ def _own_class(cls, reduce: str):
     return factory
 
 
+def _ig_factory(model, *, name, attribute_kwargs=None, **kw):
+    """Integrated Gradients with per-tile refinement (its own module, which imports this one)."""
+    from wsi_explain.explain.integrated_gradients import IntegratedGradientsAttributor
+
+    return IntegratedGradientsAttributor(
+        model, method=None, name=name, channel_reduce="sum", attribute_kwargs=attribute_kwargs, **kw
+    )
+
+
 # the built-in methods, registered one way (users add theirs with @register_attributor)
 _BUILTIN = {
     "saliency": _captum("Saliency", "abs_sum"),
     "inputxgradient": _captum("InputXGradient", "sum"),
-    "integratedgradients": _own_class(_IG, "sum"),
+    "integratedgradients": _ig_factory,
     "gradientshap": _own_class(_GradientShap, "sum"),
     "occlusion": _own_class(_Occlusion, "sum"),
     "smoothgrad": _own_class(_NoiseTunnel, "abs_sum"),

@@ -7,6 +7,9 @@ from wsi_explain.core.config import ExtractConfig
 
 __all__ = ["split_methods", "build_extractors", "build_attributors"]
 
+#: the attributor whose steps the extraction config sets (``ig_steps``...)
+IG = "integratedgradients"
+
 
 def split_methods(methods) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(fused CAM methods, other attribution methods); unknown names raise ModelError."""
@@ -68,4 +71,8 @@ def build_attributors(cfg: ExtractConfig, fx, tile_px: int) -> list:
 
     _, others = split_methods(cfg.methods)
     opts = dict(max_batch=cfg.attr_max_batch, device=cfg.device, target_layer=fx.target_layer, region=fx.region)
-    return [make_attributor(m, fx.model, tile_px=tile_px, **opts) for m in others]
+    ig = {"n_steps": cfg.ig_steps, "max_steps": cfg.ig_max_steps, "tolerance": cfg.ig_tolerance}
+    return [
+        make_attributor(m, fx.model, tile_px=tile_px, **opts, **({"attribute_kwargs": ig} if m == IG else {}))
+        for m in others
+    ]

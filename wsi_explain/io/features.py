@@ -5,7 +5,9 @@ methods (:func:`attribute_tiles`, :func:`add_attributions`).
 
 Attributions of methods outside the fused pass (captum, ScoreCAM...) are costly, so they run on
 all tiles or on a given subset; they are stored in ``attributions/<method>/`` with
-``tile_ids`` (m,) int64 and ``maps`` (m, px, px) float32 (area-averaged from the input size).
+``tile_ids`` (m,) int64 and ``maps`` (m, px, px) float32 (area-averaged from the input size),
+and for Integrated Gradients each tile's ``completeness_error`` (m,) float32 and ``n_steps`` (m,)
+int32 (:mod:`wsi_explain.explain.integrated_gradients`).
 """
 
 from __future__ import annotations
@@ -125,12 +127,16 @@ def attribute_tiles(
 
     Returns
     -------
-    (m, out_px, out_px) float32.
+    maps : (m, out_px, out_px) float32.
+    diagnostics : dict name -> (m,) array
+        The attributor's per-tile ``last_diagnostics`` where it has them (Integrated Gradients:
+        ``completeness_error``, ``n_steps``), else empty.
     """
     from wsi_explain.io.loader import TileDataset
 
     ds = TileDataset(slide_path, tiles, mpp=mpp)
     out = np.zeros((len(tile_ids), out_px, out_px), np.float32)
+    diag: dict[str, list] = {}
     for s in range(0, len(tile_ids), batch_size):
         ids = tile_ids[s : s + batch_size]
         items = [ds[int(i)] for i in ids]
@@ -139,11 +145,16 @@ def attribute_tiles(
         m = None if masks is None else masks[s : s + batch_size]
         maps = attributor.attribute(normalise(imgs), targets=t, masks=m)
         out[s : s + len(ids)] = _pool(maps, out_px)
-    return out
+        for k, v in (getattr(attributor, "last_diagnostics", None) or {}).items():
+            diag.setdefault(k, []).append(np.asarray(v))
+    return out, {k: np.concatenate(v) for k, v in diag.items()}
 
 
-def add_attributions(store_path: str | Path, method: str, tile_ids: np.ndarray, maps: np.ndarray) -> None:
-    """Write (replace) ``attributions/<method>`` in a slide's feature store."""
+def add_attributions(
+    store_path: str | Path, method: str, tile_ids: np.ndarray, maps: np.ndarray, diagnostics: dict | None = None
+) -> None:
+    """Write (replace) ``attributions/<method>`` in a slide's feature store: ``tile_ids`` (m,),
+    ``maps`` (m, px, px) and each per-tile diagnostic (m,) under its own name."""
     g = open_store(store_path, mode="r+")
     name = f"attributions/{method}"
     if name in g:
@@ -151,6 +162,8 @@ def add_attributions(store_path: str | Path, method: str, tile_ids: np.ndarray, 
     grp = g.require_group(name)
     grp.create_array("tile_ids", data=np.asarray(tile_ids, np.int64))
     grp.create_array("maps", data=np.asarray(maps, np.float32), chunks=(min(len(maps), 64),) + maps.shape[1:])
+    for k, v in (diagnostics or {}).items():
+        grp.create_array(k, data=np.asarray(v))
 
 
 def create_store(path: Path, *, n: int, probe, chunk_tiles: int, params: str, n_models: int, attrs: dict):

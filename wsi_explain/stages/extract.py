@@ -390,7 +390,7 @@ def _run_attributors(meta: dict, tiles, store: Path, fx, cfg: ExtractConfig, par
         if name in g and g[name].attrs.get("params") == params:
             continue  # already done in an earlier (killed) run
         t0 = time.perf_counter()
-        maps = attribute_tiles(
+        maps, diag = attribute_tiles(
             meta["slide_path"],
             tiles,
             att,
@@ -402,7 +402,7 @@ def _run_attributors(meta: dict, tiles, store: Path, fx, cfg: ExtractConfig, par
             targets=targets_all[ids],
             masks=masks,
         )
-        add_attributions(store, att.name, ids, maps)
+        add_attributions(store, att.name, ids, maps, diag)
         open_store(store, mode="r+")[name].attrs.update({"params": params, "out_px": cfg.attr_px})
         secs[f"attr:{att.name}"] = round(time.perf_counter() - t0, 4)
     return secs

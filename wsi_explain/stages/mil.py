@@ -35,9 +35,9 @@ import numpy as np
 import pandas as pd
 
 from wsi_explain.core.atomic import atomic_write_json, atomic_write_parquet
-from wsi_explain.core.config import MilConfig
 from wsi_explain.core.errors import WsiExplainError
 from wsi_explain.core.run import RunFolder, now_iso, params_hash
+from wsi_explain.core.stage_configs import MilConfig
 
 __all__ = ["run_mil_stage", "STAGE"]
 

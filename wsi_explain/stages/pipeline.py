@@ -16,17 +16,10 @@ from pathlib import Path
 import yaml
 from pydantic import Field
 
-from wsi_explain.core.config import (
-    ClusterConfig,
-    ExtractConfig,
-    MilConfig,
-    ScoreConfig,
-    SelftestConfig,
-    TileConfig,
-    _Frozen,
-)
+from wsi_explain.core.config import ClusterConfig, ExtractConfig, ScoreConfig, TileConfig, _Frozen
 from wsi_explain.core.errors import DiskFullError, WsiExplainError, is_disk_full
 from wsi_explain.core.run import STAGES, RunFolder
+from wsi_explain.core.stage_configs import MilConfig, SelftestConfig
 
 __all__ = ["PipelineConfig", "PipelineResult", "run_pipeline", "load_pipeline_config", "read_pipeline_yaml", "STAGES"]
 

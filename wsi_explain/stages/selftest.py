@@ -32,9 +32,9 @@ import pandas as pd
 
 import clustering
 from wsi_explain.core.atomic import atomic_write_json
-from wsi_explain.core.config import SelftestConfig
 from wsi_explain.core.errors import WsiExplainError
 from wsi_explain.core.run import RunFolder, now_iso
+from wsi_explain.core.stage_configs import SelftestConfig
 
 __all__ = ["run_selftest", "clean_sources", "SELFTEST_JSON"]
 
