@@ -9,6 +9,7 @@ maps (K, h, w) and weights (K,).
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,11 +36,17 @@ class ConceptModel:
     reconstruction_error : float
         Relative Frobenius error on the fitting sample.
     n_positions : int
+    n_iter : int
+        Iterations the NMF solver ran.
+    converged : bool
+        Whether it stopped on its tolerance rather than at ``max_iter``.
     """
 
     components: np.ndarray
     reconstruction_error: float
     n_positions: int
+    n_iter: int = 0
+    converged: bool = True
 
     @property
     def k(self) -> int:
@@ -67,8 +74,14 @@ def fit_concepts(positions: np.ndarray, k: int, *, seed: int = 0, max_iter: int 
         raise ValueError("NMF needs non-negative activations (post-ReLU); got negative values")
     if not 1 <= k <= min(X.shape):
         raise ValueError(f"k must be between 1 and {min(X.shape)}, got {k}")
+    from sklearn.exceptions import ConvergenceWarning
+
     nmf = NMF(n_components=k, init="nndsvda", random_state=seed, max_iter=max_iter, tol=1e-5)
-    W = nmf.fit_transform(X)
+    with warnings.catch_warnings():
+        # this fit only: stopping at max_iter is recorded (n_iter, converged) and said below, in
+        # terms of this stage, instead of scikit-learn's generic warning
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        W = nmf.fit_transform(X)
     H = nmf.components_
     norms = np.linalg.norm(H, axis=1)
     norms[norms == 0] = 1
@@ -76,7 +89,20 @@ def fit_concepts(positions: np.ndarray, k: int, *, seed: int = 0, max_iter: int 
     W = W * norms[None, :]
     order = np.argsort(-W.sum(0), kind="stable")
     err = float(np.linalg.norm(X - W @ (H * 1.0)) / max(np.linalg.norm(X), 1e-12))
-    return ConceptModel(components=H[order].astype(np.float32), reconstruction_error=err, n_positions=len(X))
+    converged = int(nmf.n_iter_) < max_iter
+    if not converged:
+        logger.info(
+            "NMF concepts: stopped at max_iter=%d before the tolerance 1e-5; relative reconstruction error %.3f",
+            max_iter,
+            err,
+        )
+    return ConceptModel(
+        components=H[order].astype(np.float32),
+        reconstruction_error=err,
+        n_positions=len(X),
+        n_iter=int(nmf.n_iter_),
+        converged=converged,
+    )
 
 
 def concept_maps(activations: np.ndarray, model: ConceptModel, *, n_iter: int = 100) -> np.ndarray:

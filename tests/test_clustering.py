@@ -150,6 +150,25 @@ def test_nmf_recovers_planted_prototypes(planted_concepts):
         corr = np.corrcoef(got[:, i].ravel(), maps[:, j].ravel())[0, 1]
         assert corr > 0.95
     np.testing.assert_array_equal(acts, before)
+    assert model.converged and 0 < model.n_iter < 400
+
+
+def test_nmf_stopping_at_max_iter_is_recorded_not_warned(planted_concepts, caplog):
+    """Stopped by max_iter, the fit says so in its own log line and in the model (n_iter,
+    converged), and scikit-learn's ConvergenceWarning does not reach the user; other warnings
+    are left alone."""
+    import logging
+    import warnings
+
+    _, _, acts = planted_concepts
+    pos = C.sample_positions(acts, 3000, np.random.default_rng(0))
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.INFO, logger="clustering.concepts"):
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        model = C.fit_concepts(pos, 4, seed=0, max_iter=3)
+        assert warnings.filters == filters  # the fit's filter does not outlive it
+    assert not model.converged and model.n_iter == 3 and "max_iter=3" in caplog.text
+    assert not [w for w in seen if "ConvergenceWarning" in type(w.message).__name__]
 
 
 def test_concept_association_and_cam_correlation(planted_concepts):

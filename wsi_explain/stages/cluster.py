@@ -206,6 +206,8 @@ def _concepts(acts, tiles: pd.DataFrame, cams, cfg: ClusterConfig, out: Path, ti
             {
                 "reconstruction_error": model.reconstruction_error,
                 "n_positions": model.n_positions,
+                "nmf_iterations": model.n_iter,
+                "nmf_converged": model.converged,
                 "auc": [None if np.isnan(v) else float(v) for v in assoc["auc"]],
                 "coef": [None if np.isnan(v) else float(v) for v in assoc["coef"]],
                 "auc_all": None if np.isnan(assoc["auc_all"]) else assoc["auc_all"],
