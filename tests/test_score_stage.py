@@ -392,3 +392,26 @@ def test_bad_samples_are_scored_or_skipped_with_a_reason(audit_run, slides, tmp_
     assert "About the scored sample" in page and "could not be read and were left out" in page
     index = (d / "report" / "index.html").read_text()
     assert "cluster 7: a single tile scored" in index and "zeros maps are all zero" in index
+
+
+def test_integrated_gradients_takes_the_runs_steps_in_extraction_and_scoring(audit_run):
+    """IG's steps, cap and tolerance are extraction settings: they reach the extraction's
+    attributor and the score stage's, are hashed only when IG is in the run, and a cap below the
+    first pass is refused."""
+    import pydantic
+
+    from wsi_explain.core.config import ExtractConfig
+    from wsi_explain.explain.extractors import method_options
+    from wsi_explain.stages.score_sample import SampleScorer
+
+    ig = "integratedgradients"
+    raw = json.loads((audit_run / "manifest.json").read_text())["config"]["extract"]
+    ecfg = ExtractConfig(**raw).model_copy(update={"ig_steps": 8, "ig_max_steps": 16, "ig_tolerance": 0.2})
+    want = {"n_steps": 8, "max_steps": 16, "tolerance": 0.2}
+    assert method_options(ecfg, ig) == {"attribute_kwargs": want} and method_options(ecfg, "saliency") == {}
+    scorer = SampleScorer(audit_run, ScoreConfig(**FAST), ecfg, ("gradcam", ig), (), 32)
+    assert scorer.explainers[ig].kwargs == want
+    with_ig = ExtractConfig(methods=("gradcam", ig)).result_params()
+    assert with_ig["ig_max_steps"] == 200 and "ig_steps" not in ExtractConfig().result_params()
+    with pytest.raises(pydantic.ValidationError, match="ig_max_steps"):
+        ExtractConfig(methods=(ig,), ig_steps=64, ig_max_steps=32)

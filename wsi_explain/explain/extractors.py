@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from wsi_explain.core.config import ExtractConfig
 
-__all__ = ["split_methods", "build_extractors", "build_attributors"]
+__all__ = ["split_methods", "build_extractors", "build_attributors", "method_options"]
 
 #: the attributor whose steps the extraction config sets (``ig_steps``...)
 IG = "integratedgradients"
@@ -71,8 +71,14 @@ def build_attributors(cfg: ExtractConfig, fx, tile_px: int) -> list:
 
     _, others = split_methods(cfg.methods)
     opts = dict(max_batch=cfg.attr_max_batch, device=cfg.device, target_layer=fx.target_layer, region=fx.region)
-    ig = {"n_steps": cfg.ig_steps, "max_steps": cfg.ig_max_steps, "tolerance": cfg.ig_tolerance}
-    return [
-        make_attributor(m, fx.model, tile_px=tile_px, **opts, **({"attribute_kwargs": ig} if m == IG else {}))
-        for m in others
-    ]
+    return [make_attributor(m, fx.model, tile_px=tile_px, **opts, **method_options(cfg, m)) for m in others]
+
+
+def method_options(cfg: ExtractConfig, method: str) -> dict:
+    """The options of ``cfg`` that one method's attributor takes (Integrated Gradients: its
+    steps, cap and tolerance), so that the extraction and the score stage build it alike."""
+    if method == IG:
+        return {
+            "attribute_kwargs": {"n_steps": cfg.ig_steps, "max_steps": cfg.ig_max_steps, "tolerance": cfg.ig_tolerance}
+        }
+    return {}

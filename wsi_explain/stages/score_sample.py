@@ -143,7 +143,7 @@ class SampleScorer:
         tile_px: int,
     ) -> None:
         from wsi_explain.explain.attributors import make_explainer
-        from wsi_explain.explain.extractors import build_extractors
+        from wsi_explain.explain.extractors import build_extractors, method_options
 
         self.run_path, self.cfg, self.methods, self.positive = run_path, cfg, methods, positive_labels
         self.tile_px = tile_px
@@ -163,7 +163,9 @@ class SampleScorer:
         self.annotated = self.fx.region == "mask"  # the region from the slides' annotations
         self._opts = opts
         self.group = _fused_group(self.fx.model, methods, opts)  # one fused pass for all scored CAMs
-        self.explainers = {m: make_explainer(m, self.fx.model, group=self.group, **opts) for m in methods}
+        self.explainers = {
+            m: make_explainer(m, self.fx.model, group=self.group, **opts, **method_options(ecfg, m)) for m in methods
+        }
         self._extra = None
         self.reader = SampleReader(run_path, self.fx.normalise, positive_labels, cfg.grades)
 
@@ -353,9 +355,12 @@ class SampleScorer:
 
     def _sanity_explain(self, method: str, masks):
         from wsi_explain.explain.attributors import make_explainer
+        from wsi_explain.explain.extractors import method_options
+
+        opts = {**self._opts, **method_options(self.ecfg, method)}
 
         def explain(module, z, targets):
-            return make_explainer(method, module, **self._opts).attribute(z, targets=targets, masks=masks)
+            return make_explainer(method, module, **opts).attribute(z, targets=targets, masks=masks)
 
         return explain
 
