@@ -114,6 +114,10 @@ def test_decode_failures_are_per_tile(run_dir):
     rec = json.loads((run_dir / "manifest.json").read_text())["stages"]["extract"]["slides"]["corrupt_middle"]
     assert rec["n_read_errors"] == r.n_read_errors
     assert any("corrupt_middle.tif" in p and "decode" in p for p in rec["problems"])
+    shown = subprocess.run(
+        [sys.executable, "-m", "wsi_explain.cli", "status", str(run_dir)], capture_output=True, text=True, cwd=REPO
+    )
+    assert shown.returncode == 0 and f"{len(rec['problems'])} problem(s)" in " ".join(shown.stdout.split())
 
 
 def test_nonfinite_outputs_are_reported(run_dir, monkeypatch):
@@ -203,6 +207,9 @@ def test_activations_and_other_methods(run_dir, caplog):
     assert err.shape == steps.shape == (6,) and np.isfinite(err).all() and (steps >= cfg.ig_steps).all()
     assert ((err <= cfg.ig_tolerance) | (steps == cfg.ig_max_steps)).all()
     assert "completeness_error" not in g["attributions/saliency"]
+    rec = json.loads((run_dir / "manifest.json").read_text())["stages"]["extract"]["slides"]["generic"]
+    noted = [p for p in rec["problems"] if p.startswith("integratedgradients:")]
+    assert len(noted) == int((err > cfg.ig_tolerance).any())  # said where maps stay incomplete
     # honest timings: the unit's seconds are its wall time (model load, fused pass and both
     # attributors), the parts are in timings, and `status` shows them
     rec = json.loads((run_dir / "manifest.json").read_text())["stages"]["extract"]["slides"]["generic"]
@@ -316,3 +323,23 @@ def test_readers_give_identical_results(tiled, tmp_path):
     for key, arrs in out.items():
         for k in ref:
             np.testing.assert_array_equal(arrs[k], ref[k], err_msg=f"{key} {k}")
+
+
+def test_incomplete_integrated_gradients_are_noted_for_the_slide(tmp_path):
+    """The slide's record names the IG maps that stay above the completeness tolerance (how many,
+    the steps they reached, the largest error); a store without IG, or with every map within the
+    tolerance, gives no note."""
+    from wsi_explain.io.features import add_attributions
+    from wsi_explain.stages.extract_attributions import attribution_notes
+
+    store = tmp_path / "f.zarr"
+    zarr.open_group(str(store), mode="w")
+    cfg = _cfg(methods=("gradcam", "integratedgradients"))
+    assert attribution_notes(store, cfg) == []
+    maps = np.zeros((3, 4, 4), np.float32)
+    diag = {"completeness_error": np.float32([0.01, 0.3, 0.2]), "n_steps": np.int32([50, 200, 200])}
+    add_attributions(store, "integratedgradients", np.arange(3), maps, diag)
+    (note,) = attribution_notes(store, cfg)
+    assert note.startswith("integratedgradients: 2 of 3 maps above 5% completeness error at 200 steps")
+    assert "largest 30%" in note and "--ig-max-steps" in note
+    assert attribution_notes(store, _cfg(methods=("integratedgradients",), ig_tolerance=0.5)) == []

@@ -32,6 +32,7 @@ ALLOWED = {
 STAGE_PEERS = {
     "pipeline": "*",
     "score": {"score_sample", "score_confounders", "driver"},
+    "extract": {"extract_attributions", "driver"},
     # the self-test runs the audit's stages on its planted cohorts
     "selftest": {"tile", "extract", "cluster", "driver"},
 }

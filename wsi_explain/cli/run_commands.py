@@ -116,11 +116,23 @@ def status(run: Path = typer.Argument(..., help="Run folder.")) -> None:
             row += [", ".join(f"{k} {v:.1f}" for k, v in parts.items())] if timed else []
             table.add_row(*row, rec.get("error") or "")
         console.print(table)
+        for sid, rec in slides.items():  # below the table, so that they do not squeeze its columns
+            if rec.get("problems"):
+                console.print(f"{sid}: {_problems(rec['problems'])}", highlight=False, markup=False)
     from wsi_explain.cli.selftest_command import print_selftest
     from wsi_explain.cli.tables import print_confounders
 
     print_confounders(rf.path, console)  # what the score stage and the self-test found, in words
     print_selftest(rf.path, console)
+
+
+def _problems(problems: list[str], show: int = 2) -> str:
+    """A slide's recorded problems (tiles that failed to decode, incomplete IG maps...), the first
+    ``show`` of them in full."""
+    if not problems:
+        return ""
+    more = f" (+{len(problems) - show} more)" if len(problems) > show else ""
+    return f"{len(problems)} problem(s): " + "; ".join(problems[:show]) + more
 
 
 def _print_run_summary(res, cfg, console) -> None:

@@ -30,7 +30,14 @@ __all__ = [
     "read_done",
     "write_chunk",
     "store_attrs",
+    "STATUS_PENDING",
+    "STATUS_OK",
+    "STATUS_READ_ERROR",
+    "STATUS_NONFINITE",
 ]
+
+#: ``status`` (n,) int8 of each tile in the store: not done yet, ok, failed to decode, NaN/inf output
+STATUS_PENDING, STATUS_OK, STATUS_READ_ERROR, STATUS_NONFINITE = 0, 1, 2, 3
 
 logger = logging.getLogger(__name__)
 

@@ -33,14 +33,15 @@ from wsi_explain.core.perf import PartClock
 from wsi_explain.core.run import STAGES, RunFolder, now_iso, params_hash
 from wsi_explain.explain.extractors import build_attributors, build_extractors
 from wsi_explain.explain.maps import scale_maps, softmax
+from wsi_explain.io.features import STATUS_NONFINITE, STATUS_OK, STATUS_PENDING, STATUS_READ_ERROR  # noqa: F401
 from wsi_explain.stages.driver import collect, guarded, record_failure
+from wsi_explain.stages.extract_attributions import attribution_notes, run_attributors
 
 __all__ = ["ExtractResult", "run_extract_stage", "extract_slide", "STAGE"]
 
 logger = logging.getLogger(__name__)
 
 STAGE = STAGES[1]  # "extract"
-STATUS_PENDING, STATUS_OK, STATUS_READ_ERROR, STATUS_NONFINITE = 0, 1, 2, 3
 
 
 @dataclass
@@ -258,7 +259,8 @@ def extract_task(sid: str, run_path: str, cfg: ExtractConfig, params: str, tile_
             regions=regions,
         )
         res.slide_id = sid
-        res.timings.update(_run_attributors(meta, tiles, store, extractors[0], cfg, params, attributors, regions))
+        res.timings.update(run_attributors(meta, tiles, store, extractors[0], cfg, params, attributors, regions))
+        res.problems += attribution_notes(store, cfg)
         # the unit's honest figures: wall time from start to end (model load, fused pass and every
         # attributor) and tiles per second over it; the fused pass's own time stays in timings
         n_new, wall = res.tiles_per_s * res.seconds, time.perf_counter() - t0
@@ -369,43 +371,6 @@ def run_extract_stage(
     hint = "finished slides and chunks are kept: free space and rerun to resume"
     results.update(collect(outcomes, done=done, failed=failed, on_slide=on_slide, resume_hint=hint))
     return [results[s] for s in ids]
-
-
-def _run_attributors(meta: dict, tiles, store: Path, fx, cfg: ExtractConfig, params: str, attributors, regions) -> dict:
-    """Methods outside the fused pass, on a seeded sample of tiles, explaining the same targets;
-    returns the seconds of each (``attr:<method>``)."""
-    from wsi_explain.io.features import add_attributions, attribute_tiles, open_store
-
-    secs: dict[str, float] = {}
-    if not attributors:
-        return secs
-    g = open_store(store, mode="r")
-    ok = np.flatnonzero(np.asarray(g["status"][:]) == STATUS_OK)
-    targets_all = np.asarray(g["targets"][:], np.int64)
-    k = len(ok) if cfg.attr_sample == 0 else min(cfg.attr_sample, len(ok))
-    ids = ok if k == len(ok) else np.sort(np.random.default_rng(cfg.seed).choice(ok, k, replace=False))
-    masks = None if regions is None else regions.masks(tiles.iloc[ids], int(tiles["tile_px"].iloc[0]))
-    for att in attributors:
-        name = f"attributions/{att.name}"
-        if name in g and g[name].attrs.get("params") == params:
-            continue  # already done in an earlier (killed) run
-        t0 = time.perf_counter()
-        maps, diag = attribute_tiles(
-            meta["slide_path"],
-            tiles,
-            att,
-            tile_ids=ids,
-            normalise=fx.normalise,
-            batch_size=cfg.batch_size,
-            out_px=cfg.attr_px,
-            mpp=meta.get("level0_mpp"),
-            targets=targets_all[ids],
-            masks=masks,
-        )
-        add_attributions(store, att.name, ids, maps, diag)
-        open_store(store, mode="r+")[name].attrs.update({"params": params, "out_px": cfg.attr_px})
-        secs[f"attr:{att.name}"] = round(time.perf_counter() - t0, 4)
-    return secs
 
 
 def _failed(run, sid, params, fp, start, seconds, msg) -> ExtractResult:
