@@ -133,6 +133,9 @@ def test_site_probe_folds_keep_every_site_on_both_sides_and_fit_without_warnings
     for tr, te in folds:
         assert not set(g[tr]) & set(g[te])  # no slide on both sides
         assert set(slide_site[g[tr]]) == set(slide_site[g[te]]) == {0, 1, 2}
+    for bad in (1, 3):  # one fold, or more folds than site 0 has slides: refused
+        with pytest.raises(ValueError, match="n_splits"):
+            site_folds(slide_site, g, bad, rng)
     emb, _, _ = _site_cohort(shift=0.0, n_slides=7, tiles=20, seed=4)
     slides = np.repeat([f"s{i}" for i in range(7)], 20)
     sites = np.repeat([f"site{i % 3}" for i in range(7)], 20)

@@ -396,12 +396,13 @@ def test_bad_samples_are_scored_or_skipped_with_a_reason(audit_run, slides, tmp_
 
 def test_integrated_gradients_takes_the_runs_steps_in_extraction_and_scoring(audit_run):
     """IG's steps, cap and tolerance are extraction settings: they reach the extraction's
-    attributor and the score stage's, are hashed only when IG is in the run, and a cap below the
-    first pass is refused."""
-    import pydantic
-
+    attributor as set, and the score stage's at a fixed step count (the cap, no refinement, no
+    warnings: sensitivity and the sanity cascade compare maps of perturbed copies and randomised
+    models); they enter the extraction's hash only when IG is extracted, and the score stage's
+    hash when IG is scored."""
     from wsi_explain.core.config import ExtractConfig
     from wsi_explain.explain.extractors import method_options
+    from wsi_explain.stages.score import score_params
     from wsi_explain.stages.score_sample import SampleScorer
 
     ig = "integratedgradients"
@@ -410,8 +411,13 @@ def test_integrated_gradients_takes_the_runs_steps_in_extraction_and_scoring(aud
     want = {"n_steps": 8, "max_steps": 16, "tolerance": 0.2}
     assert method_options(ecfg, ig) == {"attribute_kwargs": want} and method_options(ecfg, "saliency") == {}
     scorer = SampleScorer(audit_run, ScoreConfig(**FAST), ecfg, ("gradcam", ig), (), 32)
-    assert scorer.explainers[ig].kwargs == want
+    assert scorer.explainers[ig].kwargs == {"n_steps": 16, "max_steps": 16, "tolerance": float("inf")}
     with_ig = ExtractConfig(methods=("gradcam", ig)).result_params()
     assert with_ig["ig_max_steps"] == 200 and "ig_steps" not in ExtractConfig().result_params()
-    with pytest.raises(pydantic.ValidationError, match="ig_max_steps"):
-        ExtractConfig(methods=(ig,), ig_steps=64, ig_max_steps=32)
+    cfg = ScoreConfig(**FAST)
+    other = ecfg.model_copy(update={"ig_max_steps": 32})
+    assert score_params(cfg, ecfg, ("gradcam", ig)) != score_params(cfg, other, ("gradcam", ig))
+    assert score_params(cfg, ecfg, ("gradcam",)) == score_params(cfg, other, ("gradcam",))
+    # a cap below the first pass is allowed: no refinement
+    fixed = method_options(ExtractConfig(ig_steps=64, ig_max_steps=32), ig, fixed=True)
+    assert fixed["attribute_kwargs"]["n_steps"] == 64

@@ -74,11 +74,17 @@ def build_attributors(cfg: ExtractConfig, fx, tile_px: int) -> list:
     return [make_attributor(m, fx.model, tile_px=tile_px, **opts, **method_options(cfg, m)) for m in others]
 
 
-def method_options(cfg: ExtractConfig, method: str) -> dict:
+def method_options(cfg: ExtractConfig, method: str, *, fixed: bool = False) -> dict:
     """The options of ``cfg`` that one method's attributor takes (Integrated Gradients: its
-    steps, cap and tolerance), so that the extraction and the score stage build it alike."""
-    if method == IG:
-        return {
-            "attribute_kwargs": {"n_steps": cfg.ig_steps, "max_steps": cfg.ig_max_steps, "tolerance": cfg.ig_tolerance}
-        }
-    return {}
+    steps, cap and tolerance), so that the extraction and the score stage build it alike.
+
+    ``fixed``: the score stage's form, every tile at ``max(ig_steps, ig_max_steps)`` steps and no
+    refinement, so that a map is a continuous function of its tile (sensitivity compares maps of
+    perturbed copies, the sanity cascade maps of randomised models, whose completeness does not
+    matter) and at least as complete as the extraction's."""
+    if method != IG:
+        return {}
+    if fixed:
+        cap = max(cfg.ig_steps, cfg.ig_max_steps)
+        return {"attribute_kwargs": {"n_steps": cap, "max_steps": cap, "tolerance": float("inf")}}
+    return {"attribute_kwargs": {"n_steps": cfg.ig_steps, "max_steps": cfg.ig_max_steps, "tolerance": cfg.ig_tolerance}}

@@ -6,8 +6,8 @@ methods (:func:`attribute_tiles`, :func:`add_attributions`).
 Attributions of methods outside the fused pass (captum, ScoreCAM...) are costly, so they run on
 all tiles or on a given subset; they are stored in ``attributions/<method>/`` with
 ``tile_ids`` (m,) int64 and ``maps`` (m, px, px) float32 (area-averaged from the input size),
-and for Integrated Gradients each tile's ``completeness_error`` (m,) float32 and ``n_steps`` (m,)
-int32 (:mod:`wsi_explain.explain.integrated_gradients`).
+and for Integrated Gradients each tile's ``completeness_error`` and ``completeness_delta`` (m,)
+float32 and ``n_steps`` (m,) int32 (:mod:`wsi_explain.explain.integrated_gradients`).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def attribute_tiles(
     mpp: float | None = None,
     targets: np.ndarray | None = None,
     masks: np.ndarray | None = None,
-) -> np.ndarray:
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Maps of ``attributor`` for the given tiles, read from the slide in batches.
 
     Parameters
@@ -137,7 +137,7 @@ def attribute_tiles(
     maps : (m, out_px, out_px) float32.
     diagnostics : dict name -> (m,) array
         The attributor's per-tile ``last_diagnostics`` where it has them (Integrated Gradients:
-        ``completeness_error``, ``n_steps``), else empty.
+        ``completeness_error``, ``completeness_delta``, ``n_steps``), else empty.
     """
     from wsi_explain.io.loader import TileDataset
 

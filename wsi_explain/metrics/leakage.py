@@ -46,6 +46,10 @@ def site_folds(slide_site: np.ndarray, groups: np.ndarray, n_splits: int, rng: n
     slide of every site, and with two or more slides per site every training fold does too, so no
     fold's classifier misses a site (as scikit-learn's ``GroupKFold`` can, which it warns about).
     """
+    per_site = np.bincount(slide_site)
+    fewest = int(per_site[per_site > 0].min())
+    if not 2 <= n_splits <= fewest:
+        raise ValueError(f"n_splits must be between 2 and the fewest slides of any site ({fewest}), got {n_splits}")
     fold_of = np.empty(len(slide_site), np.int64)
     start = 0
     for s in np.unique(slide_site):
@@ -107,6 +111,8 @@ def site_probe(
     ((1 + permutations at or above) / (1 + n_perm)), ``n_slides``, ``n_sites``, ``n_tiles``, and
     ``note`` (why there is no probe: one site, too few slides per site).
     """
+    if n_splits < 2:
+        raise ValueError(f"n_splits must be at least 2, got {n_splits}")
     site_codes, site_names, slide_codes = _codes(sites, slides)
     out = {"auroc": np.nan, "p_value": np.nan, "n_slides": int(slide_codes.max() + 1), "n_sites": len(site_names)}
     out["n_tiles"], out["note"] = 0, ""

@@ -260,7 +260,7 @@ def extract_task(sid: str, run_path: str, cfg: ExtractConfig, params: str, tile_
         )
         res.slide_id = sid
         res.timings.update(run_attributors(meta, tiles, store, extractors[0], cfg, params, attributors, regions))
-        res.problems += attribution_notes(store, cfg)
+        res.problems[:0] = attribution_notes(store, cfg)  # first: tile-level problems can be many
         # the unit's honest figures: wall time from start to end (model load, fused pass and every
         # attributor) and tiles per second over it; the fused pass's own time stays in timings
         n_new, wall = res.tiles_per_s * res.seconds, time.perf_counter() - t0

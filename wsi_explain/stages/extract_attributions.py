@@ -60,11 +60,18 @@ def attribution_notes(store: Path, cfg: ExtractConfig) -> list[str]:
     name = "attributions/integratedgradients"
     if name not in g or "completeness_error" not in g[name]:
         return []
+    from wsi_explain.explain.integrated_gradients import IG_ATOL
+
     err, steps = np.asarray(g[name]["completeness_error"][:]), np.asarray(g[name]["n_steps"][:])
-    bad = err > cfg.ig_tolerance
+    delta = (
+        np.asarray(g[name]["completeness_delta"][:]) if "completeness_delta" in g[name] else np.full_like(err, np.inf)
+    )
+    bad = ~(err <= cfg.ig_tolerance) & ~(delta <= IG_ATOL)  # NaN counts as incomplete
     if not bad.any():
         return []
+    finite = err[bad][np.isfinite(err[bad])]
+    largest = f"largest {float(finite.max()):.0%}" if len(finite) else "not finite"
     return [
         f"integratedgradients: {int(bad.sum())} of {len(err)} maps above {cfg.ig_tolerance:.0%} completeness "
-        f"error at {int(steps[bad].max())} steps (largest {float(err.max()):.0%}); raise --ig-max-steps"
+        f"error at {int(steps[bad].max())} steps ({largest}); raise --ig-max-steps"
     ]

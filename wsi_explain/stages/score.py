@@ -319,6 +319,15 @@ def _skipped(rec: dict) -> ScoreOutcome:
     )
 
 
+def score_params(cfg: ScoreConfig, ecfg: ExtractConfig, methods: tuple[str, ...]) -> str:
+    """The score stage's params hash: its config, the methods scored, and those methods' own
+    options from the extraction config (Integrated Gradients' steps), which change the scores."""
+    from wsi_explain.explain.extractors import method_options
+
+    opts = {m: o for m in methods if (o := method_options(ecfg, m, fixed=True))}
+    return params_hash({**cfg.result_params(), "methods": list(methods), **({"method_options": opts} if opts else {})})
+
+
 def run_score_stage(
     run: RunFolder, cfg: ScoreConfig, *, on_progress: Callable[[str, int, int], None] | None = None
 ) -> ScoreOutcome:
@@ -332,7 +341,7 @@ def run_score_stage(
     ecfg = ExtractConfig(**run.manifest["config"]["extract"])
     methods = tuple(cfg.methods or ecfg.methods)
     split_methods(methods)  # unknown names stop here, before any work
-    params = params_hash({**cfg.result_params(), "methods": list(methods)})
+    params = score_params(cfg, ecfg, methods)
     fp = _fingerprint(crec)
     run.set_config(STAGE, cfg.model_dump(mode="json"))
     if run.is_done(STAGE, COHORT, params=params, fingerprint=fp):

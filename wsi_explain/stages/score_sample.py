@@ -164,7 +164,8 @@ class SampleScorer:
         self._opts = opts
         self.group = _fused_group(self.fx.model, methods, opts)  # one fused pass for all scored CAMs
         self.explainers = {
-            m: make_explainer(m, self.fx.model, group=self.group, **opts, **method_options(ecfg, m)) for m in methods
+            m: make_explainer(m, self.fx.model, group=self.group, **opts, **method_options(ecfg, m, fixed=True))
+            for m in methods
         }
         self._extra = None
         self.reader = SampleReader(run_path, self.fx.normalise, positive_labels, cfg.grades)
@@ -357,7 +358,7 @@ class SampleScorer:
         from wsi_explain.explain.attributors import make_explainer
         from wsi_explain.explain.extractors import method_options
 
-        opts = {**self._opts, **method_options(self.ecfg, method)}
+        opts = {**self._opts, **method_options(self.ecfg, method, fixed=True)}
 
         def explain(module, z, targets):
             return make_explainer(method, module, **opts).attribute(z, targets=targets, masks=masks)
