@@ -129,8 +129,6 @@ def status(run: Path = typer.Argument(..., help="Run folder.")) -> None:
 def _problems(problems: list[str], show: int = 2) -> str:
     """A slide's recorded problems (tiles that failed to decode, incomplete IG maps...), the first
     ``show`` of them in full."""
-    if not problems:
-        return ""
     more = f" (+{len(problems) - show} more)" if len(problems) > show else ""
     return f"{len(problems)} problem(s): " + "; ".join(problems[:show]) + more
 

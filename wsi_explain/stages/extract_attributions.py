@@ -54,19 +54,19 @@ def run_attributors(meta: dict, tiles, store: Path, fx, cfg: ExtractConfig, para
 def attribution_notes(store: Path, cfg: ExtractConfig) -> list[str]:
     """One line per stored Integrated Gradients whose maps stay above the completeness tolerance
     (recorded among the slide's problems in the manifest, shown by ``status``)."""
+    from wsi_explain.explain.extractors import IG
+    from wsi_explain.explain.integrated_gradients import incomplete
     from wsi_explain.io.features import open_store
 
     g = open_store(store, mode="r")
-    name = "attributions/integratedgradients"
+    name = f"attributions/{IG}"
     if name not in g or "completeness_error" not in g[name]:
         return []
-    from wsi_explain.explain.integrated_gradients import IG_ATOL
-
     err, steps = np.asarray(g[name]["completeness_error"][:]), np.asarray(g[name]["n_steps"][:])
     delta = (
         np.asarray(g[name]["completeness_delta"][:]) if "completeness_delta" in g[name] else np.full_like(err, np.inf)
     )
-    bad = ~(err <= cfg.ig_tolerance) & ~(delta <= IG_ATOL)  # NaN counts as incomplete
+    bad = incomplete(err, delta, tolerance=cfg.ig_tolerance)  # NaN counts as incomplete
     if not bad.any():
         return []
     finite = err[bad][np.isfinite(err[bad])]
